@@ -1,0 +1,525 @@
+//! The data directory, the identity file and `config.toml`.
+//!
+//! Layout of a data directory:
+//! - `identity.key`: the node's ed25519 key, libp2p protobuf encoding, mode 0600;
+//! - `config.toml`: settings, written commented by `meshwork init`;
+//! - `node.redb`: the address book, bans and anchors;
+//! - `api`: the address of the running node's HTTP API (present while it runs).
+//!
+//! Precedence: command-line flags override environment variables, which override the file,
+//! which overrides the defaults here.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+use meshwork_proto::NetworkName;
+use serde::{Deserialize, Serialize};
+
+use crate::addrbook::AddrBookConfig;
+
+pub const IDENTITY_FILE: &str = "identity.key";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const STORE_FILE: &str = "node.redb";
+pub const API_FILE: &str = "api";
+pub const DEFAULT_NETWORK: &str = "meshwork";
+pub const DEFAULT_PORT: u16 = 4001;
+pub const DEFAULT_API: &str = "127.0.0.1:8650";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no data directory given and none could be derived for this platform; pass --data-dir or set MESHWORK_HOME")]
+    NoDataDir,
+    #[error("{path}: an identity already exists; refusing to overwrite it")]
+    IdentityExists { path: PathBuf },
+    #[error("{path}: no identity here; run `meshwork init` first")]
+    NoIdentity { path: PathBuf },
+    #[error("{path}: cannot read the identity: {source}")]
+    ReadIdentity {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: the identity file is corrupt: {reason}")]
+    CorruptIdentity { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid configuration: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
+    move |source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The data directory: the given one, else `$MESHWORK_HOME` (the CLI passes it as the flag's
+/// env fallback), else the platform's data directory (`~/.local/share/meshwork` on Linux).
+pub fn data_dir(given: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    directories::ProjectDirs::from("", "", "meshwork")
+        .map(|d| d.data_dir().to_owned())
+        .ok_or(ConfigError::NoDataDir)
+}
+
+/// `config.toml`. Every field has a default, and unknown fields are errors (a typo in a
+/// setting should not be silently ignored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub network: NetworkSection,
+    pub node: NodeSection,
+    pub connections: ConnectionsSection,
+    pub discovery: DiscoverySection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSection {
+    pub name: String,
+    pub bootstrap: Vec<String>,
+    pub allow_private_addrs: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    pub listen: Vec<String>,
+    pub api: String,
+    pub kad_server: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionsSection {
+    pub target_outbound: usize,
+    pub max_inbound: usize,
+    pub max_inbound_per_ip: usize,
+    pub idle_timeout_s: u64,
+    pub anchors: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoverySection {
+    pub pex_interval_s: u64,
+    pub pex_answer_interval_s: u64,
+    pub random_walk_interval_s: u64,
+    pub feeler_interval_s: u64,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            network: NetworkSection::default(),
+            node: NodeSection::default(),
+            connections: ConnectionsSection::default(),
+            discovery: DiscoverySection::default(),
+        }
+    }
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            name: DEFAULT_NETWORK.into(),
+            bootstrap: vec![],
+            allow_private_addrs: false,
+        }
+    }
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"),
+                format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1"),
+            ],
+            api: DEFAULT_API.into(),
+            kad_server: true,
+        }
+    }
+}
+
+impl Default for ConnectionsSection {
+    fn default() -> Self {
+        let t = Timings::default();
+        Self {
+            target_outbound: 8,
+            max_inbound: 64,
+            max_inbound_per_ip: 8,
+            idle_timeout_s: t.idle_timeout.as_secs(),
+            anchors: true,
+        }
+    }
+}
+
+impl Default for DiscoverySection {
+    fn default() -> Self {
+        let t = Timings::default();
+        Self {
+            pex_interval_s: t.pex_interval.as_secs(),
+            pex_answer_interval_s: t.pex_answer_interval.as_secs(),
+            random_walk_interval_s: t.random_walk_interval.as_secs(),
+            feeler_interval_s: t.feeler_interval.as_secs(),
+        }
+    }
+}
+
+/// The text `meshwork init` writes: every setting, commented, at its default.
+pub fn default_config_text(network: &NetworkName) -> String {
+    let d = FileConfig::default();
+    format!(
+        r#"# Meshwork node configuration.
+# Command-line flags override environment variables, which override this file.
+
+[network]
+# The network to join. Nodes only talk to nodes of the same network: every protocol name
+# carries it (/meshwork/<name>/...).
+name = "{network}"
+# Peers to contact first, as multiaddrs ending in /p2p/<peer id>; --bootstrap adds more.
+# After the first run the node remembers its peers (node.redb) and needs no bootstrap.
+bootstrap = []
+# Accept loopback and private (10/8, 192.168/16, ...) addresses heard from peers. Leave false
+# on the Internet; set true on a LAN or for a test network on one machine.
+allow_private_addrs = {allow_private}
+
+[node]
+# Addresses to listen on (TCP and QUIC). --listen replaces this list.
+listen = [{listen}]
+# The HTTP API (JSON, /api/v1/...) and Prometheus metrics (/metrics). Keep it on loopback:
+# it is not authenticated. Port 0 picks a free port; the address in use is written to <data-dir>/api.
+api = "{api}"
+# Answer Kademlia queries from other peers (turn off on nodes that are not reachable).
+kad_server = {kad}
+
+[connections]
+# Outbound connections to keep, each to a different address group (IPv4 /16, IPv6 /32).
+target_outbound = {out}
+# Inbound connections accepted, in all and from one IP.
+max_inbound = {inb}
+max_inbound_per_ip = {per_ip}
+# Seconds an unused short-lived connection (DHT query, feeler) stays open.
+idle_timeout_s = {idle}
+# Reconnect to the previous outbound peers first after a restart.
+anchors = {anchors}
+
+[discovery]
+# Seconds between peer-exchange requests to each connected peer.
+pex_interval_s = {pex}
+# Seconds a peer must wait between two of its PEX requests being answered.
+pex_answer_interval_s = {pex_answer}
+# Seconds between Kademlia random walks that refresh the routing table.
+random_walk_interval_s = {walk}
+# Seconds between feeler connections that test addresses of the new table.
+feeler_interval_s = {feeler}
+"#,
+        network = network,
+        allow_private = d.network.allow_private_addrs,
+        listen = d
+            .node
+            .listen
+            .iter()
+            .map(|l| format!("\"{l}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+        api = d.node.api,
+        kad = d.node.kad_server,
+        out = d.connections.target_outbound,
+        inb = d.connections.max_inbound,
+        per_ip = d.connections.max_inbound_per_ip,
+        idle = d.connections.idle_timeout_s,
+        anchors = d.connections.anchors,
+        pex = d.discovery.pex_interval_s,
+        pex_answer = d.discovery.pex_answer_interval_s,
+        walk = d.discovery.random_walk_interval_s,
+        feeler = d.discovery.feeler_interval_s,
+    )
+}
+
+/// Reads `config.toml` from the data dir; a missing file means all defaults.
+pub fn load_file_config(dir: &Path) -> Result<FileConfig, ConfigError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileConfig::default()),
+        Err(source) => return Err(ConfigError::Io { path, source }),
+    };
+    let cfg: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    NetworkName::new(&cfg.network.name).map_err(|e| ConfigError::Invalid {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(cfg)
+}
+
+/// Creates the data dir, the identity (mode 0600) and a commented config. Refuses if an
+/// identity exists. Returns the new identity.
+pub fn init(dir: &Path, network: &NetworkName) -> Result<Keypair, ConfigError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let id_path = dir.join(IDENTITY_FILE);
+    if id_path.exists() {
+        return Err(ConfigError::IdentityExists { path: id_path });
+    }
+    let key = Keypair::generate_ed25519();
+    let bytes = key
+        .to_protobuf_encoding()
+        .expect("ed25519 keys always encode");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&id_path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::AlreadyExists => ConfigError::IdentityExists {
+            path: id_path.clone(),
+        },
+        _ => ConfigError::Io {
+            path: id_path.clone(),
+            source,
+        },
+    })?;
+    f.write_all(&bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(&id_path))?;
+    let cfg_path = dir.join(CONFIG_FILE);
+    if !cfg_path.exists() {
+        std::fs::write(&cfg_path, default_config_text(network)).map_err(io_err(&cfg_path))?;
+    }
+    Ok(key)
+}
+
+/// Reads the identity from the data dir, naming the file in every error.
+pub fn load_identity(dir: &Path) -> Result<Keypair, ConfigError> {
+    let path = dir.join(IDENTITY_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ConfigError::NoIdentity { path })
+        }
+        Err(source) => return Err(ConfigError::ReadIdentity { path, source }),
+    };
+    let key =
+        Keypair::from_protobuf_encoding(&bytes).map_err(|e| ConfigError::CorruptIdentity {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    if key.clone().try_into_ed25519().is_err() {
+        return Err(ConfigError::CorruptIdentity {
+            path,
+            reason: "not an ed25519 key".into(),
+        });
+    }
+    Ok(key)
+}
+
+/// Timers of the node's periodic work. Production defaults; the lab shortens them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timings {
+    /// How often the connection manager tops up outbound connections and resolves collisions.
+    pub maintenance: Duration,
+    pub pex_interval: Duration,
+    pub pex_answer_interval: Duration,
+    pub random_walk_interval: Duration,
+    pub feeler_interval: Duration,
+    pub idle_timeout: Duration,
+    /// How often the address book is written to disk (it is also written at shutdown).
+    pub flush_interval: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            maintenance: Duration::from_secs(1),
+            pex_interval: Duration::from_secs(600),
+            pex_answer_interval: Duration::from_secs(60),
+            random_walk_interval: Duration::from_secs(300),
+            feeler_interval: Duration::from_secs(120),
+            // libp2p's default is 10 s; DHT queries often come in bursts a little apart.
+            idle_timeout: Duration::from_secs(60),
+            flush_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub network: NetworkName,
+    pub keypair: Keypair,
+    /// Where `node.redb` and `api` live; `None` keeps everything in memory.
+    pub data_dir: Option<PathBuf>,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub api: Option<SocketAddr>,
+    pub allow_private_addrs: bool,
+    pub kad_server: bool,
+    pub target_outbound: usize,
+    pub max_inbound: usize,
+    pub max_inbound_per_ip: usize,
+    pub anchors: bool,
+    pub timings: Timings,
+    pub addrbook: AddrBookConfig,
+}
+
+impl NodeConfig {
+    /// A configuration with defaults, for a given network and key.
+    pub fn new(network: NetworkName, keypair: Keypair) -> Self {
+        let f = FileConfig::default();
+        Self {
+            network,
+            keypair,
+            data_dir: None,
+            listen: vec![],
+            bootstrap: vec![],
+            api: None,
+            allow_private_addrs: f.network.allow_private_addrs,
+            kad_server: f.node.kad_server,
+            target_outbound: f.connections.target_outbound,
+            max_inbound: f.connections.max_inbound,
+            max_inbound_per_ip: f.connections.max_inbound_per_ip,
+            anchors: f.connections.anchors,
+            timings: Timings::default(),
+            addrbook: AddrBookConfig::default(),
+        }
+    }
+
+    /// Builds the configuration from a parsed file (flags are applied by the caller after).
+    pub fn from_file(
+        file: &FileConfig,
+        keypair: Keypair,
+        data_dir: PathBuf,
+    ) -> Result<Self, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        let network = NetworkName::new(&file.network.name).map_err(|e| invalid(e.to_string()))?;
+        let parse_addrs = |list: &[String], what: &str| -> Result<Vec<Multiaddr>, ConfigError> {
+            list.iter()
+                .map(|s| {
+                    s.parse::<Multiaddr>()
+                        .map_err(|e| invalid(format!("{what} address {s:?}: {e}")))
+                })
+                .collect()
+        };
+        let listen = parse_addrs(&file.node.listen, "listen")?;
+        let bootstrap = parse_addrs(&file.network.bootstrap, "bootstrap")?;
+        let api = file
+            .node
+            .api
+            .parse()
+            .map_err(|e| invalid(format!("api address {:?}: {e}", file.node.api)))?;
+        if file.connections.target_outbound > 64 {
+            return Err(invalid("target_outbound above 64 is not supported".into()));
+        }
+        let secs = |s: u64, what: &str| {
+            if s == 0 {
+                Err(invalid(format!("{what} must be at least 1 second")))
+            } else {
+                Ok(Duration::from_secs(s))
+            }
+        };
+        let d = &file.discovery;
+        let timings = Timings {
+            pex_interval: secs(d.pex_interval_s, "pex_interval_s")?,
+            pex_answer_interval: secs(d.pex_answer_interval_s, "pex_answer_interval_s")?,
+            random_walk_interval: secs(d.random_walk_interval_s, "random_walk_interval_s")?,
+            feeler_interval: secs(d.feeler_interval_s, "feeler_interval_s")?,
+            idle_timeout: secs(file.connections.idle_timeout_s, "idle_timeout_s")?,
+            ..Timings::default()
+        };
+        Ok(Self {
+            network,
+            keypair,
+            data_dir: Some(data_dir),
+            listen,
+            bootstrap,
+            api: Some(api),
+            allow_private_addrs: file.network.allow_private_addrs,
+            kad_server: file.node.kad_server,
+            target_outbound: file.connections.target_outbound,
+            max_inbound: file.connections.max_inbound,
+            max_inbound_per_ip: file.connections.max_inbound_per_ip.max(1),
+            anchors: file.connections.anchors,
+            timings,
+            addrbook: AddrBookConfig::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_a_private_identity_and_a_parseable_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = NetworkName::new("dev").unwrap();
+        let key = init(dir.path(), &net).unwrap();
+        let loaded = load_identity(dir.path()).unwrap();
+        assert_eq!(key.public(), loaded.public());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(IDENTITY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let cfg = load_file_config(dir.path()).unwrap();
+        assert_eq!(cfg.network.name, "dev");
+        assert_eq!(
+            FileConfig {
+                network: NetworkSection {
+                    name: "meshwork".into(),
+                    ..cfg.network.clone()
+                },
+                ..cfg.clone()
+            },
+            FileConfig::default()
+        );
+        assert!(NodeConfig::from_file(&cfg, loaded, dir.path().into()).is_ok());
+        assert!(matches!(
+            init(dir.path(), &net),
+            Err(ConfigError::IdentityExists { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_files_give_errors_that_name_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(IDENTITY_FILE), b"garbage").unwrap();
+        let err = load_identity(dir.path()).unwrap_err();
+        assert!(err.to_string().contains(IDENTITY_FILE), "{err}");
+        std::fs::write(dir.path().join(CONFIG_FILE), "[network]\nnmae = \"x\"\n").unwrap();
+        let err = load_file_config(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains(CONFIG_FILE) && err.to_string().contains("nmae"),
+            "{err}"
+        );
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "[network]\nname = \"Bad Name\"\n",
+        )
+        .unwrap();
+        assert!(load_file_config(dir.path()).is_err());
+    }
+}

@@ -1,0 +1,35 @@
+//! The Meshwork peer.
+//!
+//! - [`addrbook`]: the eclipse-resistant address book (sans-IO).
+//! - [`connmgr`]: outbound selection and misbehaviour scoring (sans-IO).
+//! - [`gate`]: the libp2p behaviour that enforces connection limits, bans and keep-alive.
+//! - [`pex`]: the codec of the peer-exchange protocol.
+//! - [`node`]: the actor that owns the libp2p `Swarm` and drives all of the above; other code
+//!   talks to it through [`node::NodeHandle`].
+//! - [`api`]: the HTTP API and Prometheus metrics, a thin layer over the handle.
+//! - [`config`] and [`store`]: the data directory, identity, `config.toml`, and redb.
+
+pub mod addrbook;
+pub mod api;
+pub mod config;
+pub mod connmgr;
+pub mod gate;
+mod metrics;
+pub mod node;
+pub mod pex;
+pub mod store;
+
+pub use config::NodeConfig;
+pub use node::{start, NodeError, NodeHandle, RunningNode};
+
+/// Seconds since the Unix epoch: the clock of the address book and of bans, which are persisted
+/// and so need wall-clock time rather than a monotonic instant.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The agent string sent in identify.
+pub const AGENT: &str = concat!("meshwork/", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,62 @@
+//! The node's own Prometheus metrics, next to libp2p's (registered in the same registry under
+//! the `libp2p_` prefix). Every label set here is drawn from a small fixed vocabulary, so the
+//! families stay bounded.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+#[derive(Clone, Default)]
+pub struct NodeMetrics {
+    pub connections: Family<Labels, Gauge>,
+    pub addrbook_entries: Family<Labels, Gauge>,
+    pub pex_requests_sent: Counter,
+    pub pex_answers: Family<Labels, Counter>,
+    pub pex_records_added: Counter,
+    pub penalties: Family<Labels, Counter>,
+    pub bans: Counter,
+    pub dials: Family<Labels, Counter>,
+}
+
+impl NodeMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("meshwork");
+        r.register(
+            "connections",
+            "Open connections by class",
+            m.connections.clone(),
+        );
+        r.register(
+            "addrbook_entries",
+            "Address book entries by table",
+            m.addrbook_entries.clone(),
+        );
+        r.register(
+            "pex_requests_sent",
+            "Peer-exchange requests sent",
+            m.pex_requests_sent.clone(),
+        );
+        r.register(
+            "pex_answers",
+            "Peer-exchange answers received, by outcome",
+            m.pex_answers.clone(),
+        );
+        r.register(
+            "pex_records_added",
+            "Address book entries added from peer exchange",
+            m.pex_records_added.clone(),
+        );
+        r.register(
+            "penalties",
+            "Misbehaviour penalties, by offence",
+            m.penalties.clone(),
+        );
+        r.register("bans", "Peers banned for misbehaviour", m.bans.clone());
+        r.register("dials", "Dials started, by purpose", m.dials.clone());
+        m
+    }
+}

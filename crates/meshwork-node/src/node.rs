@@ -1,0 +1,1210 @@
+//! The node's actor: one task owns the libp2p `Swarm`, the address book and the scores, and
+//! is the only place where the node does network I/O. Everything else (the HTTP API, the CLI,
+//! the lab) sends [`Command`]s through a bounded channel and gets answers on oneshots (the shape
+//! of rust-libp2p's `file-sharing` example).
+//!
+//! # Data path of discovery
+//! 1. Start: the address book is restored from `node.redb`; the anchors (outbound peers at the
+//!    last shutdown) and the bootstrap addresses are dialed.
+//! 2. Every connection runs identify. Its listen addresses go to Kademlia (if the peer speaks
+//!    our Kademlia protocol) and to the address book (new table, source = the peer's group).
+//! 3. On the first connection to a peer, and every `pex_interval` after, we ask it for up to 32
+//!    records from its tried table; a valid answer goes to the new table, an invalid one is
+//!    discarded whole and costs the peer points.
+//! 4. Kademlia random walks (`get_closest_peers` of a random id) refresh the routing table; the
+//!    peers they return go to the new table with the DHT as source.
+//! 5. Every `maintenance` tick, the connection manager tops up outbound connections from the
+//!    book (one per address group), makes a feeler connection when one is due (testing a
+//!    tried-table collision first), and resolves collisions. An outbound connection that
+//!    succeeds moves its peer to the tried table.
+//! 6. Shutdown writes the book and the anchors.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::kad::{self, store::MemoryStore, GetClosestPeersOk, Mode, QueryId, QueryResult};
+use libp2p::metrics::Recorder;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use meshwork_proto::addr::{check_dialable, ip_of, peer_of, without_peer};
+use meshwork_proto::pex::{PexRequest, PexResponse, MAX_RECORDS};
+use meshwork_proto::{AddrGroup, NetworkName};
+use prometheus_client::registry::Registry;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::addrbook::{AddrBook, GoodOutcome, Origin, Table, Via};
+use crate::config::{NodeConfig, API_FILE, STORE_FILE};
+use crate::connmgr::{choose_outbound, Offence, Scores, Verdict};
+use crate::gate::{Gate, GateLimits};
+use crate::metrics::NodeMetrics;
+use crate::pex::PexCodec;
+use crate::store::{Anchors, Store};
+use crate::unix_now;
+
+/// Capacity of the command channel. Senders wait when it is full: back-pressure, not loss.
+const COMMAND_CAPACITY: usize = 256;
+/// The most PEX requests sent per maintenance tick, to spread load.
+const PEX_ASKS_PER_TICK: usize = 8;
+/// The most concurrent `find_peer` lookups; more are refused.
+const MAX_LOOKUPS: usize = 256;
+/// After this many answers refused by the rate limit, a peer is penalized for flooding.
+const PEX_FLOOD_TOLERANCE: u32 = 5;
+/// The most peers remembered for PEX rate limiting.
+const MAX_PEX_RATE_ENTRIES: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot build the libp2p swarm: {0}")]
+    Swarm(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot start the HTTP API on {addr}: {source}")]
+    Api {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the node has stopped")]
+    Stopped,
+    #[error("lookup limit of {MAX_LOOKUPS} concurrent lookups reached")]
+    Busy,
+}
+
+/// How a connection came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Inbound,
+    /// Chosen by the connection manager; counts toward `target_outbound`.
+    Outbound,
+    /// A short test of an address from the new table; closed once it succeeds.
+    Feeler,
+    /// Dialed by a protocol (Kademlia queries) or a bootstrap beyond one per group; closed when idle.
+    Transient,
+}
+
+impl Class {
+    fn label(self) -> &'static str {
+        match self {
+            Class::Inbound => "inbound",
+            Class::Outbound => "outbound",
+            Class::Feeler => "feeler",
+            Class::Transient => "transient",
+        }
+    }
+}
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    gate: Gate,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    pex: request_response::Behaviour<PexCodec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    pub inbound: usize,
+    pub outbound: usize,
+    /// Feelers and transient connections (DHT queries).
+    pub other: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddrBookCounts {
+    pub new: usize,
+    pub tried: usize,
+    pub banned: usize,
+}
+
+/// `GET /api/v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub network: String,
+    pub agent: String,
+    pub listen_addrs: Vec<String>,
+    pub connections: ConnectionCounts,
+    pub address_book: AddrBookCounts,
+    pub uptime_s: u64,
+}
+
+/// One record of `GET /api/v1/peers`: one per open connection.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub address: String,
+    pub direction: Class,
+    pub address_group: Option<String>,
+    /// How we first learned of the peer; `None` if it is not in our address book.
+    pub learned_via: Option<Via>,
+    pub misbehaviour: f64,
+    pub connected_s: u64,
+    pub rtt_ms: Option<f64>,
+}
+
+/// One address book entry, for inspection (the lab, `GET /api/v1/addrbook`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BookEntry {
+    pub peer_id: String,
+    pub addrs: Vec<String>,
+    pub group: String,
+    pub table: Table,
+    pub via: Via,
+    pub failures: u32,
+}
+
+enum Command {
+    Status(oneshot::Sender<Status>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    AddrBook(oneshot::Sender<Vec<BookEntry>>),
+    FindPeer(PeerId, oneshot::Sender<Result<Vec<PeerId>, NodeError>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Command>,
+    pub peer_id: PeerId,
+    pub network: NetworkName,
+    registry: Arc<Registry>,
+}
+
+impl NodeHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        self.ask(Command::Status).await
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        self.ask(Command::Peers).await
+    }
+
+    pub async fn addrbook(&self) -> Result<Vec<BookEntry>, NodeError> {
+        self.ask(Command::AddrBook).await
+    }
+
+    /// A Kademlia lookup of `peer`: the closest peers to its id that the network returns (the
+    /// peer itself first, if the network knows it).
+    pub async fn find_peer(&self, peer: PeerId) -> Result<Vec<PeerId>, NodeError> {
+        self.ask(|tx| Command::FindPeer(peer, tx)).await?
+    }
+
+    /// Prometheus text exposition of all metrics (libp2p's and the node's).
+    pub fn encode_metrics(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
+/// A started node.
+pub struct RunningNode {
+    pub handle: NodeHandle,
+    /// The addresses the node listens on (port 0 resolved), without `/p2p`.
+    pub listen_addrs: Vec<Multiaddr>,
+    pub api_addr: Option<SocketAddr>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    pub fn peer_id(&self) -> PeerId {
+        self.handle.peer_id
+    }
+
+    /// The first listen address with `/p2p/<peer id>`: what another node bootstraps from.
+    pub fn dial_addr(&self) -> Multiaddr {
+        self.listen_addrs[0]
+            .clone()
+            .with(Protocol::P2p(self.handle.peer_id))
+    }
+
+    /// Stops the node: closes connections and writes the address book and anchors.
+    pub async fn shutdown(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.handle.tx.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+
+    /// Waits until the node stops by itself (it does not, unless its handles are all dropped).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+struct Conn {
+    peer: PeerId,
+    remote: Multiaddr,
+    class: Class,
+    group: Option<AddrGroup>,
+    since: Instant,
+    rtt: Option<Duration>,
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    network: NetworkName,
+    cfg: NodeConfig,
+    book: AddrBook,
+    scores: Scores,
+    store: Option<Store>,
+    conns: HashMap<ConnectionId, Conn>,
+    /// Dials in flight that we started, with their purpose and the group they will occupy.
+    dials: HashMap<ConnectionId, (PeerId, Class, Option<AddrGroup>)>,
+    /// When we last asked each connected peer for PEX.
+    pex_asked: HashMap<PeerId, Instant>,
+    /// When we last answered each peer, and how many of its requests were refused since.
+    pex_answered: HashMap<PeerId, (Instant, u32)>,
+    pex_pending: HashMap<OutboundRequestId, (PeerId, usize)>,
+    lookups: HashMap<QueryId, (PeerId, oneshot::Sender<Result<Vec<PeerId>, NodeError>>)>,
+    listen_addrs: Vec<Multiaddr>,
+    kad_protocol: StreamProtocol,
+    kad_bootstrapped: bool,
+    started: Instant,
+    last_feeler: Instant,
+    rng: StdRng,
+    lp2p_metrics: libp2p::metrics::Metrics,
+    metrics: NodeMetrics,
+}
+
+/// Starts a node: builds the swarm, restores the address book, listens, starts the API (if
+/// configured), and returns once every listener is up.
+pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
+    let mut registry = Registry::default();
+    let lp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+    let metrics = NodeMetrics::register(&mut registry);
+    let network = cfg.network.clone();
+    let local = cfg.keypair.public().to_peer_id();
+    let kad_protocol = StreamProtocol::try_from_owned(network.protocol("kad", 1))
+        .map_err(|e| NodeError::Swarm(e.to_string()))?;
+    let pex_protocol = StreamProtocol::try_from_owned(network.protocol("pex", 1))
+        .map_err(|e| NodeError::Swarm(e.to_string()))?;
+
+    let gate = Gate::new(GateLimits {
+        max_inbound: cfg.max_inbound,
+        max_inbound_per_ip: cfg.max_inbound_per_ip,
+    });
+    let t = cfg.timings.clone();
+    let kad_server = cfg.kad_server;
+    let swarm_err = |e: &dyn std::fmt::Display| NodeError::Swarm(e.to_string());
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| swarm_err(&e))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| swarm_err(&e))?
+        .with_bandwidth_metrics(&mut registry)
+        .with_behaviour(|key| {
+            let mut kcfg = kad::Config::new(kad_protocol.clone());
+            kcfg.set_periodic_bootstrap_interval(Some(t.random_walk_interval));
+            kcfg.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(local, MemoryStore::new(local), kcfg);
+            kad.set_mode(Some(if kad_server {
+                Mode::Server
+            } else {
+                Mode::Client
+            }));
+            Behaviour {
+                gate,
+                identify: identify::Behaviour::new(
+                    identify::Config::new(network.identify_version(), key.public())
+                        .with_agent_version(crate::AGENT.to_string()),
+                ),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(30)),
+                ),
+                kad,
+                pex: request_response::Behaviour::with_codec(
+                    PexCodec,
+                    [(pex_protocol, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(10)),
+                ),
+            }
+        })
+        .map_err(|e| swarm_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(t.idle_timeout))
+        .build();
+
+    // The store and the address book.
+    let now = unix_now();
+    let store = match &cfg.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            Some(Store::open(&dir.join(STORE_FILE))?)
+        }
+        None => None,
+    };
+    let mut book = match store
+        .as_ref()
+        .map(Store::load_addrbook)
+        .transpose()?
+        .flatten()
+    {
+        Some(snap) => AddrBook::restore(
+            cfg.addrbook.clone(),
+            snap,
+            local,
+            cfg.allow_private_addrs,
+            now,
+        ),
+        None => AddrBook::new(
+            cfg.addrbook.clone(),
+            rand::thread_rng().gen(),
+            local,
+            cfg.allow_private_addrs,
+        ),
+    };
+    let anchors: Anchors = match (&store, cfg.anchors) {
+        (Some(s), true) => s.load_anchors()?,
+        _ => vec![],
+    };
+    for (peer, until) in book.snapshot().banned_peers {
+        swarm.behaviour_mut().gate.ban(peer, None, until);
+    }
+    for (ip, until) in book.snapshot().banned_ips {
+        swarm
+            .behaviour_mut()
+            .gate
+            .ban(PeerId::random(), Some(ip), until);
+    }
+    for b in &cfg.bootstrap {
+        if let Some(peer) = peer_of(b) {
+            book.add(
+                peer,
+                std::slice::from_ref(b),
+                now,
+                Origin::Operator,
+                Via::Bootstrap,
+                now,
+            );
+        }
+    }
+
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NodeError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+
+    let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
+    let handle = NodeHandle {
+        tx,
+        peer_id: local,
+        network: network.clone(),
+        registry: Arc::new(registry),
+    };
+    let mut actor = Actor {
+        swarm,
+        network,
+        cfg: cfg.clone(),
+        book,
+        scores: Scores::default(),
+        store,
+        conns: HashMap::new(),
+        dials: HashMap::new(),
+        pex_asked: HashMap::new(),
+        pex_answered: HashMap::new(),
+        pex_pending: HashMap::new(),
+        lookups: HashMap::new(),
+        listen_addrs: vec![],
+        kad_protocol,
+        kad_bootstrapped: false,
+        started: Instant::now(),
+        last_feeler: Instant::now(),
+        rng: StdRng::from_entropy(),
+        lp2p_metrics,
+        metrics,
+    };
+
+    // Run the swarm until every listener reports an address.
+    let wanted = cfg.listen.len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut up = HashSet::new();
+    while up.len() < wanted {
+        let ev = tokio::time::timeout_at(deadline, actor.swarm.select_next_some())
+            .await
+            .map_err(|_| NodeError::Listen {
+                addr: cfg.listen[0].clone(),
+                reason: "no address after 10 s".into(),
+            })?;
+        match &ev {
+            SwarmEvent::NewListenAddr { listener_id, .. } => {
+                up.insert(*listener_id);
+            }
+            SwarmEvent::ListenerClosed { reason: Err(e), .. }
+            | SwarmEvent::ListenerError { error: e, .. } => {
+                return Err(NodeError::Listen {
+                    addr: cfg.listen[up.len().min(wanted - 1)].clone(),
+                    reason: e.to_string(),
+                });
+            }
+            _ => {}
+        }
+        actor.on_swarm_event(ev);
+    }
+    let listen_addrs = actor.listen_addrs.clone();
+
+    // The API, if asked for.
+    let api_addr = match cfg.api {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Api { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| NodeError::Api { addr, source })?;
+            if let Some(dir) = &cfg.data_dir {
+                let path = dir.join(API_FILE);
+                std::fs::write(&path, format!("{bound}\n"))
+                    .map_err(|source| NodeError::Io { path, source })?;
+            }
+            let router = crate::api::router(handle.clone());
+            let done = handle.tx.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { done.closed().await });
+                if let Err(e) = serve.await {
+                    tracing::error!("HTTP API stopped: {e}");
+                }
+            });
+            Some(bound)
+        }
+        None => None,
+    };
+
+    actor.connect_initial(&anchors);
+    let task = tokio::spawn(actor.run(rx));
+    Ok(RunningNode {
+        handle,
+        listen_addrs,
+        api_addr,
+        task,
+    })
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(self.cfg.timings.maintenance);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut walk = tokio::time::interval(self.cfg.timings.random_walk_interval);
+        walk.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        walk.tick().await; // the first tick is immediate; the bootstrap does the first walk
+        let mut flush = tokio::time::interval(self.cfg.timings.flush_interval);
+        flush.tick().await;
+        let reply = loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Shutdown(reply)) => break Some(reply),
+                    Some(cmd) => self.on_command(cmd),
+                    None => break None, // every handle dropped
+                },
+                _ = tick.tick() => self.maintain(),
+                _ = walk.tick() => self.random_walk(),
+                _ = flush.tick() => self.flush(false),
+            }
+        };
+        self.flush(true);
+        if let Some(dir) = &self.cfg.data_dir {
+            let _ = std::fs::remove_file(dir.join(API_FILE));
+        }
+        // Close connections politely before the swarm is dropped.
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for p in peers {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+        if let Some(r) = reply {
+            let _ = r.send(());
+        }
+    }
+
+    /// Writes the address book (and at shutdown the anchors) to the store.
+    fn flush(&mut self, shutdown: bool) {
+        let Some(store) = &self.store else { return };
+        if let Err(e) = store.save_addrbook(&self.book.snapshot()) {
+            tracing::error!("cannot save the address book: {e}");
+        }
+        if shutdown && self.cfg.anchors {
+            let anchors: Anchors = self
+                .conns
+                .values()
+                .filter(|c| c.class == Class::Outbound)
+                .map(|c| (c.peer, vec![without_peer(&c.remote)]))
+                .collect();
+            if let Err(e) = store.save_anchors(&anchors) {
+                tracing::error!("cannot save the anchors: {e}");
+            }
+        }
+    }
+
+    /// Dials anchors and bootstrap peers at start.
+    fn connect_initial(&mut self, anchors: &Anchors) {
+        let mut used: HashSet<AddrGroup> = HashSet::new();
+        for (peer, addrs) in anchors.iter().take(self.cfg.target_outbound) {
+            let group = addrs.first().and_then(AddrGroup::of_addr);
+            if group.is_some_and(|g| !used.insert(g)) {
+                continue;
+            }
+            self.dial(*peer, addrs.clone(), Class::Outbound, group, "anchor");
+        }
+        for b in self.cfg.bootstrap.clone() {
+            let group = AddrGroup::of_addr(&b);
+            match peer_of(&b) {
+                Some(peer) => {
+                    if self.swarm.is_connected(&peer) || self.dials.values().any(|d| d.0 == peer) {
+                        continue;
+                    }
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, without_peer(&b));
+                    let class = match group {
+                        Some(g) if used.insert(g) => Class::Outbound,
+                        None => Class::Outbound, // DNS: group unknown until connected
+                        _ => Class::Transient,
+                    };
+                    self.dial(peer, vec![without_peer(&b)], class, group, "bootstrap");
+                }
+                None => {
+                    // No peer id: dial by address; the peer id is learned from the handshake.
+                    let opts = DialOpts::unknown_peer_id().address(b.clone()).build();
+                    let id = opts.connection_id();
+                    self.swarm.behaviour_mut().gate.expect_managed(id);
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::warn!("cannot dial bootstrap {b}: {e}");
+                    } else {
+                        self.dials
+                            .insert(id, (PeerId::random(), Class::Outbound, group));
+                        self.metrics
+                            .dials
+                            .get_or_create(&vec![("purpose", "bootstrap")])
+                            .inc();
+                    }
+                }
+            }
+        }
+    }
+
+    fn dial(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        class: Class,
+        group: Option<AddrGroup>,
+        purpose: &'static str,
+    ) {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        let id = opts.connection_id();
+        if class == Class::Outbound {
+            self.swarm.behaviour_mut().gate.expect_managed(id);
+        }
+        self.book.attempt(&peer, unix_now());
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dials.insert(id, (peer, class, group));
+                self.metrics
+                    .dials
+                    .get_or_create(&vec![("purpose", purpose)])
+                    .inc();
+            }
+            Err(e) => tracing::debug!("dial {peer} not started: {e}"),
+        }
+    }
+
+    fn maintain(&mut self) {
+        let now = unix_now();
+        self.book.resolve_collisions(now);
+        self.book.expire_bans(now);
+        self.swarm.behaviour_mut().gate.expire_bans(now);
+
+        // Outbound slots: one per address group across connections and dials.
+        let mut used: HashSet<AddrGroup> = HashSet::new();
+        let mut outbound = 0;
+        for c in self.conns.values().filter(|c| c.class == Class::Outbound) {
+            outbound += 1;
+            used.extend(c.group);
+        }
+        for (_, class, group) in self.dials.values() {
+            if *class == Class::Outbound {
+                outbound += 1;
+                used.extend(*group);
+            }
+        }
+        let want = self.cfg.target_outbound.saturating_sub(outbound);
+        if want > 0 {
+            let dialing: HashSet<PeerId> = self.dials.values().map(|d| d.0).collect();
+            let swarm = &self.swarm;
+            let chosen: Vec<_> =
+                choose_outbound(&self.book, &mut self.rng, now, want, &mut used, |p| {
+                    swarm.is_connected(p) || dialing.contains(p)
+                })
+                .into_iter()
+                .map(|e| (e.peer, e.addrs.clone(), e.group))
+                .collect();
+            for (peer, addrs, group) in chosen {
+                self.dial(peer, addrs, Class::Outbound, Some(group), "outbound");
+            }
+        }
+
+        // A feeler, testing a tried-table collision first.
+        if self.last_feeler.elapsed() >= self.cfg.timings.feeler_interval {
+            self.last_feeler = Instant::now();
+            let target = self.book.collision_to_test(now).or_else(|| {
+                self.book
+                    .select(&mut self.rng, now, true)
+                    .filter(|e| !self.swarm.is_connected(&e.peer))
+                    .map(|e| e.peer)
+            });
+            if let Some(peer) = target {
+                if let Some(e) = self.book.get(&peer) {
+                    let (addrs, group) = (e.addrs.clone(), e.group);
+                    if !self.swarm.is_connected(&peer) {
+                        self.dial(peer, addrs, Class::Feeler, Some(group), "feeler");
+                    } else {
+                        // Connected already: it answers, which is what the test wanted to know.
+                        let addr = addrs[0].clone();
+                        self.book.good(&peer, &addr, now);
+                    }
+                }
+            }
+        }
+
+        // PEX: ask connected peers whose last answer is old enough.
+        let interval = self.cfg.timings.pex_interval;
+        let due: Vec<PeerId> = self
+            .conns
+            .values()
+            .filter(|c| matches!(c.class, Class::Inbound | Class::Outbound))
+            .map(|c| c.peer)
+            .filter(|p| {
+                self.pex_asked
+                    .get(p)
+                    .is_none_or(|t| t.elapsed() >= interval)
+            })
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .take(PEX_ASKS_PER_TICK)
+            .collect();
+        for p in due {
+            self.ask_pex(p);
+        }
+
+        // Bound the rate-limit memory: forget peers whose last answer is older than the interval.
+        let answer_interval = self.cfg.timings.pex_answer_interval;
+        self.pex_answered
+            .retain(|_, (t, _)| t.elapsed() < answer_interval);
+        if self.pex_answered.len() > MAX_PEX_RATE_ENTRIES {
+            let mut by_age: Vec<(PeerId, Instant)> = self
+                .pex_answered
+                .iter()
+                .map(|(p, (t, _))| (*p, *t))
+                .collect();
+            by_age.sort_by_key(|(_, t)| *t);
+            for (p, _) in by_age
+                .into_iter()
+                .take(self.pex_answered.len() - MAX_PEX_RATE_ENTRIES)
+            {
+                self.pex_answered.remove(&p);
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let mut counts: HashMap<Class, i64> = HashMap::new();
+        for c in self.conns.values() {
+            *counts.entry(c.class).or_default() += 1;
+        }
+        for class in [
+            Class::Inbound,
+            Class::Outbound,
+            Class::Feeler,
+            Class::Transient,
+        ] {
+            let n = counts.get(&class).copied().unwrap_or(0);
+            self.metrics
+                .connections
+                .get_or_create(&vec![("class", class.label())])
+                .set(n);
+        }
+        self.metrics
+            .addrbook_entries
+            .get_or_create(&vec![("table", "new")])
+            .set(self.book.new_len() as i64);
+        self.metrics
+            .addrbook_entries
+            .get_or_create(&vec![("table", "tried")])
+            .set(self.book.tried_len() as i64);
+    }
+
+    fn ask_pex(&mut self, peer: PeerId) {
+        self.pex_asked.insert(peer, Instant::now());
+        let req = PexRequest {
+            max: MAX_RECORDS as u8,
+        };
+        let allowed = req.allowed();
+        let id = self.swarm.behaviour_mut().pex.send_request(&peer, req);
+        self.pex_pending.insert(id, (peer, allowed));
+        self.metrics.pex_requests_sent.inc();
+    }
+
+    fn random_walk(&mut self) {
+        if self.conns.is_empty() {
+            return;
+        }
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .get_closest_peers(PeerId::random());
+    }
+
+    /// Applies a penalty; disconnects and bans the peer if its score crossed the limit.
+    fn penalize(&mut self, peer: PeerId, offence: Offence) {
+        let now = unix_now();
+        tracing::info!("peer {peer} penalized: {offence}");
+        let label = match offence {
+            Offence::BadPex(_) => "bad_pex",
+            Offence::PexFraming => "pex_framing",
+            Offence::PexFlood => "pex_flood",
+            Offence::WrongNetwork => "wrong_network",
+        };
+        self.metrics
+            .penalties
+            .get_or_create(&vec![("offence", label)])
+            .inc();
+        if let Verdict::Ban { until } = self.scores.penalize(peer, &offence, now) {
+            let ip = self
+                .conns
+                .values()
+                .find(|c| c.peer == peer)
+                .and_then(|c| ip_of(&c.remote));
+            tracing::warn!("peer {peer} disconnected and banned for {} s", until - now);
+            self.metrics.bans.inc();
+            self.book.ban(peer, ip, until);
+            self.swarm.behaviour_mut().gate.ban(peer, ip, until);
+            self.swarm.behaviour_mut().kad.remove_peer(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(tx) => {
+                let _ = tx.send(self.status());
+            }
+            Command::Peers(tx) => {
+                let now = unix_now();
+                let mut peers: Vec<PeerInfo> = self
+                    .conns
+                    .values()
+                    .map(|c| PeerInfo {
+                        peer_id: c.peer.to_string(),
+                        address: c.remote.to_string(),
+                        direction: c.class,
+                        address_group: c.group.map(|g| g.to_string()),
+                        learned_via: self.book.get(&c.peer).map(|e| e.via),
+                        misbehaviour: self.scores.points(&c.peer, now),
+                        connected_s: c.since.elapsed().as_secs(),
+                        rtt_ms: c.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    })
+                    .collect();
+                peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let _ = tx.send(peers);
+            }
+            Command::AddrBook(tx) => {
+                let entries = self
+                    .book
+                    .entries()
+                    .map(|e| BookEntry {
+                        peer_id: e.peer.to_string(),
+                        addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
+                        group: e.group.to_string(),
+                        table: e.location.table,
+                        via: e.via,
+                        failures: e.failures,
+                    })
+                    .collect();
+                let _ = tx.send(entries);
+            }
+            Command::FindPeer(peer, tx) => {
+                if self.lookups.len() >= MAX_LOOKUPS {
+                    let _ = tx.send(Err(NodeError::Busy));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.lookups.insert(id, (peer, tx));
+            }
+            Command::Shutdown(_) => unreachable!("handled by the run loop"),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let mut counts = ConnectionCounts {
+            inbound: 0,
+            outbound: 0,
+            other: 0,
+        };
+        for c in self.conns.values() {
+            match c.class {
+                Class::Inbound => counts.inbound += 1,
+                Class::Outbound => counts.outbound += 1,
+                Class::Feeler | Class::Transient => counts.other += 1,
+            }
+        }
+        Status {
+            peer_id: self.swarm.local_peer_id().to_string(),
+            network: self.network.to_string(),
+            agent: crate::AGENT.to_string(),
+            listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            connections: counts,
+            address_book: AddrBookCounts {
+                new: self.book.new_len(),
+                tried: self.book.tried_len(),
+                banned: self.book.banned_count(),
+            },
+            uptime_s: self.started.elapsed().as_secs(),
+        }
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        self.lp2p_metrics.record(&ev);
+        let now = unix_now();
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::debug!("listening on {address}");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address)
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let remote = endpoint.get_remote_address().clone();
+                let class = match self.dials.remove(&connection_id) {
+                    Some((_, class, _)) => class,
+                    None if endpoint.is_dialer() => Class::Transient,
+                    None => Class::Inbound,
+                };
+                let group = AddrGroup::of_addr(&remote);
+                if endpoint.is_dialer() {
+                    // We reached it ourselves: the address works.
+                    if let GoodOutcome::Collision(incumbent) =
+                        self.book.good(&peer_id, &remote, now)
+                    {
+                        tracing::debug!(
+                            "tried-table collision: {peer_id} waits for a test of {incumbent}"
+                        );
+                    }
+                }
+                self.conns.insert(
+                    connection_id,
+                    Conn {
+                        peer: peer_id,
+                        remote,
+                        class,
+                        group,
+                        since: Instant::now(),
+                        rtt: None,
+                    },
+                );
+                if class == Class::Feeler {
+                    // The test succeeded; a feeler has nothing more to do.
+                    self.swarm.close_connection(connection_id);
+                } else if num_established.get() == 1 && class != Class::Transient {
+                    self.ask_pex(peer_id);
+                }
+                if !self.kad_bootstrapped && class != Class::Feeler {
+                    self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.conns.remove(&connection_id);
+                if num_established == 0 {
+                    self.pex_asked.remove(&peer_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                let dial = self.dials.remove(&connection_id);
+                if let Some(peer) = peer_id.or(dial.map(|d| d.0)) {
+                    // "Already connected / dialing" is not a failure of the address.
+                    if !matches!(
+                        error,
+                        libp2p::swarm::DialError::DialPeerConditionFalse(_)
+                            | libp2p::swarm::DialError::Denied { .. }
+                    ) {
+                        self.book.failed(&peer, now);
+                    }
+                }
+                tracing::debug!("dial failed: {error}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(ev)) => {
+                self.lp2p_metrics.record(&ev);
+                self.on_identify(ev);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(ev)) => {
+                self.lp2p_metrics.record(&ev);
+                self.on_kad(ev);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ev)) => {
+                self.lp2p_metrics.record(&ev);
+                if let (Some(c), Ok(rtt)) = (self.conns.get_mut(&ev.connection), ev.result) {
+                    c.rtt = Some(rtt);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Pex(ev)) => self.on_pex(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Gate(ev)) => match ev {},
+            _ => {}
+        }
+    }
+
+    fn on_identify(&mut self, ev: identify::Event) {
+        let identify::Event::Received {
+            peer_id,
+            info,
+            connection_id,
+        } = ev
+        else {
+            return;
+        };
+        if info.protocol_version != self.network.identify_version() {
+            tracing::info!(
+                "peer {peer_id} is on {:?}, not {}: disconnecting",
+                info.protocol_version,
+                self.network
+            );
+            self.book.remove(&peer_id);
+            self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
+            let _ = self.swarm.disconnect_peer_id(peer_id);
+            return;
+        }
+        let Some(conn) = self.conns.get(&connection_id) else {
+            return;
+        };
+        let (class, source) = (conn.class, conn.group);
+        let allow_private = self.cfg.allow_private_addrs;
+        let addrs: Vec<Multiaddr> = info
+            .listen_addrs
+            .iter()
+            .filter_map(|a| check_dialable(a, Some(&peer_id), allow_private).ok())
+            .collect();
+        if info.protocols.contains(&self.kad_protocol) {
+            for a in &addrs {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, a.clone());
+            }
+        }
+        let now = unix_now();
+        let origin = source.map(Origin::Peer).unwrap_or(Origin::Operator);
+        let via = if class == Class::Inbound {
+            Via::Inbound
+        } else {
+            Via::Bootstrap
+        };
+        self.book.add(peer_id, &addrs, now, origin, via, now);
+    }
+
+    fn on_kad(&mut self, ev: kad::Event) {
+        let now = unix_now();
+        match ev {
+            kad::Event::RoutingUpdated {
+                peer, addresses, ..
+            } => {
+                let addrs: Vec<Multiaddr> = addresses.iter().cloned().collect();
+                self.book.add(peer, &addrs, now, Origin::Dht, Via::Dht, now);
+            }
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => {
+                if let QueryResult::GetClosestPeers(res) = result {
+                    let peers = match res {
+                        Ok(GetClosestPeersOk { peers, .. }) => peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    for p in &peers {
+                        self.book
+                            .add(p.peer_id, &p.addrs, now, Origin::Dht, Via::Dht, now);
+                    }
+                    if step.last {
+                        if let Some((_, tx)) = self.lookups.remove(&id) {
+                            let _ = tx.send(Ok(peers.iter().map(|p| p.peer_id).collect()));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_pex(&mut self, ev: request_response::Event<PexRequest, PexResponse>) {
+        use request_response::{Event, Message, OutboundFailure};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let interval = self.cfg.timings.pex_answer_interval;
+                let answer = match self.pex_answered.get_mut(&peer) {
+                    Some((t, refused)) if t.elapsed() < interval => {
+                        *refused += 1;
+                        if *refused > PEX_FLOOD_TOLERANCE {
+                            *refused = 0;
+                            self.penalize(peer, Offence::PexFlood);
+                        }
+                        PexResponse::default()
+                    }
+                    _ => {
+                        self.pex_answered.insert(peer, (Instant::now(), 0));
+                        let records = self.book.tried_sample(
+                            &mut self.rng,
+                            request.allowed(),
+                            unix_now(),
+                            &peer,
+                        );
+                        PexResponse::from_records(records, request.allowed())
+                    }
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .pex
+                    .send_response(channel, answer);
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((_, allowed)) = self.pex_pending.remove(&request_id) else {
+                    return;
+                };
+                let source = self
+                    .conns
+                    .values()
+                    .find(|c| c.peer == peer)
+                    .and_then(|c| c.group);
+                match response.validate(allowed, self.cfg.allow_private_addrs) {
+                    Ok(records) => {
+                        self.metrics
+                            .pex_answers
+                            .get_or_create(&vec![("outcome", "accepted")])
+                            .inc();
+                        if let Some(source) = source {
+                            let added = self.book.add_records(&records, source, unix_now());
+                            self.metrics.pex_records_added.inc_by(added as u64);
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .pex_answers
+                            .get_or_create(&vec![("outcome", "rejected")])
+                            .inc();
+                        self.penalize(peer, Offence::BadPex(e));
+                    }
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                self.pex_pending.remove(&request_id);
+                if let OutboundFailure::Io(e) = &error {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        self.metrics
+                            .pex_answers
+                            .get_or_create(&vec![("outcome", "rejected")])
+                            .inc();
+                        self.penalize(peer, Offence::PexFraming);
+                    }
+                }
+            }
+            Event::InboundFailure {
+                peer,
+                error: request_response::InboundFailure::Io(e),
+                ..
+            } if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.penalize(peer, Offence::PexFraming);
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Address groups and routability.
+//!
+//! An *address group* is the unit an attacker pays for: Bitcoin's addrman observes that
+//! controlling many addresses inside one IPv4 /16 (or IPv6 /32) is cheap, while controlling
+//! addresses in many groups is expensive. The address book buckets by group and the connection
+//! manager never makes two outbound connections into one group, so a flood from one group can
+//! take at most a bounded share of either.
+//!
+//! Only IP-based multiaddrs (`/ip4` or `/ip6`, then `/tcp/<port>` or `/udp/<port>/quic-v1`,
+//! optionally ending in `/p2p/<id>`) are *dialable addresses* for the address book. DNS names
+//! are accepted for bootstrap addresses only, where the operator vouches for them.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use multiaddr::{Multiaddr, Protocol};
+
+/// The group an address belongs to.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum AddrGroup {
+    /// The first 16 bits of an IPv4 address (IPv4-mapped IPv6 addresses count as IPv4).
+    V4([u8; 2]),
+    /// The first 32 bits of an IPv6 address.
+    V6([u8; 4]),
+}
+
+impl AddrGroup {
+    pub fn of_ip(ip: IpAddr) -> Self {
+        match canonical_ip(ip) {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                AddrGroup::V4([o[0], o[1]])
+            }
+            IpAddr::V6(v6) => {
+                let o = v6.octets();
+                AddrGroup::V6([o[0], o[1], o[2], o[3]])
+            }
+        }
+    }
+
+    /// The group of a dialable address, or `None` if the address has no IP component.
+    pub fn of_addr(addr: &Multiaddr) -> Option<Self> {
+        ip_of(addr).map(Self::of_ip)
+    }
+
+    /// A stable byte form, used as hash input for bucket placement.
+    pub fn to_bytes(self) -> [u8; 5] {
+        match self {
+            AddrGroup::V4([a, b]) => [4, a, b, 0, 0],
+            AddrGroup::V6([a, b, c, d]) => [6, a, b, c, d],
+        }
+    }
+}
+
+impl fmt::Display for AddrGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddrGroup::V4([a, b]) => write!(f, "{a}.{b}.0.0/16"),
+            AddrGroup::V6([a, b, c, d]) => {
+                write!(
+                    f,
+                    "{:x}:{:x}::/32",
+                    u16::from_be_bytes([*a, *b]),
+                    u16::from_be_bytes([*c, *d])
+                )
+            }
+        }
+    }
+}
+
+/// Why an address is not acceptable as a dialable address.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AddrError {
+    #[error("address {0} has no /ip4 or /ip6 component")]
+    NoIp(String),
+    #[error("address {0} is not /tcp/<port> or /udp/<port>/quic-v1")]
+    UnsupportedTransport(String),
+    #[error("address {0} is not publicly routable")]
+    Unroutable(String),
+    #[error("address {0} names peer {1}, not the peer it was given for")]
+    WrongPeer(String, String),
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are the IPv4 address they map.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// The IP of an address (its first component), if it has one.
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    }
+}
+
+/// The peer id an address ends with (`/p2p/<id>`), if any.
+pub fn peer_of(addr: &Multiaddr) -> Option<libp2p_identity::PeerId> {
+    match addr.iter().last()? {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    }
+}
+
+/// The address without a trailing `/p2p/<id>`.
+pub fn without_peer(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
+/// True for addresses that can be reached across the public Internet. Loopback, private
+/// (RFC 1918, RFC 4193), link-local, shared (RFC 6598), documentation, multicast, unspecified
+/// and reserved ranges are not.
+pub fn is_routable(ip: IpAddr) -> bool {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => is_routable_v4(v4),
+        IpAddr::V6(v6) => is_routable_v6(v6),
+    }
+}
+
+fn is_routable_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || o[0] == 0
+        || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10, carrier-grade NAT
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24, IETF protocol assignments
+        || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15, benchmarking
+        || o[0] >= 240) // 240.0.0.0/4, reserved
+}
+
+fn is_routable_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (s[0] & 0xfe00) == 0xfc00 // fc00::/7, unique local
+        || (s[0] & 0xffc0) == 0xfe80 // fe80::/10, link-local
+        || (s[0] == 0x2001 && s[1] == 0x0db8)) // 2001:db8::/32, documentation
+}
+
+/// Checks that `addr` is a dialable address: an IP, then TCP or QUIC, optionally `/p2p/<peer>`
+/// where `<peer>` must be `expected_peer` if given. Unroutable IPs are refused unless
+/// `allow_private`. Returns the address without its `/p2p` suffix.
+pub fn check_dialable(
+    addr: &Multiaddr,
+    expected_peer: Option<&libp2p_identity::PeerId>,
+    allow_private: bool,
+) -> Result<Multiaddr, AddrError> {
+    let mut it = addr.iter();
+    let ip = match it.next() {
+        Some(Protocol::Ip4(ip)) => IpAddr::V4(ip),
+        Some(Protocol::Ip6(ip)) => IpAddr::V6(ip),
+        _ => return Err(AddrError::NoIp(addr.to_string())),
+    };
+    let transport_ok = match (it.next(), it.next()) {
+        (Some(Protocol::Tcp(_)), None) => true,
+        (Some(Protocol::Tcp(_)), Some(Protocol::P2p(_))) => it.next().is_none(),
+        (Some(Protocol::Udp(_)), Some(Protocol::QuicV1)) => {
+            matches!(it.next(), None | Some(Protocol::P2p(_))) && it.next().is_none()
+        }
+        _ => false,
+    };
+    if !transport_ok {
+        return Err(AddrError::UnsupportedTransport(addr.to_string()));
+    }
+    if let (Some(expected), Some(found)) = (expected_peer, peer_of(addr)) {
+        if &found != expected {
+            return Err(AddrError::WrongPeer(addr.to_string(), found.to_string()));
+        }
+    }
+    if !allow_private && !is_routable(ip) {
+        return Err(AddrError::Unroutable(addr.to_string()));
+    }
+    Ok(without_peer(addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ma(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn groups_are_slash16_and_slash32() {
+        assert_eq!(
+            AddrGroup::of_addr(&ma("/ip4/1.2.3.4/tcp/1")),
+            Some(AddrGroup::V4([1, 2]))
+        );
+        assert_eq!(
+            AddrGroup::of_addr(&ma("/ip4/1.2.3.4/tcp/1")),
+            AddrGroup::of_addr(&ma("/ip4/1.2.200.9/udp/5/quic-v1"))
+        );
+        assert_ne!(
+            AddrGroup::of_addr(&ma("/ip4/1.2.3.4/tcp/1")),
+            AddrGroup::of_addr(&ma("/ip4/1.3.3.4/tcp/1"))
+        );
+        assert_eq!(
+            AddrGroup::of_addr(&ma("/ip6/2001:470:1:2::1/tcp/1")),
+            Some(AddrGroup::V6([0x20, 0x01, 0x04, 0x70]))
+        );
+        // IPv4-mapped IPv6 is the IPv4 address.
+        assert_eq!(
+            AddrGroup::of_addr(&ma("/ip6/::ffff:1.2.3.4/tcp/1")),
+            Some(AddrGroup::V4([1, 2]))
+        );
+        assert_eq!(AddrGroup::of_addr(&ma("/dns4/example.com/tcp/1")), None);
+        assert_eq!(AddrGroup::V4([1, 2]).to_string(), "1.2.0.0/16");
+    }
+
+    #[test]
+    fn routability() {
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.1.1",
+            "172.16.0.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "169.254.1.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "240.0.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "2001:db8::1",
+        ] {
+            assert!(
+                !is_routable(bad.parse().unwrap()),
+                "{bad} should be unroutable"
+            );
+        }
+        for good in ["1.2.3.4", "8.8.8.8", "172.32.0.1", "2001:470::1"] {
+            assert!(
+                is_routable(good.parse().unwrap()),
+                "{good} should be routable"
+            );
+        }
+    }
+
+    #[test]
+    fn dialable_addresses() {
+        let peer = libp2p_identity::PeerId::random();
+        let other = libp2p_identity::PeerId::random();
+        assert_eq!(
+            check_dialable(&ma("/ip4/1.2.3.4/tcp/1"), None, false),
+            Ok(ma("/ip4/1.2.3.4/tcp/1"))
+        );
+        assert_eq!(
+            check_dialable(
+                &ma(&format!("/ip4/1.2.3.4/udp/9/quic-v1/p2p/{peer}")),
+                Some(&peer),
+                false
+            ),
+            Ok(ma("/ip4/1.2.3.4/udp/9/quic-v1"))
+        );
+        assert!(matches!(
+            check_dialable(
+                &ma(&format!("/ip4/1.2.3.4/tcp/1/p2p/{other}")),
+                Some(&peer),
+                false
+            ),
+            Err(AddrError::WrongPeer(..))
+        ));
+        assert!(matches!(
+            check_dialable(&ma("/ip4/127.0.0.1/tcp/1"), None, false),
+            Err(AddrError::Unroutable(_))
+        ));
+        assert!(check_dialable(&ma("/ip4/127.0.0.1/tcp/1"), None, true).is_ok());
+        assert!(matches!(
+            check_dialable(&ma("/ip4/1.2.3.4/udp/1"), None, true),
+            Err(AddrError::UnsupportedTransport(_))
+        ));
+        assert!(matches!(
+            check_dialable(&ma("/ip4/1.2.3.4/tcp/1/ws"), None, true),
+            Err(AddrError::UnsupportedTransport(_))
+        ));
+        assert!(matches!(
+            check_dialable(&ma("/dns4/a.b/tcp/1"), None, true),
+            Err(AddrError::NoIp(_))
+        ));
+    }
+}
