@@ -1,1 +1,13 @@
+//! Meshwork's lab: many nodes on one machine, and the measurements made on them.
+//!
+//! - [`harness`]: N full nodes in one process over loopback TCP, with chain, star or random
+//!   bootstrap topologies and wait-for-condition helpers. The test suite uses it; so does the
+//!   demo.
+//! - [`rogue`]: peers that misbehave on purpose, for the tests of the node's defences.
+//! - [`demo`]: the README's first command.
 
+pub mod demo;
+pub mod harness;
+pub mod rogue;
+
+pub use harness::{wait_for, Harness, HarnessBuilder, Topology};

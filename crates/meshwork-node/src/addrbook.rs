@@ -127,7 +127,8 @@ pub enum Via {
 
 impl std::fmt::Display for Via {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        // `pad` so that width and alignment flags work in tables.
+        f.pad(match self {
             Via::Bootstrap => "bootstrap",
             Via::Pex => "pex",
             Via::Dht => "dht",
@@ -226,7 +227,7 @@ pub enum GoodOutcome {
     Tried,
     /// Its tried slot is held by this incumbent; it stays in new until the incumbent is tested.
     Collision(PeerId),
-    /// Unknown peer without a usable address.
+    /// The peer is not in the book (add it first).
     Unknown,
 }
 
@@ -604,31 +605,13 @@ impl AddrBook {
         }
     }
 
-    /// We connected to `peer` ourselves (outbound), at `addr`: it moves to the tried table,
+    /// We connected to `peer` (already in the book) ourselves, at `addr`: it moves to the tried table,
     /// unless its tried slot is taken, in which case a collision is queued for
     /// test-before-evict.
     pub fn good(&mut self, peer: &PeerId, addr: &Multiaddr, now: u64) -> GoodOutcome {
-        if !self.entries.contains_key(peer) {
-            // Dialed directly (e.g. a bootstrap address) before it was ever added.
-            let origin = AddrGroup::of_addr(addr)
-                .map(Origin::Peer)
-                .unwrap_or(Origin::Operator);
-            if self.add(
-                *peer,
-                std::slice::from_ref(addr),
-                now,
-                origin,
-                Via::Bootstrap,
-                now,
-            ) == AddOutcome::Dropped
-            {
-                return GoodOutcome::Unknown;
-            }
-        }
-        let e = self
-            .entries
-            .get_mut(peer)
-            .expect("present: checked or added above");
+        let Some(e) = self.entries.get_mut(peer) else {
+            return GoodOutcome::Unknown; // the caller adds a peer before calling this
+        };
         e.last_seen = now;
         e.last_try = Some(now);
         e.last_success = Some(now);

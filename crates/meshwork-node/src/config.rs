@@ -365,6 +365,8 @@ pub struct NodeConfig {
     /// Where `node.redb` and `api` live; `None` keeps everything in memory.
     pub data_dir: Option<PathBuf>,
     pub listen: Vec<Multiaddr>,
+    /// Dial TCP from this local IP instead of letting the kernel choose (see `transport`).
+    pub dial_from: Option<std::net::IpAddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub api: Option<SocketAddr>,
     pub allow_private_addrs: bool,
@@ -386,6 +388,7 @@ impl NodeConfig {
             keypair,
             data_dir: None,
             listen: vec![],
+            dial_from: None,
             bootstrap: vec![],
             api: None,
             allow_private_addrs: f.network.allow_private_addrs,
@@ -450,6 +453,7 @@ impl NodeConfig {
             keypair,
             data_dir: Some(data_dir),
             listen,
+            dial_from: None,
             bootstrap,
             api: Some(api),
             allow_private_addrs: file.network.allow_private_addrs,

@@ -12,7 +12,7 @@
 //! Invariant: `inbound` holds exactly the established inbound connections, and
 //! `inbound_per_ip[ip]` counts those of them from `ip` (entries at zero are removed).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::task::{Context, Poll};
@@ -23,7 +23,8 @@ use libp2p::core::Endpoint;
 use libp2p::swarm::handler::ConnectionEvent;
 use libp2p::swarm::{
     ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-    NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+    NetworkBehaviour, NotifyHandler, SubstreamProtocol, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
 };
 use libp2p::{Multiaddr, PeerId};
 use meshwork_proto::addr::ip_of;
@@ -53,6 +54,9 @@ pub struct Gate {
     managed: HashSet<ConnectionId>,
     inbound: HashMap<ConnectionId, Option<IpAddr>>,
     inbound_per_ip: HashMap<IpAddr, usize>,
+    /// Keep-alive changes to deliver to connection handlers. Bounded by the number of open
+    /// connections: at most one promotion per connection.
+    notify: VecDeque<(PeerId, ConnectionId)>,
 }
 
 fn unix_now() -> u64 {
@@ -68,6 +72,14 @@ impl Gate {
             managed: HashSet::new(),
             inbound: HashMap::new(),
             inbound_per_ip: HashMap::new(),
+            notify: VecDeque::new(),
+        }
+    }
+
+    /// Turns an open transient outbound connection into a managed one that is kept alive.
+    pub fn promote(&mut self, peer: PeerId, id: ConnectionId) {
+        if self.managed.insert(id) {
+            self.notify.push_back((peer, id));
         }
     }
 
@@ -185,6 +197,7 @@ impl NetworkBehaviour for Gate {
         match event {
             FromSwarm::ConnectionClosed(c) => {
                 self.managed.remove(&c.connection_id);
+                self.notify.retain(|(_, id)| *id != c.connection_id);
                 if let Some(Some(ip)) = self.inbound.remove(&c.connection_id) {
                     if let Some(n) = self.inbound_per_ip.get_mut(&ip) {
                         *n -= 1;
@@ -211,15 +224,23 @@ impl NetworkBehaviour for Gate {
     }
 
     fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        Poll::Pending
+        match self.notify.pop_front() {
+            Some((peer_id, id)) => Poll::Ready(ToSwarm::NotifyHandler {
+                peer_id,
+                handler: NotifyHandler::One(id),
+                event: true,
+            }),
+            None => Poll::Pending,
+        }
     }
 }
 
-/// A handler with no protocol that keeps its connection alive, or not.
+/// A handler with no protocol that keeps its connection alive, or not; the behaviour can turn
+/// keep-alive on later (promotion).
 pub struct KeepAlive(bool);
 
 impl ConnectionHandler for KeepAlive {
-    type FromBehaviour = Infallible;
+    type FromBehaviour = bool;
     type ToBehaviour = Infallible;
     type InboundProtocol = DeniedUpgrade;
     type OutboundProtocol = DeniedUpgrade;
@@ -234,8 +255,8 @@ impl ConnectionHandler for KeepAlive {
         self.0
     }
 
-    fn on_behaviour_event(&mut self, event: Infallible) {
-        match event {}
+    fn on_behaviour_event(&mut self, keep_alive: bool) {
+        self.0 = keep_alive;
     }
 
     fn poll(

@@ -8,6 +8,7 @@
 //!   talks to it through [`node::NodeHandle`].
 //! - [`api`]: the HTTP API and Prometheus metrics, a thin layer over the handle.
 //! - [`config`] and [`store`]: the data directory, identity, `config.toml`, and redb.
+//! - [`transport`]: TCP dials bound to a chosen local IP.
 
 pub mod addrbook;
 pub mod api;
@@ -18,6 +19,7 @@ mod metrics;
 pub mod node;
 pub mod pex;
 pub mod store;
+pub mod transport;
 
 pub use config::NodeConfig;
 pub use node::{start, NodeError, NodeHandle, RunningNode};

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::Transport;
 use libp2p::kad::{self, store::MemoryStore, GetClosestPeersOk, Mode, QueryId, QueryResult};
 use libp2p::metrics::Recorder;
 use libp2p::multiaddr::Protocol;
@@ -50,6 +51,7 @@ use crate::gate::{Gate, GateLimits};
 use crate::metrics::NodeMetrics;
 use crate::pex::PexCodec;
 use crate::store::{Anchors, Store};
+use crate::transport::BoundTcpDial;
 use crate::unix_now;
 
 /// Capacity of the command channel. Senders wait when it is full: back-pressure, not loss.
@@ -101,6 +103,15 @@ pub enum Class {
 }
 
 impl Class {
+    /// How a peer first met through a connection of this class was learned of.
+    fn via(self) -> Via {
+        match self {
+            Class::Inbound => Via::Inbound,
+            Class::Transient => Via::Dht,
+            Class::Outbound | Class::Feeler => Via::Bootstrap,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Class::Inbound => "inbound",
@@ -324,15 +335,25 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let t = cfg.timings.clone();
     let kad_server = cfg.kad_server;
     let swarm_err = |e: &dyn std::fmt::Display| NodeError::Swarm(e.to_string());
+    let dial_from = cfg.dial_from;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
+        .with_quic()
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                // TCP: dials from `dial_from` when set (see `transport`), libp2p's TCP otherwise.
+                let tcp = BoundTcpDial::new(dial_from)
+                    .or_transport(tcp::tokio::Transport::new(
+                        tcp::Config::default().nodelay(true),
+                    ))
+                    .map(|either, _| either.into_inner());
+                Ok(tcp
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()))
+            },
         )
         .map_err(|e| swarm_err(&e))?
-        .with_quic()
         .with_dns()
         .map_err(|e| swarm_err(&e))?
         .with_bandwidth_metrics(&mut registry)
@@ -684,17 +705,39 @@ impl Actor {
         }
         let want = self.cfg.target_outbound.saturating_sub(outbound);
         if want > 0 {
-            let dialing: HashSet<PeerId> = self.dials.values().map(|d| d.0).collect();
-            let swarm = &self.swarm;
+            // Peers we are dialing, or hold a lasting connection with, are not candidates. A
+            // peer we hold only a transient connection with (a DHT query dialed it) is: that
+            // connection is promoted instead of dialing a second one.
+            let mut busy: HashSet<PeerId> = self.dials.values().map(|d| d.0).collect();
+            let mut transient: HashMap<PeerId, ConnectionId> = HashMap::new();
+            for (id, c) in &self.conns {
+                if c.class == Class::Transient {
+                    transient.insert(c.peer, *id);
+                } else {
+                    busy.insert(c.peer);
+                }
+            }
             let chosen: Vec<_> =
                 choose_outbound(&self.book, &mut self.rng, now, want, &mut used, |p| {
-                    swarm.is_connected(p) || dialing.contains(p)
+                    busy.contains(p)
                 })
                 .into_iter()
                 .map(|e| (e.peer, e.addrs.clone(), e.group))
                 .collect();
             for (peer, addrs, group) in chosen {
-                self.dial(peer, addrs, Class::Outbound, Some(group), "outbound");
+                match transient.get(&peer) {
+                    Some(id) if !busy.contains(&peer) => {
+                        if let Some(c) = self.conns.get_mut(id) {
+                            c.class = Class::Outbound;
+                            self.swarm.behaviour_mut().gate.promote(peer, *id);
+                            self.metrics
+                                .dials
+                                .get_or_create(&vec![("purpose", "promote")])
+                                .inc();
+                        }
+                    }
+                    _ => self.dial(peer, addrs, Class::Outbound, Some(group), "outbound"),
+                }
             }
         }
 
@@ -945,6 +988,22 @@ impl Actor {
                     None => Class::Inbound,
                 };
                 let group = AddrGroup::of_addr(&remote);
+                if self.book.get(&peer_id).is_none() {
+                    // First heard of through this connection: a bootstrap address dialed by
+                    // address, a peer a DHT query dialed, or an inbound peer.
+                    let origin = match class {
+                        Class::Transient => Origin::Dht,
+                        _ => group.map(Origin::Peer).unwrap_or(Origin::Operator),
+                    };
+                    self.book.add(
+                        peer_id,
+                        std::slice::from_ref(&remote),
+                        now,
+                        origin,
+                        class.via(),
+                        now,
+                    );
+                }
                 if endpoint.is_dialer() {
                     // We reached it ourselves: the address works.
                     if let GoodOutcome::Collision(incumbent) =
@@ -1065,12 +1124,8 @@ impl Actor {
         }
         let now = unix_now();
         let origin = source.map(Origin::Peer).unwrap_or(Origin::Operator);
-        let via = if class == Class::Inbound {
-            Via::Inbound
-        } else {
-            Via::Bootstrap
-        };
-        self.book.add(peer_id, &addrs, now, origin, via, now);
+        self.book
+            .add(peer_id, &addrs, now, origin, class.via(), now);
     }
 
     fn on_kad(&mut self, ev: kad::Event) {

@@ -1,1 +1,338 @@
-fn main() {}
+//! `meshwork`: the command-line program. It parses, calls the libraries or a running node's
+//! HTTP API, and prints: results to stdout, logs to stderr.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use libp2p::multiaddr::Protocol;
+use libp2p::Multiaddr;
+use meshwork_node::config::{self, API_FILE};
+use meshwork_node::node::{PeerInfo, Status};
+use meshwork_node::NodeConfig;
+use meshwork_proto::NetworkName;
+
+#[derive(Parser)]
+#[command(
+    name = "meshwork",
+    version,
+    about = "A peer-to-peer node, its client-server counterpart, and a lab that measures both"
+)]
+struct Cli {
+    /// The data directory (identity, config, address book).
+    #[arg(long, global = true, env = "MESHWORK_HOME", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the data directory, an identity and a commented config.toml.
+    Init {
+        /// The network to join.
+        #[arg(long, default_value = config::DEFAULT_NETWORK)]
+        network: String,
+    },
+    /// Run a node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Show a running node's status.
+    Status(ClientArgs),
+    /// List a running node's connected peers.
+    Peers(ClientArgs),
+    /// Run a local demonstration network in this process.
+    Demo {
+        /// How many nodes.
+        #[arg(long, default_value_t = 20)]
+        nodes: usize,
+        /// Bootstrap topology: chain, star or random.
+        #[arg(long, default_value = "chain")]
+        topology: meshwork_lab::Topology,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Start the node and run until Ctrl-C or SIGTERM.
+    Start(StartArgs),
+}
+
+#[derive(Args)]
+struct StartArgs {
+    /// An address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4001 or
+    /// /ip4/0.0.0.0/udp/4001/quic-v1. Replaces the config file's list.
+    #[arg(
+        long = "listen",
+        env = "MESHWORK_LISTEN",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    listen: Vec<Multiaddr>,
+    /// A peer to contact first (repeatable), e.g. /ip4/203.0.113.7/tcp/4001/p2p/12D3Koo...
+    /// Added to the config file's list.
+    #[arg(
+        long = "bootstrap",
+        env = "MESHWORK_BOOTSTRAP",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    bootstrap: Vec<Multiaddr>,
+    /// The HTTP API address (port 0 picks one).
+    #[arg(long, env = "MESHWORK_API", value_name = "HOST:PORT")]
+    api: Option<SocketAddr>,
+    /// Accept loopback and private addresses heard from peers (LAN or single-machine networks).
+    #[arg(long)]
+    allow_private_addrs: bool,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// The node's API address; by default read from <data-dir>/api.
+    #[arg(long, value_name = "HOST:PORT")]
+    api: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,meshwork_node=info".into()),
+        )
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { network } => init(cli.data_dir.as_deref(), &network),
+        Command::Node {
+            command: NodeCommand::Start(args),
+        } => node_start(cli.data_dir.as_deref(), args).await,
+        Command::Status(args) => status(cli.data_dir.as_deref(), args).await,
+        Command::Peers(args) => peers(cli.data_dir.as_deref(), args).await,
+        Command::Demo { nodes, topology } => {
+            let opts = meshwork_lab::demo::DemoOptions {
+                nodes,
+                topology,
+                ..Default::default()
+            };
+            meshwork_lab::demo::run(opts, &mut std::io::stdout()).await
+        }
+    }
+}
+
+fn init(data_dir: Option<&Path>, network: &str) -> Result<()> {
+    let network = NetworkName::new(network)?;
+    let dir = config::data_dir(data_dir)?;
+    let key = config::init(&dir, &network)?;
+    println!("initialized {}", dir.display());
+    println!("network   {network}");
+    println!("peer id   {}", key.public().to_peer_id());
+    println!("identity  {}", dir.join(config::IDENTITY_FILE).display());
+    println!("config    {}", dir.join(config::CONFIG_FILE).display());
+    Ok(())
+}
+
+async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
+    let dir = config::data_dir(data_dir)?;
+    let key = config::load_identity(&dir)?;
+    let file = config::load_file_config(&dir)?;
+    let mut cfg = NodeConfig::from_file(&file, key, dir.clone())?;
+    if !args.listen.is_empty() {
+        cfg.listen = args.listen;
+    }
+    cfg.bootstrap.extend(args.bootstrap);
+    if let Some(api) = args.api {
+        cfg.api = Some(api);
+    }
+    cfg.allow_private_addrs |= args.allow_private_addrs;
+    if cfg.listen.is_empty() {
+        bail!(
+            "no listen address: pass --listen or set [node] listen in {}",
+            dir.join(config::CONFIG_FILE).display()
+        );
+    }
+
+    let node = meshwork_node::start(cfg.clone()).await?;
+    let peer_id = node.peer_id();
+    println!("peer id     {peer_id}");
+    println!("network     {}", cfg.network);
+    for a in &node.listen_addrs {
+        println!("listening   {}", a.clone().with(Protocol::P2p(peer_id)));
+    }
+    if let Some(api) = node.api_addr {
+        println!("api         http://{api}/api/v1/status");
+        println!("metrics     http://{api}/metrics");
+    }
+    println!("node is ready");
+
+    wait_for_signal().await?;
+    eprintln!("stopping: flushing the address book");
+    node.shutdown().await;
+    println!("node stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+/// The API base URL: `--api`, else the address the node wrote to `<data-dir>/api`.
+fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<String> {
+    let addr = match api {
+        Some(a) => a,
+        None => {
+            let dir = config::data_dir(data_dir)?;
+            let path = dir.join(API_FILE);
+            std::fs::read_to_string(&path)
+                .with_context(|| {
+                    format!(
+                        "{}: cannot read the API address; is the node running? (or pass --api)",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
+        }
+    };
+    Ok(
+        if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr
+        } else {
+            format!("http://{addr}")
+        },
+    )
+}
+
+async fn get<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+) -> Result<(T, serde_json::Value)> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?;
+    let url = format!("{base}{path}");
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {url}"))?;
+    let code = resp.status();
+    let body: serde_json::Value = resp
+        .json()
+        .await
+        .with_context(|| format!("{url}: the answer is not JSON"))?;
+    if !code.is_success() {
+        bail!(
+            "{url}: {code}: {}",
+            body.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("error")
+        );
+    }
+    let typed = serde_json::from_value(body.clone())
+        .with_context(|| format!("{url}: unexpected answer"))?;
+    Ok((typed, body))
+}
+
+fn duration_text(s: u64) -> String {
+    let (h, m, sec) = (s / 3600, (s / 60) % 60, s % 60);
+    if h > 0 {
+        format!("{h}h {m}m {sec}s")
+    } else if m > 0 {
+        format!("{m}m {sec}s")
+    } else {
+        format!("{sec}s")
+    }
+}
+
+async fn status(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
+    let base = api_base(data_dir, args.api)?;
+    let (s, raw): (Status, _) = get(&base, "/api/v1/status").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&raw)?);
+        return Ok(());
+    }
+    println!("peer id       {}", s.peer_id);
+    println!("network       {}", s.network);
+    println!("agent         {}", s.agent);
+    println!("uptime        {}", duration_text(s.uptime_s));
+    for a in &s.listen_addrs {
+        println!("listening     {a}");
+    }
+    let c = &s.connections;
+    println!(
+        "connections   {} inbound, {} outbound, {} other",
+        c.inbound, c.outbound, c.other
+    );
+    let b = &s.address_book;
+    println!(
+        "address book  {} new, {} tried, {} banned",
+        b.new, b.tried, b.banned
+    );
+    Ok(())
+}
+
+async fn peers(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
+    let base = api_base(data_dir, args.api)?;
+    let (peers, raw): (Vec<PeerInfo>, _) = get(&base, "/api/v1/peers").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&raw)?);
+        return Ok(());
+    }
+    if peers.is_empty() {
+        println!("no connected peers");
+        return Ok(());
+    }
+    println!(
+        "{:<54} {:<9} {:<18} {:<9} {:>8} {:>7}  address",
+        "peer id", "direction", "group", "via", "rtt ms", "score"
+    );
+    for p in &peers {
+        println!(
+            "{:<54} {:<9} {:<18} {:<9} {:>8} {:>7.1}  {}",
+            p.peer_id,
+            format!("{:?}", p.direction).to_lowercase(),
+            p.address_group.as_deref().unwrap_or("-"),
+            p.learned_via
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
+            p.rtt_ms
+                .map(|r| format!("{r:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            p.misbehaviour,
+            p.address
+        );
+    }
+    Ok(())
+}

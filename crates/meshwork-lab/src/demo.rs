@@ -1,0 +1,125 @@
+//! The demonstration network (the README's first command): nodes that each know only the
+//! previous one find each other through peer exchange and the DHT. It prints how long that
+//! took, each node's degree, and how each node learned the peers it knows.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Result;
+use meshwork_node::addrbook::Via;
+
+use crate::harness::{loopback_ip, wait_for, HarnessBuilder, Topology};
+
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub nodes: usize,
+    pub topology: Topology,
+    pub timeout: Duration,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 20,
+            topology: Topology::Chain,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Runs the demo, writing the story to `out`.
+pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()> {
+    let n = opts.nodes.max(2);
+    let degree_goal = 6.min(n - 1);
+    writeln!(out, "Starting {n} Meshwork nodes on loopback ({:?} bootstrap: each node knows only the one before it).", opts.topology)?;
+    writeln!(
+        out,
+        "Node i listens on 127.(i+1).0.1, so every node is in its own address group.\n"
+    )?;
+    let h = HarnessBuilder::new("demo")?
+        .topology(opts.topology)
+        .spawn(n)
+        .await?;
+    writeln!(out, "All {n} nodes are up. Waiting until every node has >= {degree_goal} connections and knows every other node...")?;
+    let took = wait_for(
+        "the demo network to converge",
+        opts.timeout,
+        Duration::from_millis(100),
+        || async {
+            for (_, node) in h.running_nodes() {
+                let s = node.handle.status().await?;
+                let conns = s.connections.inbound + s.connections.outbound + s.connections.other;
+                if conns < degree_goal || s.address_book.new + s.address_book.tried < n - 1 {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await?;
+    writeln!(out, "Converged in {:.2} s.\n", took.as_secs_f64())?;
+
+    writeln!(
+        out,
+        "{:>4}  {:<13} {:>4} {:>4} {:>4}  {:>5} {:>5}   {:<40}",
+        "node", "address", "in", "out", "oth", "new", "tried", "known peers learned via"
+    )?;
+    let mut totals: BTreeMap<Via, usize> = BTreeMap::new();
+    for (i, node) in h.running_nodes() {
+        let s = node.handle.status().await?;
+        let book = node.handle.addrbook().await?;
+        let mut via: BTreeMap<Via, usize> = BTreeMap::new();
+        for e in &book {
+            *via.entry(e.via).or_default() += 1;
+            *totals.entry(e.via).or_default() += 1;
+        }
+        let via_text = via
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        writeln!(
+            out,
+            "{i:>4}  {:<13} {:>4} {:>4} {:>4}  {:>5} {:>5}   {via_text}",
+            loopback_ip(i).to_string(),
+            s.connections.inbound,
+            s.connections.outbound,
+            s.connections.other,
+            s.address_book.new,
+            s.address_book.tried,
+        )?;
+    }
+    let total: usize = totals.values().sum();
+    writeln!(
+        out,
+        "\nHow the {total} address-book entries across all nodes were first learned:"
+    )?;
+    for (k, v) in &totals {
+        writeln!(
+            out,
+            "  {k:<10} {v:>6}  ({:.0}%)",
+            100.0 * *v as f64 / total.max(1) as f64
+        )?;
+    }
+
+    // A Kademlia lookup of the last node's id from the first: the DHT routes to it.
+    let first = h.running(0)?;
+    let last = h.running(n - 1)?;
+    let started = tokio::time::Instant::now();
+    let found = first.handle.find_peer(last.peer_id()).await?;
+    writeln!(
+        out,
+        "\nDHT lookup of node {} from node 0: {} in {:.0} ms.",
+        n - 1,
+        if found.first() == Some(&last.peer_id()) {
+            "found"
+        } else {
+            "NOT found"
+        },
+        started.elapsed().as_secs_f64() * 1000.0
+    )?;
+    h.shutdown().await;
+    writeln!(out, "All nodes stopped.")?;
+    Ok(())
+}

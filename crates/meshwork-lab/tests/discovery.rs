@@ -1,0 +1,158 @@
+//! Discovery end to end: many real nodes in one process over loopback TCP.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use libp2p::PeerId;
+use meshwork_lab::harness::{wait_for, HarnessBuilder, Topology};
+use rand::seq::SliceRandom;
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// 50 nodes, node i bootstrapped from node i-1 only: within 30 s every node has at least 6
+/// connections and 30 known addresses, and a Kademlia lookup of every node's id from a random
+/// node finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_of_50_converges_and_the_dht_finds_every_node() -> Result<()> {
+    init_logs();
+    let n = 50;
+    let h = HarnessBuilder::new("chain50")?
+        .topology(Topology::Chain)
+        .spawn(n)
+        .await?;
+    let took = wait_for(
+        "50 nodes: >= 6 connections and >= 30 known addresses each",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            for (_, node) in h.running_nodes() {
+                let s = node.handle.status().await?;
+                let c = s.connections.inbound + s.connections.outbound + s.connections.other;
+                if c < 6 || s.address_book.new + s.address_book.tried < 30 {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await?;
+    println!("chain of {n}: converged in {:.2} s", took.as_secs_f64());
+
+    let ids: Vec<PeerId> = h.running_nodes().map(|(_, node)| node.peer_id()).collect();
+    let from = *(0..n)
+        .collect::<Vec<_>>()
+        .choose(&mut rand::thread_rng())
+        .expect("n > 0");
+    let asker = h.running(from)?.handle.clone();
+    let lookups = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != from)
+        .map(|(i, id)| {
+            let asker = asker.clone();
+            let id = *id;
+            async move { (i, id, asker.find_peer(id).await) }
+        });
+    let results = futures::future::join_all(lookups).await;
+    let mut missing = vec![];
+    for (i, id, res) in results {
+        if !res?.contains(&id) {
+            missing.push(i);
+        }
+    }
+    ensure!(
+        missing.is_empty(),
+        "lookups from node {from} did not find nodes {missing:?}"
+    );
+    println!(
+        "lookups of all {} other ids from node {from}: all found",
+        n - 1
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
+/// A node stopped and restarted with the same data directory, and no bootstrap address, is
+/// connected again to at least 3 of its former peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_reconnects_from_its_address_book() -> Result<()> {
+    init_logs();
+    let n = 16;
+    let target = 8;
+    let mut h = HarnessBuilder::new("restart")?
+        .topology(Topology::Chain)
+        .persistent(true)
+        .spawn(n)
+        .await?;
+    wait_for(
+        "node 8 to have 6 lasting connections",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let s = h.running(target)?.handle.status().await?;
+            Ok(s.connections.inbound + s.connections.outbound >= 6)
+        },
+    )
+    .await?;
+    let former: HashSet<String> = h
+        .running(target)?
+        .handle
+        .peers()
+        .await?
+        .into_iter()
+        .map(|p| p.peer_id)
+        .collect();
+    h.stop(target).await?;
+    // Let the others notice it left.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.restart(target, vec![], |_| {}).await?;
+    let node = h.running(target)?.handle.clone();
+    let took = wait_for(
+        "the restarted node to reach 3 former peers",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let now: HashSet<String> = node.peers().await?.into_iter().map(|p| p.peer_id).collect();
+            Ok(now.intersection(&former).count() >= 3)
+        },
+    )
+    .await?;
+    let now: HashSet<String> = node.peers().await?.into_iter().map(|p| p.peer_id).collect();
+    println!(
+        "restarted without bootstrap: {} of {} former peers again after {:.2} s",
+        now.intersection(&former).count(),
+        former.len(),
+        took.as_secs_f64()
+    );
+
+    // Again without the anchors: the tried table alone must lead back to the network.
+    let former = now;
+    h.stop(target).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.restart(target, vec![], |cfg| cfg.anchors = false).await?;
+    let node = h.running(target)?.handle.clone();
+    let took = wait_for(
+        "the node restarted without anchors to reach 3 former peers",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let now: HashSet<String> = node.peers().await?.into_iter().map(|p| p.peer_id).collect();
+            Ok(now.intersection(&former).count() >= 3)
+        },
+    )
+    .await?;
+    println!(
+        "restarted without bootstrap or anchors: 3 former peers after {:.2} s",
+        took.as_secs_f64()
+    );
+    h.shutdown().await;
+    Ok(())
+}
