@@ -274,7 +274,12 @@ impl Harness {
         if self.node(i).is_some() {
             bail!("node {i} is running");
         }
-        self.start_at(i, bootstrap, extra).await
+        // The explicit list wins over whatever the harness's tweak sets.
+        self.start_at(i, vec![], move |cfg| {
+            cfg.bootstrap = bootstrap;
+            extra(cfg);
+        })
+        .await
     }
 
     pub async fn shutdown(mut self) {

@@ -11,7 +11,7 @@ use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{identify, Multiaddr, PeerId, StreamProtocol};
 use meshwork_node::pex::{read_frame, write_frame};
 use meshwork_proto::NetworkName;
 use tokio::sync::oneshot;
@@ -109,11 +109,10 @@ impl Rogue {
         let version = network.identify_version();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )?
+            // Dial from our own IP, as nodes do, so that the victim sees the rogue's address.
+            .with_other_transport(|key| {
+                meshwork_node::transport::tcp_noise_yamux(key, Some(ip.into()))
+            })?
             .with_behaviour(|key| RogueBehaviour {
                 identify: identify::Behaviour::new(identify::Config::new(version, key.public())),
                 pex: request_response::Behaviour::with_codec(

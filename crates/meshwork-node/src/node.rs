@@ -26,14 +26,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::core::Transport;
 use libp2p::kad::{self, store::MemoryStore, GetClosestPeersOk, Mode, QueryId, QueryResult};
 use libp2p::metrics::Recorder;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshwork_proto::addr::{check_dialable, ip_of, peer_of, without_peer};
 use meshwork_proto::pex::{PexRequest, PexResponse, MAX_RECORDS};
 use meshwork_proto::{AddrGroup, NetworkName};
@@ -51,7 +50,6 @@ use crate::gate::{Gate, GateLimits};
 use crate::metrics::NodeMetrics;
 use crate::pex::PexCodec;
 use crate::store::{Anchors, Store};
-use crate::transport::BoundTcpDial;
 use crate::unix_now;
 
 /// Capacity of the command channel. Senders wait when it is full: back-pressure, not loss.
@@ -339,20 +337,8 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
         .with_quic()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                // TCP: dials from `dial_from` when set (see `transport`), libp2p's TCP otherwise.
-                let tcp = BoundTcpDial::new(dial_from)
-                    .or_transport(tcp::tokio::Transport::new(
-                        tcp::Config::default().nodelay(true),
-                    ))
-                    .map(|either, _| either.into_inner());
-                Ok(tcp
-                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()))
-            },
-        )
+        // TCP: dials from `dial_from` when set (see `transport`), libp2p's TCP otherwise.
+        .with_other_transport(|key| crate::transport::tcp_noise_yamux(key, dial_from))
         .map_err(|e| swarm_err(&e))?
         .with_dns()
         .map_err(|e| swarm_err(&e))?
@@ -628,9 +614,12 @@ impl Actor {
                         .behaviour_mut()
                         .kad
                         .add_address(&peer, without_peer(&b));
+                    // Outbound slots for the first bootstrap peer of each group, up to the
+                    // target; the rest are transient (used by Kademlia's bootstrap, then idle).
+                    let slots_left = used.len() < self.cfg.target_outbound;
                     let class = match group {
-                        Some(g) if used.insert(g) => Class::Outbound,
-                        None => Class::Outbound, // DNS: group unknown until connected
+                        Some(g) if slots_left && used.insert(g) => Class::Outbound,
+                        None if slots_left => Class::Outbound, // DNS: group unknown until connected
                         _ => Class::Transient,
                     };
                     self.dial(peer, vec![without_peer(&b)], class, group, "bootstrap");

@@ -14,10 +14,31 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::future::{BoxFuture, FutureExt, Pending};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
 use libp2p::core::transport::{DialOpts, ListenerId, TransportError, TransportEvent};
 use libp2p::core::Transport;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
+
+/// TCP with Noise and Yamux, dialing from `dial_from` when set: the TCP half of every
+/// Meshwork node's transport (and of the lab's rogue peers).
+pub fn tcp_noise_yamux(
+    key: &libp2p::identity::Keypair,
+    dial_from: Option<IpAddr>,
+) -> Result<Boxed<(libp2p::PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(BoundTcpDial::new(dial_from)
+        .or_transport(libp2p::tcp::tokio::Transport::new(
+            libp2p::tcp::Config::default().nodelay(true),
+        ))
+        .map(|either, _| either.into_inner())
+        .map_err(|either| either.into_inner())
+        .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+        .authenticate(libp2p::noise::Config::new(key)?)
+        .multiplex(libp2p::yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
+}
 
 pub struct BoundTcpDial {
     ip: Option<IpAddr>,
