@@ -16,6 +16,11 @@ pub struct DemoOptions {
     pub nodes: usize,
     pub topology: Topology,
     pub timeout: Duration,
+    /// How long to let the network settle after convergence before measuring idle CPU: right
+    /// after convergence the first DHT bootstraps and feelers are still running.
+    pub settle: Duration,
+    /// How long to measure idle CPU (zero skips it).
+    pub idle_window: Duration,
 }
 
 impl Default for DemoOptions {
@@ -23,7 +28,9 @@ impl Default for DemoOptions {
         Self {
             nodes: 20,
             topology: Topology::Chain,
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(120),
+            settle: Duration::from_secs(5),
+            idle_window: Duration::from_secs(3),
         }
     }
 }
@@ -31,7 +38,10 @@ impl Default for DemoOptions {
 /// Runs the demo, writing the story to `out`.
 pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()> {
     let n = opts.nodes.max(2);
+    // The convergence criterion of the test suite: at least 6 connections and 30 known peers
+    // per node (fewer in networks too small for that).
     let degree_goal = 6.min(n - 1);
+    let known_goal = 30.min(n - 1);
     writeln!(out, "Starting {n} Meshwork nodes on loopback ({:?} bootstrap: each node knows only the one before it).", opts.topology)?;
     writeln!(
         out,
@@ -41,7 +51,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         .topology(opts.topology)
         .spawn(n)
         .await?;
-    writeln!(out, "All {n} nodes are up. Waiting until every node has >= {degree_goal} connections and knows every other node...")?;
+    writeln!(out, "All {n} nodes are up. Waiting until every node has >= {degree_goal} connections and knows >= {known_goal} peers...")?;
     let took = wait_for(
         "the demo network to converge",
         opts.timeout,
@@ -50,7 +60,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
             for (_, node) in h.running_nodes() {
                 let s = node.handle.status().await?;
                 let conns = s.connections.inbound + s.connections.outbound + s.connections.other;
-                if conns < degree_goal || s.address_book.new + s.address_book.tried < n - 1 {
+                if conns < degree_goal || s.address_book.new + s.address_book.tried < known_goal {
                     return Ok(false);
                 }
             }
@@ -101,6 +111,28 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
             "  {k:<10} {v:>6}  ({:.0}%)",
             100.0 * *v as f64 / total.max(1) as f64
         )?;
+    }
+
+    if let Some(rss) = crate::resources::rss_bytes() {
+        writeln!(
+            out,
+            "\nMemory: {:.1} MiB resident for {n} nodes, {:.0} KiB per node (RSS / N, runtime included).",
+            rss as f64 / (1024.0 * 1024.0),
+            rss as f64 / 1024.0 / n as f64
+        )?;
+    }
+    if !opts.idle_window.is_zero() {
+        tokio::time::sleep(opts.settle).await;
+        if let Some(share) = crate::resources::cpu_share_over(opts.idle_window).await {
+            writeln!(
+                out,
+                "Idle CPU over {} s, {} s after convergence (lab timers): {:.1}% of one core for {n} nodes, {:.3}% per node.",
+                opts.idle_window.as_secs(),
+                opts.settle.as_secs(),
+                share * 100.0,
+                share * 100.0 / n as f64
+            )?;
+        }
     }
 
     // A Kademlia lookup of the last node's id from the first: the DHT routes to it.

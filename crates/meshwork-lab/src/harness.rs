@@ -55,11 +55,12 @@ pub fn loopback_ip(i: usize) -> Ipv4Addr {
 pub fn fast_timings() -> Timings {
     Timings {
         maintenance: Duration::from_millis(200),
-        pex_interval: Duration::from_secs(3),
+        pex_interval: Duration::from_secs(2),
         pex_answer_interval: Duration::from_secs(1),
-        random_walk_interval: Duration::from_secs(3),
-        feeler_interval: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(30),
+        random_walk_interval: Duration::from_secs(30),
+        kad_bootstrap_interval: Duration::from_secs(300),
+        feeler_interval: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(5),
         flush_interval: Duration::from_secs(5),
     }
 }
@@ -74,6 +75,18 @@ pub fn lab_config(network: &NetworkName, i: usize, keypair: Keypair) -> NodeConf
     cfg.allow_private_addrs = true;
     cfg.timings = fast_timings();
     cfg
+}
+
+/// The transient-connection budget per node for `n` nodes in one process.
+///
+/// Both ends of every connection live in this process: `n` nodes holding `8` outbound,
+/// `t` transient and a few feeler or pending connections each use about `2·n·(t + 13)`
+/// descriptors. Sixty percent of the limit leaves room for listeners, pending dials and the
+/// runtime. The result is capped at the node's own default (32) and floored at 4: 200 nodes
+/// under a 20 000-descriptor limit get 17.
+pub fn transient_budget(fd_limit: u64, n: usize) -> usize {
+    let per_node = (fd_limit as f64 * 0.6 / (2.0 * n.max(1) as f64)) as usize;
+    per_node.saturating_sub(13).clamp(4, 32)
 }
 
 /// Polls `check` every `every` until it returns true; fails after `timeout`. Returns the time
@@ -100,6 +113,9 @@ where
     }
 }
 
+/// Adjusts node `i`'s configuration before it starts.
+type Tweak = Box<dyn Fn(usize, &mut NodeConfig) + Send + Sync>;
+
 struct Slot {
     keypair: Keypair,
     ip_index: usize,
@@ -110,8 +126,10 @@ struct Slot {
 
 pub struct Harness {
     pub network: NetworkName,
+    /// Each node's `max_transient` (see [`transient_budget`]).
+    pub transient_budget: usize,
     slots: Vec<Slot>,
-    tweak: Box<dyn Fn(usize, &mut NodeConfig) + Send + Sync>,
+    tweak: Tweak,
 }
 
 /// How to build a harness.
@@ -119,7 +137,7 @@ pub struct HarnessBuilder {
     network: NetworkName,
     topology: Topology,
     persistent: bool,
-    tweak: Box<dyn Fn(usize, &mut NodeConfig) + Send + Sync>,
+    tweak: Tweak,
     first_index: usize,
 }
 
@@ -159,8 +177,11 @@ impl HarnessBuilder {
 
     /// Starts `n` nodes one after another, each bootstrapped per the topology.
     pub async fn spawn(self, n: usize) -> Result<Harness> {
+        let fd_limit = crate::resources::raise_fd_limit();
+        let transient = transient_budget(fd_limit, n);
         let mut h = Harness {
             network: self.network,
+            transient_budget: transient,
             slots: Vec::with_capacity(n),
             tweak: self.tweak,
         };
@@ -211,6 +232,7 @@ impl Harness {
     ) -> Result<()> {
         let s = &self.slots[slot];
         let mut cfg = lab_config(&self.network, s.ip_index, s.keypair.clone());
+        cfg.max_transient = self.transient_budget;
         cfg.data_dir = s.dir.as_ref().map(|d| d.path().to_owned());
         cfg.bootstrap = bootstrap;
         (self.tweak)(slot, &mut cfg);
@@ -289,5 +311,36 @@ impl Harness {
             .filter_map(|s| s.node.take())
             .collect();
         futures::future::join_all(nodes.into_iter().map(|n| n.shutdown())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_budget_fits_the_descriptor_limit() {
+        assert_eq!(
+            transient_budget(20_000, 50),
+            32,
+            "small networks get the node's default"
+        );
+        assert_eq!(transient_budget(20_000, 200), 17);
+        assert_eq!(transient_budget(1024, 200), 4, "never below the floor");
+        for n in [10, 100, 200, 300] {
+            let t = transient_budget(20_000, n);
+            assert!(
+                t == 4 || 2 * n * (t + 13) <= 12_000 + 2 * n * 13,
+                "n={n} t={t}"
+            );
+        }
+    }
+
+    #[test]
+    fn loopback_addresses_put_the_first_250_nodes_in_distinct_groups() {
+        let groups: std::collections::HashSet<_> = (0..250)
+            .map(|i| meshwork_proto::AddrGroup::of_ip(loopback_ip(i).into()))
+            .collect();
+        assert_eq!(groups.len(), 250);
     }
 }

@@ -5,9 +5,11 @@
 //!   demo.
 //! - [`rogue`]: peers that misbehave on purpose, for the tests of the node's defences.
 //! - [`demo`]: the README's first command.
+//! - [`resources`]: memory and CPU readings of this process.
 
 pub mod demo;
 pub mod harness;
+pub mod resources;
 pub mod rogue;
 
 pub use harness::{wait_for, Harness, HarnessBuilder, Topology};

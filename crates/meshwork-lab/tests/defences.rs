@@ -51,7 +51,10 @@ async fn an_address_flood_from_one_group_cannot_eclipse_a_node() -> Result<()> {
         .persistent(true)
         .tweak(move |_, cfg| {
             cfg.bootstrap = honest_addrs.clone();
-            cfg.timings.pex_interval = Duration::from_millis(300);
+            // The victim asks one random peer every 50 ms (its maintenance tick too), so that
+            // the flood arrives in seconds.
+            cfg.timings.pex_interval = Duration::from_millis(50);
+            cfg.timings.maintenance = Duration::from_millis(50);
         })
         .spawn(1)
         .await?;
@@ -64,7 +67,7 @@ async fn an_address_flood_from_one_group_cannot_eclipse_a_node() -> Result<()> {
     )
     .await?;
 
-    // Eight attacker peers in 127.250.0.0/16 answer every PEX request with 32 records, until
+    // Sixteen attacker peers in 127.250.0.0/16 answer every PEX request with 32 records, until
     // 5000 have been sent. One record in eight names a real, reachable attacker peer.
     let sent = Arc::new(AtomicUsize::new(0));
     let real: Arc<RwLock<Vec<(PeerId, Multiaddr)>>> = Arc::default();
@@ -97,7 +100,7 @@ async fn an_address_flood_from_one_group_cannot_eclipse_a_node() -> Result<()> {
         })
     };
     let mut rogues = vec![];
-    for k in 0..8u8 {
+    for k in 0..16u8 {
         let r = Rogue::spawn(
             &v.network,
             Keypair::generate_ed25519(),

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use futures::StreamExt;
 use libp2p::PeerId;
 use meshwork_lab::harness::{wait_for, HarnessBuilder, Topology};
 use rand::seq::SliceRandom;
@@ -52,6 +53,7 @@ async fn chain_of_50_converges_and_the_dht_finds_every_node() -> Result<()> {
         .choose(&mut rand::thread_rng())
         .expect("n > 0");
     let asker = h.running(from)?.handle.clone();
+    // Four lookups at a time, as an application would issue them.
     let lookups = ids
         .iter()
         .enumerate()
@@ -61,7 +63,10 @@ async fn chain_of_50_converges_and_the_dht_finds_every_node() -> Result<()> {
             let id = *id;
             async move { (i, id, asker.find_peer(id).await) }
         });
-    let results = futures::future::join_all(lookups).await;
+    let results: Vec<_> = futures::stream::iter(lookups)
+        .buffer_unordered(4)
+        .collect()
+        .await;
     let mut missing = vec![];
     for (i, id, res) in results {
         if !res?.contains(&id) {

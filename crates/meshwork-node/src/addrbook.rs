@@ -875,7 +875,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand::rngs::StdRng;
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
 
     const NOW: u64 = 1_800_000_000;
 
@@ -983,7 +983,7 @@ mod tests {
         let (a1, a2) = (addr(1, 1, 1, 1), addr(2, 2, 2, 2));
         b.add(
             p1,
-            &[a1.clone()],
+            std::slice::from_ref(&a1),
             NOW,
             Origin::Operator,
             Via::Bootstrap,
@@ -991,7 +991,7 @@ mod tests {
         );
         b.add(
             p2,
-            &[a2.clone()],
+            std::slice::from_ref(&a2),
             NOW,
             Origin::Operator,
             Via::Bootstrap,
@@ -1129,7 +1129,7 @@ mod tests {
             let a = addr(1 + (i % 50) as u8, (i / 50) as u8, 0, 1);
             b.add(
                 p,
-                &[a.clone()],
+                std::slice::from_ref(&a),
                 NOW,
                 Origin::Peer(AddrGroup::V4([9, (i % 7) as u8])),
                 Via::Pex,

@@ -73,7 +73,7 @@ pub fn data_dir(given: Option<&Path>) -> Result<PathBuf, ConfigError> {
 
 /// `config.toml`. Every field has a default, and unknown fields are errors (a typo in a
 /// setting should not be silently ignored).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
     pub network: NetworkSection,
@@ -104,6 +104,7 @@ pub struct ConnectionsSection {
     pub target_outbound: usize,
     pub max_inbound: usize,
     pub max_inbound_per_ip: usize,
+    pub max_transient: usize,
     pub idle_timeout_s: u64,
     pub anchors: bool,
 }
@@ -115,17 +116,6 @@ pub struct DiscoverySection {
     pub pex_answer_interval_s: u64,
     pub random_walk_interval_s: u64,
     pub feeler_interval_s: u64,
-}
-
-impl Default for FileConfig {
-    fn default() -> Self {
-        Self {
-            network: NetworkSection::default(),
-            node: NodeSection::default(),
-            connections: ConnectionsSection::default(),
-            discovery: DiscoverySection::default(),
-        }
-    }
 }
 
 impl Default for NetworkSection {
@@ -158,6 +148,7 @@ impl Default for ConnectionsSection {
             target_outbound: 8,
             max_inbound: 64,
             max_inbound_per_ip: 8,
+            max_transient: 32,
             idle_timeout_s: t.idle_timeout.as_secs(),
             anchors: true,
         }
@@ -209,13 +200,16 @@ target_outbound = {out}
 # Inbound connections accepted, in all and from one IP.
 max_inbound = {inb}
 max_inbound_per_ip = {per_ip}
+# Short-lived outbound connections (DHT queries) open at once; further dials wait or fail.
+max_transient = {transient}
 # Seconds an unused short-lived connection (DHT query, feeler) stays open.
 idle_timeout_s = {idle}
 # Reconnect to the previous outbound peers first after a restart.
 anchors = {anchors}
 
 [discovery]
-# Seconds between peer-exchange requests to each connected peer.
+# Seconds between peer-exchange requests (each to one random connected peer; every new peer
+# is also asked once when it connects).
 pex_interval_s = {pex}
 # Seconds a peer must wait between two of its PEX requests being answered.
 pex_answer_interval_s = {pex_answer}
@@ -238,6 +232,7 @@ feeler_interval_s = {feeler}
         out = d.connections.target_outbound,
         inb = d.connections.max_inbound,
         per_ip = d.connections.max_inbound_per_ip,
+        transient = d.connections.max_transient,
         idle = d.connections.idle_timeout_s,
         anchors = d.connections.anchors,
         pex = d.discovery.pex_interval_s,
@@ -333,9 +328,15 @@ pub fn load_identity(dir: &Path) -> Result<Keypair, ConfigError> {
 pub struct Timings {
     /// How often the connection manager tops up outbound connections and resolves collisions.
     pub maintenance: Duration,
+    /// Every interval, one random connected peer is asked for PEX (every new peer is asked once
+    /// when it connects).
     pub pex_interval: Duration,
     pub pex_answer_interval: Duration,
+    /// Random walks: one `get_closest_peers` of a random id.
     pub random_walk_interval: Duration,
+    /// Kademlia's own periodic bootstrap: a lookup of our id and of a random id in every bucket
+    /// range, so it costs several walks; it runs less often.
+    pub kad_bootstrap_interval: Duration,
     pub feeler_interval: Duration,
     pub idle_timeout: Duration,
     /// How often the address book is written to disk (it is also written at shutdown).
@@ -346,9 +347,10 @@ impl Default for Timings {
     fn default() -> Self {
         Self {
             maintenance: Duration::from_secs(1),
-            pex_interval: Duration::from_secs(600),
+            pex_interval: Duration::from_secs(120),
             pex_answer_interval: Duration::from_secs(60),
             random_walk_interval: Duration::from_secs(300),
+            kad_bootstrap_interval: Duration::from_secs(1800),
             feeler_interval: Duration::from_secs(120),
             // libp2p's default is 10 s; DHT queries often come in bursts a little apart.
             idle_timeout: Duration::from_secs(60),
@@ -374,6 +376,7 @@ pub struct NodeConfig {
     pub target_outbound: usize,
     pub max_inbound: usize,
     pub max_inbound_per_ip: usize,
+    pub max_transient: usize,
     pub anchors: bool,
     pub timings: Timings,
     pub addrbook: AddrBookConfig,
@@ -396,6 +399,7 @@ impl NodeConfig {
             target_outbound: f.connections.target_outbound,
             max_inbound: f.connections.max_inbound,
             max_inbound_per_ip: f.connections.max_inbound_per_ip,
+            max_transient: f.connections.max_transient,
             anchors: f.connections.anchors,
             timings: Timings::default(),
             addrbook: AddrBookConfig::default(),
@@ -461,6 +465,7 @@ impl NodeConfig {
             target_outbound: file.connections.target_outbound,
             max_inbound: file.connections.max_inbound,
             max_inbound_per_ip: file.connections.max_inbound_per_ip.max(1),
+            max_transient: file.connections.max_transient.max(1),
             anchors: file.connections.anchors,
             timings,
             addrbook: AddrBookConfig::default(),

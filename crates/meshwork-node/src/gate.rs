@@ -9,8 +9,18 @@
 //!   open for as long as both sides want. Every other outbound connection (Kademlia query dials,
 //!   feelers) is *transient*: libp2p closes it once no protocol uses it for the idle timeout.
 //!
-//! Invariant: `inbound` holds exactly the established inbound connections, and
-//! `inbound_per_ip[ip]` counts those of them from `ip` (entries at zero are removed).
+//! - Outbound connections that nobody registered (Kademlia's query dials) are *transient* and
+//!   capped at `max_transient`, pending and established together: a DHT under load cannot make
+//!   the node hold an unbounded number of sockets. At the cap, a new dial evicts the oldest
+//!   established transient connection (closed, and no longer counted, while at most
+//!   `max_transient` are closing); with nothing to evict it is refused, which Kademlia treats as
+//!   a failed dial.
+//!
+//! Invariants: `inbound` holds exactly the established inbound connections, and
+//! `inbound_per_ip[ip]` counts those of them from `ip` (entries at zero are removed);
+//! `transient` holds exactly the pending and established outbound connections that are neither
+//! managed nor feelers nor being evicted (promotion moves one from `transient` to `managed`),
+//! `transient_order` the established ones among them, and `closing` at most `max_transient`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -22,8 +32,8 @@ use libp2p::core::upgrade::DeniedUpgrade;
 use libp2p::core::Endpoint;
 use libp2p::swarm::handler::ConnectionEvent;
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-    NetworkBehaviour, NotifyHandler, SubstreamProtocol, THandler, THandlerInEvent,
+    CloseConnection, ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId,
+    FromSwarm, NetworkBehaviour, NotifyHandler, SubstreamProtocol, THandler, THandlerInEvent,
     THandlerOutEvent, ToSwarm,
 };
 use libp2p::{Multiaddr, PeerId};
@@ -39,12 +49,17 @@ pub enum GateError {
     InboundFull(usize),
     #[error("limit of {0} inbound connections from IP {1} reached")]
     PerIpFull(usize, IpAddr),
+    #[error("limit of {0} transient outbound connections reached")]
+    TransientFull(usize),
 }
 
 #[derive(Clone, Copy, Debug)]
 pub struct GateLimits {
     pub max_inbound: usize,
     pub max_inbound_per_ip: usize,
+    /// Outbound connections that are neither managed nor feelers (Kademlia query dials),
+    /// pending and established together.
+    pub max_transient: usize,
 }
 
 pub struct Gate {
@@ -52,6 +67,16 @@ pub struct Gate {
     banned_peers: HashMap<PeerId, u64>,
     banned_ips: HashMap<IpAddr, u64>,
     managed: HashSet<ConnectionId>,
+    /// Dials registered as feelers: short-lived, exempt from the transient limit.
+    feelers: HashSet<ConnectionId>,
+    /// Transient outbound connections, pending or established.
+    transient: HashSet<ConnectionId>,
+    /// Established transient connections, oldest first, for eviction.
+    transient_order: VecDeque<(PeerId, ConnectionId)>,
+    /// Transient connections evicted and being closed; they no longer count toward the limit.
+    closing: HashSet<ConnectionId>,
+    /// Closes to deliver to the swarm.
+    to_close: VecDeque<(PeerId, ConnectionId)>,
     inbound: HashMap<ConnectionId, Option<IpAddr>>,
     inbound_per_ip: HashMap<IpAddr, usize>,
     /// Keep-alive changes to deliver to connection handlers. Bounded by the number of open
@@ -70,6 +95,11 @@ impl Gate {
             banned_peers: HashMap::new(),
             banned_ips: HashMap::new(),
             managed: HashSet::new(),
+            feelers: HashSet::new(),
+            transient: HashSet::new(),
+            transient_order: VecDeque::new(),
+            closing: HashSet::new(),
+            to_close: VecDeque::new(),
             inbound: HashMap::new(),
             inbound_per_ip: HashMap::new(),
             notify: VecDeque::new(),
@@ -78,6 +108,11 @@ impl Gate {
 
     /// Turns an open transient outbound connection into a managed one that is kept alive.
     pub fn promote(&mut self, peer: PeerId, id: ConnectionId) {
+        if self.closing.contains(&id) {
+            return; // being evicted already
+        }
+        self.transient.remove(&id);
+        self.transient_order.retain(|(_, c)| *c != id);
         if self.managed.insert(id) {
             self.notify.push_back((peer, id));
         }
@@ -99,6 +134,15 @@ impl Gate {
     /// Marks the connection about to be dialed with `id` as a managed outbound connection.
     pub fn expect_managed(&mut self, id: ConnectionId) {
         self.managed.insert(id);
+    }
+
+    /// Marks the connection about to be dialed with `id` as a feeler.
+    pub fn expect_feeler(&mut self, id: ConnectionId) {
+        self.feelers.insert(id);
+    }
+
+    pub fn transient_count(&self) -> usize {
+        self.transient.len()
     }
 
     pub fn inbound_count(&self) -> usize {
@@ -167,13 +211,32 @@ impl NetworkBehaviour for Gate {
 
     fn handle_pending_outbound_connection(
         &mut self,
-        _: ConnectionId,
+        id: ConnectionId,
         peer: Option<PeerId>,
         _: &[Multiaddr],
         _: Endpoint,
     ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
         if let Some(peer) = peer {
             self.check_peer(&peer, unix_now())?;
+        }
+        if !self.managed.contains(&id) && !self.feelers.contains(&id) {
+            if self.transient.len() >= self.limits.max_transient {
+                // Make room by closing the oldest established transient connection (queries are
+                // short, so it is most likely idle). Refuse only if none can be evicted, or
+                // too many are already closing.
+                let victim = (self.closing.len() < self.limits.max_transient)
+                    .then(|| self.transient_order.pop_front())
+                    .flatten();
+                let Some((peer, old)) = victim else {
+                    return Err(ConnectionDenied::new(GateError::TransientFull(
+                        self.limits.max_transient,
+                    )));
+                };
+                self.transient.remove(&old);
+                self.closing.insert(old);
+                self.to_close.push_back((peer, old));
+            }
+            self.transient.insert(id);
         }
         Ok(vec![])
     }
@@ -188,7 +251,11 @@ impl NetworkBehaviour for Gate {
     ) -> Result<THandler<Self>, ConnectionDenied> {
         if let Err(e) = self.check_peer(&peer, unix_now()) {
             self.managed.remove(&id);
+            self.transient.remove(&id);
             return Err(e);
+        }
+        if self.transient.contains(&id) {
+            self.transient_order.push_back((peer, id));
         }
         Ok(KeepAlive(self.managed.contains(&id)))
     }
@@ -197,6 +264,12 @@ impl NetworkBehaviour for Gate {
         match event {
             FromSwarm::ConnectionClosed(c) => {
                 self.managed.remove(&c.connection_id);
+                self.feelers.remove(&c.connection_id);
+                self.transient.remove(&c.connection_id);
+                self.closing.remove(&c.connection_id);
+                self.transient_order
+                    .retain(|(_, id)| *id != c.connection_id);
+                self.to_close.retain(|(_, id)| *id != c.connection_id);
                 self.notify.retain(|(_, id)| *id != c.connection_id);
                 if let Some(Some(ip)) = self.inbound.remove(&c.connection_id) {
                     if let Some(n) = self.inbound_per_ip.get_mut(&ip) {
@@ -209,6 +282,8 @@ impl NetworkBehaviour for Gate {
             }
             FromSwarm::DialFailure(f) => {
                 self.managed.remove(&f.connection_id);
+                self.feelers.remove(&f.connection_id);
+                self.transient.remove(&f.connection_id);
             }
             _ => {}
         }
@@ -224,6 +299,12 @@ impl NetworkBehaviour for Gate {
     }
 
     fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        if let Some((peer_id, id)) = self.to_close.pop_front() {
+            return Poll::Ready(ToSwarm::CloseConnection {
+                peer_id,
+                connection: CloseConnection::One(id),
+            });
+        }
         match self.notify.pop_front() {
             Some((peer_id, id)) => Poll::Ready(ToSwarm::NotifyHandler {
                 peer_id,

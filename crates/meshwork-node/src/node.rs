@@ -54,8 +54,6 @@ use crate::unix_now;
 
 /// Capacity of the command channel. Senders wait when it is full: back-pressure, not loss.
 const COMMAND_CAPACITY: usize = 256;
-/// The most PEX requests sent per maintenance tick, to spread load.
-const PEX_ASKS_PER_TICK: usize = 8;
 /// The most concurrent `find_peer` lookups; more are refused.
 const MAX_LOOKUPS: usize = 256;
 /// After this many answers refused by the rate limit, a peer is penalized for flooding.
@@ -278,6 +276,9 @@ impl RunningNode {
     }
 }
 
+/// Where the answer to a `find_peer` lookup goes.
+type LookupReply = (PeerId, oneshot::Sender<Result<Vec<PeerId>, NodeError>>);
+
 struct Conn {
     peer: PeerId,
     remote: Multiaddr,
@@ -297,12 +298,12 @@ struct Actor {
     conns: HashMap<ConnectionId, Conn>,
     /// Dials in flight that we started, with their purpose and the group they will occupy.
     dials: HashMap<ConnectionId, (PeerId, Class, Option<AddrGroup>)>,
-    /// When we last asked each connected peer for PEX.
-    pex_asked: HashMap<PeerId, Instant>,
+    /// When we last asked a random peer for PEX.
+    last_pex_round: Instant,
     /// When we last answered each peer, and how many of its requests were refused since.
     pex_answered: HashMap<PeerId, (Instant, u32)>,
     pex_pending: HashMap<OutboundRequestId, (PeerId, usize)>,
-    lookups: HashMap<QueryId, (PeerId, oneshot::Sender<Result<Vec<PeerId>, NodeError>>)>,
+    lookups: HashMap<QueryId, LookupReply>,
     listen_addrs: Vec<Multiaddr>,
     kad_protocol: StreamProtocol,
     kad_bootstrapped: bool,
@@ -329,6 +330,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let gate = Gate::new(GateLimits {
         max_inbound: cfg.max_inbound,
         max_inbound_per_ip: cfg.max_inbound_per_ip,
+        max_transient: cfg.max_transient,
     });
     let t = cfg.timings.clone();
     let kad_server = cfg.kad_server;
@@ -345,7 +347,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         .with_bandwidth_metrics(&mut registry)
         .with_behaviour(|key| {
             let mut kcfg = kad::Config::new(kad_protocol.clone());
-            kcfg.set_periodic_bootstrap_interval(Some(t.random_walk_interval));
+            kcfg.set_periodic_bootstrap_interval(Some(t.kad_bootstrap_interval));
             kcfg.set_query_timeout(Duration::from_secs(30));
             let mut kad = kad::Behaviour::with_config(local, MemoryStore::new(local), kcfg);
             kad.set_mode(Some(if kad_server {
@@ -458,7 +460,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         store,
         conns: HashMap::new(),
         dials: HashMap::new(),
-        pex_asked: HashMap::new(),
+        last_pex_round: Instant::now(),
         pex_answered: HashMap::new(),
         pex_pending: HashMap::new(),
         lookups: HashMap::new(),
@@ -657,8 +659,10 @@ impl Actor {
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
         let id = opts.connection_id();
-        if class == Class::Outbound {
-            self.swarm.behaviour_mut().gate.expect_managed(id);
+        match class {
+            Class::Outbound => self.swarm.behaviour_mut().gate.expect_managed(id),
+            Class::Feeler => self.swarm.behaviour_mut().gate.expect_feeler(id),
+            Class::Inbound | Class::Transient => {}
         }
         self.book.attempt(&peer, unix_now());
         match self.swarm.dial(opts) {
@@ -753,24 +757,19 @@ impl Actor {
             }
         }
 
-        // PEX: ask connected peers whose last answer is old enough.
-        let interval = self.cfg.timings.pex_interval;
-        let due: Vec<PeerId> = self
-            .conns
-            .values()
-            .filter(|c| matches!(c.class, Class::Inbound | Class::Outbound))
-            .map(|c| c.peer)
-            .filter(|p| {
-                self.pex_asked
-                    .get(p)
-                    .is_none_or(|t| t.elapsed() >= interval)
-            })
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .take(PEX_ASKS_PER_TICK)
-            .collect();
-        for p in due {
-            self.ask_pex(p);
+        // PEX: one random lasting peer per interval (new peers were asked when they connected).
+        if self.last_pex_round.elapsed() >= self.cfg.timings.pex_interval {
+            self.last_pex_round = Instant::now();
+            let lasting: Vec<PeerId> = self
+                .conns
+                .values()
+                .filter(|c| matches!(c.class, Class::Inbound | Class::Outbound))
+                .map(|c| c.peer)
+                .collect();
+            if !lasting.is_empty() {
+                let p = lasting[self.rng.gen_range(0..lasting.len())];
+                self.ask_pex(p);
+            }
         }
 
         // Bound the rate-limit memory: forget peers whose last answer is older than the interval.
@@ -822,7 +821,6 @@ impl Actor {
     }
 
     fn ask_pex(&mut self, peer: PeerId) {
-        self.pex_asked.insert(peer, Instant::now());
         let req = PexRequest {
             max: MAX_RECORDS as u8,
         };
@@ -977,9 +975,10 @@ impl Actor {
                     None => Class::Inbound,
                 };
                 let group = AddrGroup::of_addr(&remote);
-                if self.book.get(&peer_id).is_none() {
+                if endpoint.is_dialer() && self.book.get(&peer_id).is_none() {
                     // First heard of through this connection: a bootstrap address dialed by
-                    // address, a peer a DHT query dialed, or an inbound peer.
+                    // address, or a peer a DHT query dialed. (An inbound peer's remote address
+                    // has an ephemeral port; its listen addresses come with identify.)
                     let origin = match class {
                         Class::Transient => Origin::Dht,
                         _ => group.map(Origin::Peer).unwrap_or(Origin::Operator),
@@ -1024,16 +1023,8 @@ impl Actor {
                     self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                 }
             }
-            SwarmEvent::ConnectionClosed {
-                peer_id,
-                connection_id,
-                num_established,
-                ..
-            } => {
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.conns.remove(&connection_id);
-                if num_established == 0 {
-                    self.pex_asked.remove(&peer_id);
-                }
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -1127,21 +1118,22 @@ impl Actor {
                 self.book.add(peer, &addrs, now, Origin::Dht, Via::Dht, now);
             }
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result: QueryResult::GetClosestPeers(res),
+                step,
+                ..
             } => {
-                if let QueryResult::GetClosestPeers(res) = result {
-                    let peers = match res {
-                        Ok(GetClosestPeersOk { peers, .. }) => peers,
-                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
-                    };
-                    for p in &peers {
-                        self.book
-                            .add(p.peer_id, &p.addrs, now, Origin::Dht, Via::Dht, now);
-                    }
-                    if step.last {
-                        if let Some((_, tx)) = self.lookups.remove(&id) {
-                            let _ = tx.send(Ok(peers.iter().map(|p| p.peer_id).collect()));
-                        }
+                let peers = match res {
+                    Ok(GetClosestPeersOk { peers, .. }) => peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                for p in &peers {
+                    self.book
+                        .add(p.peer_id, &p.addrs, now, Origin::Dht, Via::Dht, now);
+                }
+                if step.last {
+                    if let Some((_, tx)) = self.lookups.remove(&id) {
+                        let _ = tx.send(Ok(peers.iter().map(|p| p.peer_id).collect()));
                     }
                 }
             }

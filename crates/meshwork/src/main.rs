@@ -53,6 +53,12 @@ enum Command {
         /// Bootstrap topology: chain, star or random.
         #[arg(long, default_value = "chain")]
         topology: meshwork_lab::Topology,
+        /// Seconds of idle CPU measurement after convergence (0 skips it).
+        #[arg(long, default_value_t = 3)]
+        idle_secs: u64,
+        /// Seconds to let the network settle before measuring idle CPU.
+        #[arg(long, default_value_t = 5)]
+        settle_secs: u64,
     },
 }
 
@@ -130,10 +136,17 @@ async fn run(cli: Cli) -> Result<()> {
         } => node_start(cli.data_dir.as_deref(), args).await,
         Command::Status(args) => status(cli.data_dir.as_deref(), args).await,
         Command::Peers(args) => peers(cli.data_dir.as_deref(), args).await,
-        Command::Demo { nodes, topology } => {
+        Command::Demo {
+            nodes,
+            topology,
+            idle_secs,
+            settle_secs,
+        } => {
             let opts = meshwork_lab::demo::DemoOptions {
                 nodes,
                 topology,
+                idle_window: Duration::from_secs(idle_secs),
+                settle: Duration::from_secs(settle_secs),
                 ..Default::default()
             };
             meshwork_lab::demo::run(opts, &mut std::io::stdout()).await

@@ -1,0 +1,282 @@
+//! The command-line program end to end, from the built binary.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+fn meshwork(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_meshwork"));
+    c.arg("--data-dir")
+        .arg(dir)
+        .env_remove("MESHWORK_HOME")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+fn run(dir: &Path, args: &[&str]) -> Result<Output> {
+    Ok(meshwork(dir).args(args).output()?)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn init_refuses_twice_keeps_the_key_private_and_names_corrupt_files() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("home");
+    let first = run(&dir, &["init", "--network", "testnet"])?;
+    ensure!(first.status.success(), "init failed: {}", stderr(&first));
+    let stdout = String::from_utf8(first.stdout)?;
+    ensure!(
+        stdout.contains("peer id") && stdout.contains("testnet"),
+        "{stdout}"
+    );
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("identity.key"))?
+            .permissions()
+            .mode();
+        ensure!(mode & 0o777 == 0o600, "identity mode is {:o}", mode & 0o777);
+    }
+    let key_before = std::fs::read(dir.join("identity.key"))?;
+    let second = run(&dir, &["init"])?;
+    ensure!(!second.status.success(), "a second init must fail");
+    ensure!(
+        stderr(&second).contains("refusing to overwrite"),
+        "{}",
+        stderr(&second)
+    );
+    ensure!(
+        std::fs::read(dir.join("identity.key"))? == key_before,
+        "the identity must be untouched"
+    );
+
+    std::fs::write(dir.join("identity.key"), b"\x08\x01\x12 not a key")?;
+    let start = run(
+        &dir,
+        &[
+            "node",
+            "start",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+        ],
+    )?;
+    ensure!(!start.status.success());
+    let err = stderr(&start);
+    ensure!(
+        err.contains("identity.key") && err.contains("corrupt"),
+        "{err}"
+    );
+
+    let bad = tmp.path().join("bad-config");
+    ensure!(run(&bad, &["init"])?.status.success());
+    std::fs::write(bad.join("config.toml"), "[node]\nlisten = 5\n")?;
+    let start = run(&bad, &["node", "start"])?;
+    ensure!(!start.status.success());
+    ensure!(stderr(&start).contains("config.toml"), "{}", stderr(&start));
+
+    let wrong_flag = run(&bad, &["node", "start", "--listen", "not-a-multiaddr"])?;
+    ensure!(
+        !wrong_flag.status.success() && stderr(&wrong_flag).contains("--listen"),
+        "{}",
+        stderr(&wrong_flag)
+    );
+
+    let no_node = run(&dir, &["status"])?;
+    ensure!(
+        !no_node.status.success() && stderr(&no_node).contains("is the node running"),
+        "{}",
+        stderr(&no_node)
+    );
+    Ok(())
+}
+
+/// A node process whose stdout is read on a thread.
+struct NodeProc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl NodeProc {
+    fn start(dir: &Path, extra: &[&str]) -> Result<Self> {
+        let mut child = meshwork(dir)
+            .args([
+                "node",
+                "start",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Self {
+            child,
+            lines,
+            seen: vec![],
+        };
+        p.wait_line("node is ready", Duration::from_secs(60))?;
+        Ok(p)
+    }
+
+    fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                let hit = l.contains(needle);
+                self.seen.push(l);
+                if hit {
+                    return Ok(());
+                }
+            }
+        }
+        bail!("no line with {needle:?}; saw {:?}", self.seen)
+    }
+
+    fn listen_addr(&self) -> Result<String> {
+        self.seen
+            .iter()
+            .find_map(|l| l.strip_prefix("listening").map(|a| a.trim().to_owned()))
+            .context("no listening line")
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        ensure!(rc == 0, "kill failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("the node did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn json(dir: &Path, args: &[&str]) -> Result<Value> {
+    let o = run(dir, args)?;
+    ensure!(o.status.success(), "{args:?} failed: {}", stderr(&o));
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+#[test]
+fn node_start_status_and_peers_from_the_binary() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    for d in [&a_dir, &b_dir] {
+        ensure!(run(d, &["init", "--network", "clitest"])?.status.success());
+    }
+    let a = NodeProc::start(&a_dir, &[])?;
+    let a_addr = a.listen_addr()?;
+    ensure!(
+        a_dir.join("api").exists(),
+        "the node must write its API address"
+    );
+
+    let status = json(&a_dir, &["status", "--json"])?;
+    ensure!(status["network"] == "clitest", "{status}");
+    ensure!(
+        a_addr.ends_with(status["peer_id"].as_str().context("peer_id")?),
+        "{a_addr} vs {status}"
+    );
+    ensure!(
+        status["listen_addrs"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty()),
+        "{status}"
+    );
+    for key in ["inbound", "outbound"] {
+        ensure!(status["connections"][key].is_u64(), "{status}");
+    }
+    for key in ["new", "tried"] {
+        ensure!(status["address_book"][key].is_u64(), "{status}");
+    }
+    ensure!(status["uptime_s"].is_u64(), "{status}");
+    let human = run(&a_dir, &["status"])?;
+    ensure!(
+        String::from_utf8(human.stdout)?.contains("connections"),
+        "human status"
+    );
+
+    let b = NodeProc::start(&b_dir, &["--bootstrap", &a_addr])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let peers = loop {
+        let peers = json(&a_dir, &["peers", "--json"])?;
+        if peers.as_array().is_some_and(|p| !p.is_empty()) || Instant::now() > deadline {
+            break peers;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let b_id = json(&b_dir, &["status", "--json"])?["peer_id"].clone();
+    let list = peers.as_array().context("peers is a list")?;
+    ensure!(list.len() == 1 && list[0]["peer_id"] == b_id, "{peers}");
+    ensure!(
+        list[0]["direction"] == "inbound"
+            && list[0]["address"].is_string()
+            && list[0]["address_group"].is_string(),
+        "{peers}"
+    );
+    let b_peers = json(&b_dir, &["peers", "--json"])?;
+    ensure!(b_peers[0]["direction"] == "outbound", "{b_peers}");
+
+    // Metrics: libp2p's and ours.
+    let api = std::fs::read_to_string(a_dir.join("api"))?;
+    let metrics = http_get(api.trim(), "/metrics")?;
+    ensure!(
+        metrics.contains("libp2p_") && metrics.contains("meshwork_connections"),
+        "metrics: {metrics:.300}"
+    );
+
+    for (p, dir) in [(b, &b_dir), (a, &a_dir)] {
+        let status = p.terminate()?;
+        ensure!(status.success(), "node exited with {status}");
+        ensure!(
+            !dir.join("api").exists(),
+            "the API address file must be removed on shutdown"
+        );
+        ensure!(
+            dir.join("node.redb").exists(),
+            "the address book must be written"
+        );
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate.
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
