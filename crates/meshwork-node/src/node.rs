@@ -297,7 +297,8 @@ struct Actor {
     store: Option<Store>,
     conns: HashMap<ConnectionId, Conn>,
     /// Dials in flight that we started, with their purpose and the group they will occupy.
-    dials: HashMap<ConnectionId, (PeerId, Class, Option<AddrGroup>)>,
+    /// The peer is unknown for a bootstrap address without `/p2p`.
+    dials: HashMap<ConnectionId, (Option<PeerId>, Class, Option<AddrGroup>)>,
     /// When we last asked a random peer for PEX.
     last_pex_round: Instant,
     /// When we last answered each peer, and how many of its requests were refused since.
@@ -609,7 +610,9 @@ impl Actor {
             let group = AddrGroup::of_addr(&b);
             match peer_of(&b) {
                 Some(peer) => {
-                    if self.swarm.is_connected(&peer) || self.dials.values().any(|d| d.0 == peer) {
+                    if self.swarm.is_connected(&peer)
+                        || self.dials.values().any(|d| d.0 == Some(peer))
+                    {
                         continue;
                     }
                     self.swarm
@@ -634,8 +637,7 @@ impl Actor {
                     if let Err(e) = self.swarm.dial(opts) {
                         tracing::warn!("cannot dial bootstrap {b}: {e}");
                     } else {
-                        self.dials
-                            .insert(id, (PeerId::random(), Class::Outbound, group));
+                        self.dials.insert(id, (None, Class::Outbound, group));
                         self.metrics
                             .dials
                             .get_or_create(&vec![("purpose", "bootstrap")])
@@ -667,7 +669,7 @@ impl Actor {
         self.book.attempt(&peer, unix_now());
         match self.swarm.dial(opts) {
             Ok(()) => {
-                self.dials.insert(id, (peer, class, group));
+                self.dials.insert(id, (Some(peer), class, group));
                 self.metrics
                     .dials
                     .get_or_create(&vec![("purpose", purpose)])
@@ -701,7 +703,7 @@ impl Actor {
             // Peers we are dialing, or hold a lasting connection with, are not candidates. A
             // peer we hold only a transient connection with (a DHT query dialed it) is: that
             // connection is promoted instead of dialing a second one.
-            let mut busy: HashSet<PeerId> = self.dials.values().map(|d| d.0).collect();
+            let mut busy: HashSet<PeerId> = self.dials.values().filter_map(|d| d.0).collect();
             let mut transient: HashMap<PeerId, ConnectionId> = HashMap::new();
             for (id, c) in &self.conns {
                 if c.class == Class::Transient {
@@ -1032,7 +1034,7 @@ impl Actor {
                 error,
             } => {
                 let dial = self.dials.remove(&connection_id);
-                if let Some(peer) = peer_id.or(dial.map(|d| d.0)) {
+                if let Some(peer) = peer_id.or(dial.and_then(|d| d.0)) {
                     // "Already connected / dialing" is not a failure of the address.
                     if !matches!(
                         error,
