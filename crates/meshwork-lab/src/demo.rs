@@ -21,6 +21,8 @@ pub struct DemoOptions {
     pub settle: Duration,
     /// How long to measure idle CPU (zero skips it).
     pub idle_window: Duration,
+    /// Run the nodes with the production timers instead of the lab's fast ones.
+    pub production_timers: bool,
 }
 
 impl Default for DemoOptions {
@@ -31,6 +33,7 @@ impl Default for DemoOptions {
             timeout: Duration::from_secs(120),
             settle: Duration::from_secs(5),
             idle_window: Duration::from_secs(3),
+            production_timers: false,
         }
     }
 }
@@ -47,10 +50,21 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         out,
         "Node i listens on 127.(i+1).0.1, so every node is in its own address group.\n"
     )?;
+    let production = opts.production_timers;
     let h = HarnessBuilder::new("demo")?
         .topology(opts.topology)
+        .tweak(move |_, cfg| {
+            if production {
+                cfg.timings = meshwork_node::config::Timings::default();
+            }
+        })
         .spawn(n)
         .await?;
+    let timers = if production {
+        "production timers"
+    } else {
+        "lab timers"
+    };
     writeln!(out, "All {n} nodes are up. Waiting until every node has >= {degree_goal} connections and knows >= {known_goal} peers...")?;
     let took = wait_for(
         "the demo network to converge",
@@ -126,7 +140,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         if let Some(share) = crate::resources::cpu_share_over(opts.idle_window).await {
             writeln!(
                 out,
-                "Idle CPU over {} s, {} s after convergence (lab timers): {:.1}% of one core for {n} nodes, {:.3}% per node.",
+                "Idle CPU over {} s, {} s after convergence ({timers}): {:.1}% of one core for {n} nodes, {:.3}% per node.",
                 opts.idle_window.as_secs(),
                 opts.settle.as_secs(),
                 share * 100.0,

@@ -59,6 +59,9 @@ enum Command {
         /// Seconds to let the network settle before measuring idle CPU.
         #[arg(long, default_value_t = 5)]
         settle_secs: u64,
+        /// Timers: "lab" (discovery in seconds) or "production" (a real node's).
+        #[arg(long, default_value = "lab", value_parser = ["lab", "production"])]
+        timers: String,
     },
 }
 
@@ -141,12 +144,14 @@ async fn run(cli: Cli) -> Result<()> {
             topology,
             idle_secs,
             settle_secs,
+            timers,
         } => {
             let opts = meshwork_lab::demo::DemoOptions {
                 nodes,
                 topology,
                 idle_window: Duration::from_secs(idle_secs),
                 settle: Duration::from_secs(settle_secs),
+                production_timers: timers == "production",
                 ..Default::default()
             };
             meshwork_lab::demo::run(opts, &mut std::io::stdout()).await
