@@ -227,7 +227,8 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
     );
 
     let b = NodeProc::start(&b_dir, &["--bootstrap", &a_addr])?;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: only to avoid hanging; on a loaded machine the connection can take a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let peers = loop {
         let peers = json(&a_dir, &["peers", "--json"])?;
         if peers.as_array().is_some_and(|p| !p.is_empty()) || Instant::now() > deadline {
