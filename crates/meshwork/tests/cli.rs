@@ -181,6 +181,16 @@ impl NodeProc {
     }
 }
 
+/// A test that fails part-way must not leave node processes behind.
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn json(dir: &Path, args: &[&str]) -> Result<Value> {
     let o = run(dir, args)?;
     ensure!(o.status.success(), "{args:?} failed: {}", stderr(&o));
