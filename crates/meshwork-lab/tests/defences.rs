@@ -1,5 +1,7 @@
 //! The node's defences against hostile peers, tested against a real node with rogue peers.
 
+mod common;
+
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,15 +20,6 @@ use meshwork_proto::pex::WireRecord;
 const ATTACKER_GROUP: &str = "127.250.0.0/16";
 const FLOOD: usize = 5000;
 
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 fn record(peer: PeerId, addr: &Multiaddr) -> WireRecord {
     WireRecord {
         peer: peer.to_bytes(),
@@ -40,7 +33,7 @@ fn record(peer: PeerId, addr: &Multiaddr) -> WireRecord {
 /// bucket, and when it picks its 8 outbound peers afresh, at most one is the attacker's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_flood_from_one_group_cannot_eclipse_a_node() -> Result<()> {
-    init_logs();
+    common::init_logs();
     let honest = HarnessBuilder::new("eclipse")?
         .topology(Topology::Chain)
         .spawn(50)
@@ -199,7 +192,7 @@ async fn an_address_flood_from_one_group_cannot_eclipse_a_node() -> Result<()> {
 /// node stays up and its address book is unchanged by them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_pex_answers_are_punished_and_change_nothing() -> Result<()> {
-    init_logs();
+    common::init_logs();
     // Private addresses are not allowed here, so that "unroutable" means something.
     let victim = HarnessBuilder::new("malformed")?
         .first_index(120)

@@ -1,5 +1,7 @@
 //! Discovery end to end: many real nodes in one process over loopback TCP.
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -9,21 +11,12 @@ use libp2p::PeerId;
 use meshwork_lab::harness::{wait_for, HarnessBuilder, Topology};
 use rand::seq::SliceRandom;
 
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 /// 50 nodes, node i bootstrapped from node i-1 only: within 30 s every node has at least 6
 /// connections and 30 known addresses, and a Kademlia lookup of every node's id from a random
 /// node finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_of_50_converges_and_the_dht_finds_every_node() -> Result<()> {
-    init_logs();
+    common::init_logs();
     let n = 50;
     let h = HarnessBuilder::new("chain50")?
         .topology(Topology::Chain)
@@ -89,7 +82,7 @@ async fn chain_of_50_converges_and_the_dht_finds_every_node() -> Result<()> {
 /// connected again to at least 3 of its former peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_reconnects_from_its_address_book() -> Result<()> {
-    init_logs();
+    common::init_logs();
     let n = 16;
     let target = 8;
     let mut h = HarnessBuilder::new("restart")?
@@ -115,49 +108,54 @@ async fn a_restarted_node_reconnects_from_its_address_book() -> Result<()> {
         .into_iter()
         .map(|p| p.peer_id)
         .collect();
-    h.stop(target).await?;
-    // Let the others notice it left.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    h.restart(target, vec![], |_| {}).await?;
-    let node = h.running(target)?.handle.clone();
-    let took = wait_for(
-        "the restarted node to reach 3 former peers",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async {
-            let now: HashSet<String> = node.peers().await?.into_iter().map(|p| p.peer_id).collect();
-            Ok(now.intersection(&former).count() >= 3)
-        },
-    )
-    .await?;
-    let now: HashSet<String> = node.peers().await?.into_iter().map(|p| p.peer_id).collect();
+    let (now, took) = restart_and_reconnect(&mut h, target, &former, true).await?;
     println!(
         "restarted without bootstrap: {} of {} former peers again after {:.2} s",
         now.intersection(&former).count(),
         former.len(),
         took.as_secs_f64()
     );
-
     // Again without the anchors: the tried table alone must lead back to the network.
-    let former = now;
-    h.stop(target).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    h.restart(target, vec![], |cfg| cfg.anchors = false).await?;
-    let node = h.running(target)?.handle.clone();
-    let took = wait_for(
-        "the node restarted without anchors to reach 3 former peers",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async {
-            let now: HashSet<String> = node.peers().await?.into_iter().map(|p| p.peer_id).collect();
-            Ok(now.intersection(&former).count() >= 3)
-        },
-    )
-    .await?;
+    let (again, took) = restart_and_reconnect(&mut h, target, &now, false).await?;
     println!(
-        "restarted without bootstrap or anchors: 3 former peers after {:.2} s",
+        "restarted without bootstrap or anchors: {} of {} former peers again after {:.2} s",
+        again.intersection(&now).count(),
+        now.len(),
         took.as_secs_f64()
     );
     h.shutdown().await;
     Ok(())
+}
+
+/// Stops node `target`, restarts it with no bootstrap address (and with or without anchors),
+/// and waits until it is connected to at least 3 of `former`. Returns its peers then.
+async fn restart_and_reconnect(
+    h: &mut meshwork_lab::Harness,
+    target: usize,
+    former: &HashSet<String>,
+    anchors: bool,
+) -> Result<(HashSet<String>, Duration)> {
+    h.stop(target).await?;
+    // Let the others notice it left.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.restart(target, vec![], |cfg| cfg.anchors = anchors)
+        .await?;
+    let node = h.running(target)?.handle.clone();
+    let peers = || async {
+        Ok::<_, anyhow::Error>(
+            node.peers()
+                .await?
+                .into_iter()
+                .map(|p| p.peer_id)
+                .collect::<HashSet<String>>(),
+        )
+    };
+    let took = wait_for(
+        "the restarted node to reach 3 former peers",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async { Ok(peers().await?.intersection(former).count() >= 3) },
+    )
+    .await?;
+    Ok((peers().await?, took))
 }

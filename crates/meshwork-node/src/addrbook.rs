@@ -486,19 +486,24 @@ impl AddrBook {
     }
 
     /// Keeps only addresses usable for `peer`: dialable, at most `MAX_ADDRS`, all in the group of
-    /// the first. Returns them with their group.
-    fn usable(&self, peer: &PeerId, addrs: &[Multiaddr]) -> Option<(Vec<Multiaddr>, AddrGroup)> {
+    /// the first. Returns them with their group. Private addresses pass if `allow_private`.
+    fn usable(
+        &self,
+        peer: &PeerId,
+        addrs: &[Multiaddr],
+        now: u64,
+        allow_private: bool,
+    ) -> Option<(Vec<Multiaddr>, AddrGroup)> {
         let mut out: Vec<Multiaddr> = Vec::new();
         let mut group = None;
         for a in addrs {
-            let Ok(a) = meshwork_proto::addr::check_dialable(a, Some(peer), self.allow_private)
-            else {
+            let Ok(a) = meshwork_proto::addr::check_dialable(a, Some(peer), allow_private) else {
                 continue;
             };
             let Some(g) = AddrGroup::of_addr(&a) else {
                 continue;
             };
-            if ip_of(&a).is_some_and(|ip| self.banned_ips.contains_key(&ip)) {
+            if ip_of(&a).is_some_and(|ip| self.is_banned_ip(&ip, now)) {
                 continue;
             }
             match group {
@@ -529,6 +534,9 @@ impl AddrBook {
         }
         // Claims from the future are clamped: they would otherwise never grow old.
         let last_seen = last_seen.min(now);
+        // The operator's own addresses (bootstrap) are trusted whatever their range: a bootstrap
+        // peer on a LAN must be kept, and so retried, even where peers' private addresses are not.
+        let allow_private = self.allow_private || origin == Origin::Operator;
         if let Some(e) = self.entries.get_mut(&peer) {
             e.last_seen = e.last_seen.max(last_seen);
             let group = e.group;
@@ -537,14 +545,14 @@ impl AddrBook {
                 if e.addrs.len() < MAX_ADDRS
                     && !e.addrs.contains(&a)
                     && AddrGroup::of_addr(&a) == Some(group)
-                    && meshwork_proto::addr::check_dialable(&a, None, self.allow_private).is_ok()
+                    && meshwork_proto::addr::check_dialable(&a, None, allow_private).is_ok()
                 {
                     e.addrs.push(a);
                 }
             }
             return AddOutcome::Updated;
         }
-        let Some((addrs, group)) = self.usable(&peer, addrs) else {
+        let Some((addrs, group)) = self.usable(&peer, addrs, now, allow_private) else {
             return AddOutcome::Dropped;
         };
         let location = self.new_location(&peer, group, origin);
@@ -1020,75 +1028,40 @@ mod tests {
     fn bans_remove_and_refuse() {
         let mut b = book(false);
         let p = PeerId::random();
-        b.add(
-            p,
-            &[addr(1, 2, 3, 4)],
-            NOW,
-            Origin::Operator,
-            Via::Bootstrap,
-            NOW,
-        );
+        let at = addr(1, 2, 3, 4);
+        let add = |b: &mut AddrBook, p: PeerId, now: u64| {
+            b.add(
+                p,
+                std::slice::from_ref(&at),
+                now,
+                Origin::Operator,
+                Via::Bootstrap,
+                now,
+            )
+        };
+        add(&mut b, p, NOW);
         b.ban(p, Some("1.2.3.4".parse().unwrap()), NOW + 60);
         assert!(b.get(&p).is_none());
-        assert_eq!(
-            b.add(
-                p,
-                &[addr(1, 2, 3, 4)],
-                NOW,
-                Origin::Operator,
-                Via::Bootstrap,
-                NOW
-            ),
-            AddOutcome::Dropped
-        );
+        assert_eq!(add(&mut b, p, NOW), AddOutcome::Dropped);
         // Another peer at the banned IP is refused too.
-        assert_eq!(
-            b.add(
-                PeerId::random(),
-                &[addr(1, 2, 3, 4)],
-                NOW,
-                Origin::Operator,
-                Via::Bootstrap,
-                NOW
-            ),
-            AddOutcome::Dropped
-        );
-        assert_eq!(
-            b.add(
-                p,
-                &[addr(1, 2, 3, 4)],
-                NOW + 61,
-                Origin::Operator,
-                Via::Bootstrap,
-                NOW + 61
-            ),
-            AddOutcome::Dropped,
-            "the IP ban has the same end, still checked by clock"
-        );
+        assert_eq!(add(&mut b, PeerId::random(), NOW), AddOutcome::Dropped);
+        // Bans end by the clock, and expired ones are dropped.
+        assert_eq!(add(&mut b, p, NOW + 61), AddOutcome::Added);
         b.expire_bans(NOW + 61);
-        assert_eq!(
-            b.add(
-                p,
-                &[addr(1, 2, 3, 4)],
-                NOW + 61,
-                Origin::Operator,
-                Via::Bootstrap,
-                NOW + 61
-            ),
-            AddOutcome::Added
-        );
+        assert_eq!(b.banned_count(), 0);
     }
 
     #[test]
     fn private_addresses_need_permission_and_groups_are_kept_apart() {
         let mut b = book(false);
+        // A private address heard from a peer is refused.
         assert_eq!(
             b.add(
                 PeerId::random(),
                 &[addr(10, 0, 0, 1)],
                 NOW,
-                Origin::Operator,
-                Via::Bootstrap,
+                Origin::Peer(AddrGroup::V4([1, 1])),
+                Via::Pex,
                 NOW
             ),
             AddOutcome::Dropped
@@ -1105,6 +1078,18 @@ mod tests {
         assert_eq!(
             b.get(&p).unwrap().addrs,
             vec![addr(1, 2, 3, 4), addr(1, 2, 9, 9)]
+        );
+        // Bootstrap addresses from the operator are kept whatever their range.
+        assert_eq!(
+            b.add(
+                PeerId::random(),
+                &[addr(192, 168, 1, 9)],
+                NOW,
+                Origin::Operator,
+                Via::Bootstrap,
+                NOW
+            ),
+            AddOutcome::Added
         );
         let mut lb = book(true);
         assert_eq!(

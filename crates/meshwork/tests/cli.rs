@@ -121,7 +121,8 @@ impl NodeProc {
             ])
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("node.log"))?)
+            .env("RUST_LOG", "info")
             .spawn()?;
         let out = child.stdout.take().context("stdout")?;
         let (tx, lines) = mpsc::channel();
@@ -248,7 +249,15 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
     };
     let b_id = json(&b_dir, &["status", "--json"])?["peer_id"].clone();
     let list = peers.as_array().context("peers is a list")?;
-    ensure!(list.len() == 1 && list[0]["peer_id"] == b_id, "{peers}");
+    let logs = || {
+        let read = |d: &Path| std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
+        format!("A's log:\n{}\nB's log:\n{}", read(&a_dir), read(&b_dir))
+    };
+    ensure!(
+        list.len() == 1 && list[0]["peer_id"] == b_id,
+        "A's peers: {peers}\n{}",
+        logs()
+    );
     ensure!(
         list[0]["direction"] == "inbound"
             && list[0]["address"].is_string()
