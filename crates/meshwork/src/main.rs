@@ -111,11 +111,13 @@ struct ClientArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // yamux warns about every connection whose peer hung up first ("Broken pipe"), which is
+    // routine at shutdown; RUST_LOG overrides this default.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,meshwork_node=info".into()),
+                .unwrap_or_else(|_| "warn,yamux=error,meshwork_node=info".into()),
         )
         .init();
     let rt = match tokio::runtime::Runtime::new() {
