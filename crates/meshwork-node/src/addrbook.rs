@@ -49,12 +49,12 @@ use meshwork_proto::AddrGroup;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::bans::{BanList, MAX_BANS};
+
 /// The most addresses kept per peer.
 pub const MAX_ADDRS: usize = 4;
 /// The most pending tried-table collisions.
 pub const MAX_COLLISIONS: usize = 64;
-/// The most bans remembered (peer ids and IPs together).
-pub const MAX_BANS: usize = 4096;
 /// A collision whose incumbent could not be tested within this time evicts the incumbent.
 pub const COLLISION_TIMEOUT_S: u64 = 40 * 60;
 
@@ -300,8 +300,7 @@ pub struct AddrBook {
     tried: Buckets,
     collisions: VecDeque<Collision>,
     /// Banned peers and IPs, with the Unix second the ban ends.
-    banned_peers: HashMap<PeerId, u64>,
-    banned_ips: HashMap<IpAddr, u64>,
+    bans: BanList,
 }
 
 /// A serializable image of the book, for the store.
@@ -325,8 +324,7 @@ impl AddrBook {
             new: Buckets::default(),
             tried: Buckets::default(),
             collisions: VecDeque::new(),
-            banned_peers: HashMap::new(),
-            banned_ips: HashMap::new(),
+            bans: BanList::default(),
         }
     }
 
@@ -366,31 +364,18 @@ impl AddrBook {
                 book.place(e);
             }
         }
-        for (p, until) in snap.banned_peers {
-            if until > now {
-                book.banned_peers.insert(p, until);
-            }
-        }
-        for (ip, until) in snap.banned_ips {
-            if until > now {
-                book.banned_ips.insert(ip, until);
-            }
-        }
-        book.trim_bans();
+        book.bans = BanList::from_entries(snap.banned_peers, snap.banned_ips, now);
         book
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let (banned_peers, banned_ips) = self.bans.entries();
         Snapshot {
             key: self.key,
             entries: self.entries.values().cloned().collect(),
-            banned_peers: self.banned_peers.iter().map(|(p, t)| (*p, *t)).collect(),
-            banned_ips: self.banned_ips.iter().map(|(p, t)| (*p, *t)).collect(),
+            banned_peers,
+            banned_ips,
         }
-    }
-
-    pub fn config(&self) -> &AddrBookConfig {
-        &self.cfg
     }
 
     pub fn new_len(&self) -> usize {
@@ -761,58 +746,29 @@ impl AddrBook {
     /// Bans a peer (and optionally its IP) until `until`, removing it from the tables.
     pub fn ban(&mut self, peer: PeerId, ip: Option<IpAddr>, until: u64) {
         self.unplace(&peer);
-        let t = self.banned_peers.entry(peer).or_insert(until);
-        *t = (*t).max(until);
-        if let Some(ip) = ip {
-            let t = self.banned_ips.entry(ip).or_insert(until);
-            *t = (*t).max(until);
-        }
-        self.trim_bans();
+        self.bans.ban(Some(peer), ip, until);
     }
 
     pub fn is_banned(&self, peer: &PeerId, now: u64) -> bool {
-        self.banned_peers.get(peer).is_some_and(|t| *t > now)
+        self.bans.is_banned_peer(peer, now)
     }
 
     pub fn is_banned_ip(&self, ip: &IpAddr, now: u64) -> bool {
-        self.banned_ips.get(ip).is_some_and(|t| *t > now)
+        self.bans.is_banned_ip(ip, now)
     }
 
     pub fn banned_count(&self) -> usize {
-        self.banned_peers.len() + self.banned_ips.len()
+        self.bans.len()
     }
 
-    /// Drops expired bans, then the bans that end soonest until at most `MAX_BANS` remain.
+    /// The bans, which the node mirrors into its connection gate.
+    pub fn bans(&self) -> &BanList {
+        &self.bans
+    }
+
+    /// Drops the bans that have ended.
     pub fn expire_bans(&mut self, now: u64) {
-        self.banned_peers.retain(|_, t| *t > now);
-        self.banned_ips.retain(|_, t| *t > now);
-    }
-
-    fn trim_bans(&mut self) {
-        while self.banned_peers.len() + self.banned_ips.len() > MAX_BANS {
-            let p = self
-                .banned_peers
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(p, t)| (*p, *t));
-            let i = self
-                .banned_ips
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(i, t)| (*i, *t));
-            match (p, i) {
-                (Some((p, tp)), Some((_, ti))) if tp <= ti => {
-                    self.banned_peers.remove(&p);
-                }
-                (_, Some((i, _))) => {
-                    self.banned_ips.remove(&i);
-                }
-                (Some((p, _)), None) => {
-                    self.banned_peers.remove(&p);
-                }
-                (None, None) => break,
-            }
-        }
+        self.bans.expire(now);
     }
 
     /// Checks the invariants stated in the module docs. For tests; O(size).

@@ -39,6 +39,8 @@ use libp2p::swarm::{
 use libp2p::{Multiaddr, PeerId};
 use meshwork_proto::addr::ip_of;
 
+use crate::bans::BanList;
+
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
     #[error("peer {0} is banned")]
@@ -64,8 +66,8 @@ pub struct GateLimits {
 
 pub struct Gate {
     limits: GateLimits,
-    banned_peers: HashMap<PeerId, u64>,
-    banned_ips: HashMap<IpAddr, u64>,
+    /// A copy of the address book's bans (same bound).
+    bans: BanList,
     managed: HashSet<ConnectionId>,
     /// Dials registered as feelers: short-lived, exempt from the transient limit.
     feelers: HashSet<ConnectionId>,
@@ -92,8 +94,7 @@ impl Gate {
     pub fn new(limits: GateLimits) -> Self {
         Self {
             limits,
-            banned_peers: HashMap::new(),
-            banned_ips: HashMap::new(),
+            bans: BanList::default(),
             managed: HashSet::new(),
             feelers: HashSet::new(),
             transient: HashSet::new(),
@@ -118,17 +119,17 @@ impl Gate {
         }
     }
 
-    /// Bans are mirrored from the address book, which remains their owner and bounds them.
+    /// Bans are mirrored from the address book, which owns and persists them.
+    pub fn set_bans(&mut self, bans: BanList) {
+        self.bans = bans;
+    }
+
     pub fn ban(&mut self, peer: PeerId, ip: Option<IpAddr>, until: u64) {
-        self.banned_peers.insert(peer, until);
-        if let Some(ip) = ip {
-            self.banned_ips.insert(ip, until);
-        }
+        self.bans.ban(Some(peer), ip, until);
     }
 
     pub fn expire_bans(&mut self, now: u64) {
-        self.banned_peers.retain(|_, t| *t > now);
-        self.banned_ips.retain(|_, t| *t > now);
+        self.bans.expire(now);
     }
 
     /// Marks the connection about to be dialed with `id` as a managed outbound connection.
@@ -141,18 +142,10 @@ impl Gate {
         self.feelers.insert(id);
     }
 
-    pub fn transient_count(&self) -> usize {
-        self.transient.len()
-    }
-
-    pub fn inbound_count(&self) -> usize {
-        self.inbound.len()
-    }
-
     fn check_ip(&self, remote: &Multiaddr, now: u64) -> Result<Option<IpAddr>, ConnectionDenied> {
         let ip = ip_of(remote);
         if let Some(ip) = ip {
-            if self.banned_ips.get(&ip).is_some_and(|t| *t > now) {
+            if self.bans.is_banned_ip(&ip, now) {
                 return Err(ConnectionDenied::new(GateError::BannedIp(ip)));
             }
             if self.inbound_per_ip.get(&ip).copied().unwrap_or(0) >= self.limits.max_inbound_per_ip
@@ -172,7 +165,7 @@ impl Gate {
     }
 
     fn check_peer(&self, peer: &PeerId, now: u64) -> Result<(), ConnectionDenied> {
-        if self.banned_peers.get(peer).is_some_and(|t| *t > now) {
+        if self.bans.is_banned_peer(peer, now) {
             return Err(ConnectionDenied::new(GateError::BannedPeer(*peer)));
         }
         Ok(())

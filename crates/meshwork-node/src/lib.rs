@@ -2,6 +2,7 @@
 //!
 //! - [`addrbook`]: the eclipse-resistant address book (sans-IO).
 //! - [`connmgr`]: outbound selection and misbehaviour scoring (sans-IO).
+//! - [`bans`]: the bounded ban list shared by the address book and the gate.
 //! - [`gate`]: the libp2p behaviour that enforces connection limits, bans and keep-alive.
 //! - [`pex`]: the codec of the peer-exchange protocol.
 //! - [`node`]: the actor that owns the libp2p `Swarm` and drives all of the above; other code
@@ -12,6 +13,7 @@
 
 pub mod addrbook;
 pub mod api;
+pub mod bans;
 pub mod config;
 pub mod connmgr;
 pub mod gate;

@@ -269,11 +269,6 @@ impl RunningNode {
         }
         let _ = self.task.await;
     }
-
-    /// Waits until the node stops by itself (it does not, unless its handles are all dropped).
-    pub async fn join(self) {
-        let _ = self.task.await;
-    }
 }
 
 /// Where the answer to a `find_peer` lookup goes.
@@ -294,7 +289,9 @@ struct Actor {
     cfg: NodeConfig,
     book: AddrBook,
     scores: Scores,
-    store: Option<Store>,
+    store: Option<Arc<Store>>,
+    /// The periodic address-book write in progress, if any (it runs off the event loop).
+    flush_task: Option<tokio::task::JoinHandle<()>>,
     conns: HashMap<ConnectionId, Conn>,
     /// Dials in flight that we started, with their purpose and the group they will occupy.
     /// The peer is unknown for a bootstrap address without `/p2p`.
@@ -386,13 +383,13 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                 path: dir.clone(),
                 source,
             })?;
-            Some(Store::open(&dir.join(STORE_FILE))?)
+            Some(Arc::new(Store::open(&dir.join(STORE_FILE))?))
         }
         None => None,
     };
     let mut book = match store
         .as_ref()
-        .map(Store::load_addrbook)
+        .map(|s| s.load_addrbook())
         .transpose()?
         .flatten()
     {
@@ -414,15 +411,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         (Some(s), true) => s.load_anchors()?,
         _ => vec![],
     };
-    for (peer, until) in book.snapshot().banned_peers {
-        swarm.behaviour_mut().gate.ban(peer, None, until);
-    }
-    for (ip, until) in book.snapshot().banned_ips {
-        swarm
-            .behaviour_mut()
-            .gate
-            .ban(PeerId::random(), Some(ip), until);
-    }
+    swarm.behaviour_mut().gate.set_bans(book.bans().clone());
     for b in &cfg.bootstrap {
         if let Some(peer) = peer_of(b) {
             book.add(
@@ -459,6 +448,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         book,
         scores: Scores::default(),
         store,
+        flush_task: None,
         conns: HashMap::new(),
         dials: HashMap::new(),
         last_pex_round: Instant::now(),
@@ -560,10 +550,13 @@ impl Actor {
                 },
                 _ = tick.tick() => self.maintain(),
                 _ = walk.tick() => self.random_walk(),
-                _ = flush.tick() => self.flush(false),
+                _ = flush.tick() => self.flush_in_background(),
             }
         };
-        self.flush(true);
+        if let Some(writing) = self.flush_task.take() {
+            let _ = writing.await; // the final write must land after it
+        }
+        self.flush_at_shutdown();
         if let Some(dir) = &self.cfg.data_dir {
             let _ = std::fs::remove_file(dir.join(API_FILE));
         }
@@ -577,13 +570,29 @@ impl Actor {
         }
     }
 
-    /// Writes the address book (and at shutdown the anchors) to the store.
-    fn flush(&mut self, shutdown: bool) {
+    /// Writes the address book on a blocking thread, so that serializing and committing a large
+    /// book never stalls the event loop. A round is skipped while the previous write is still
+    /// running, so writes land in order.
+    fn flush_in_background(&mut self) {
+        let Some(store) = &self.store else { return };
+        if self.flush_task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let (store, snap) = (store.clone(), self.book.snapshot());
+        self.flush_task = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save_addrbook(&snap) {
+                tracing::error!("cannot save the address book: {e}");
+            }
+        }));
+    }
+
+    /// Writes the address book and the anchors; the last write before the node stops.
+    fn flush_at_shutdown(&mut self) {
         let Some(store) = &self.store else { return };
         if let Err(e) = store.save_addrbook(&self.book.snapshot()) {
             tracing::error!("cannot save the address book: {e}");
         }
-        if shutdown && self.cfg.anchors {
+        if self.cfg.anchors {
             let anchors: Anchors = self
                 .conns
                 .values()
@@ -604,7 +613,7 @@ impl Actor {
             if group.is_some_and(|g| !used.insert(g)) {
                 continue;
             }
-            self.dial(*peer, addrs.clone(), Class::Outbound, group, "anchor");
+            self.dial(Some(*peer), addrs.clone(), Class::Outbound, group, "anchor");
         }
         for b in self.cfg.bootstrap.clone() {
             let group = AddrGroup::of_addr(&b);
@@ -627,55 +636,58 @@ impl Actor {
                         None if slots_left => Class::Outbound, // DNS: group unknown until connected
                         _ => Class::Transient,
                     };
-                    self.dial(peer, vec![without_peer(&b)], class, group, "bootstrap");
+                    self.dial(
+                        Some(peer),
+                        vec![without_peer(&b)],
+                        class,
+                        group,
+                        "bootstrap",
+                    );
                 }
-                None => {
-                    // No peer id: dial by address; the peer id is learned from the handshake.
-                    let opts = DialOpts::unknown_peer_id().address(b.clone()).build();
-                    let id = opts.connection_id();
-                    self.swarm.behaviour_mut().gate.expect_managed(id);
-                    if let Err(e) = self.swarm.dial(opts) {
-                        tracing::warn!("cannot dial bootstrap {b}: {e}");
-                    } else {
-                        self.dials.insert(id, (None, Class::Outbound, group));
-                        self.metrics
-                            .dials
-                            .get_or_create(&vec![("purpose", "bootstrap")])
-                            .inc();
-                    }
-                }
+                // No peer id: dial by address; the peer id is learned from the handshake.
+                None => self.dial(None, vec![b.clone()], Class::Outbound, group, "bootstrap"),
             }
         }
     }
 
+    /// Starts a dial of `class` and records it. With no peer id, the first address is dialed and
+    /// the peer is learned from the handshake (a bootstrap address without `/p2p`).
     fn dial(
         &mut self,
-        peer: PeerId,
+        peer: Option<PeerId>,
         addrs: Vec<Multiaddr>,
         class: Class,
         group: Option<AddrGroup>,
         purpose: &'static str,
     ) {
-        let opts = DialOpts::peer_id(peer)
-            .addresses(addrs)
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .build();
+        let opts = match peer {
+            Some(peer) => DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build(),
+            None => match addrs.into_iter().next() {
+                Some(addr) => DialOpts::unknown_peer_id().address(addr).build(),
+                None => return,
+            },
+        };
         let id = opts.connection_id();
         match class {
             Class::Outbound => self.swarm.behaviour_mut().gate.expect_managed(id),
             Class::Feeler => self.swarm.behaviour_mut().gate.expect_feeler(id),
             Class::Inbound | Class::Transient => {}
         }
-        self.book.attempt(&peer, unix_now());
+        if let Some(peer) = &peer {
+            self.book.attempt(peer, unix_now());
+        }
         match self.swarm.dial(opts) {
             Ok(()) => {
-                self.dials.insert(id, (Some(peer), class, group));
+                self.dials.insert(id, (peer, class, group));
                 self.metrics
                     .dials
                     .get_or_create(&vec![("purpose", purpose)])
                     .inc();
             }
-            Err(e) => tracing::debug!("dial {peer} not started: {e}"),
+            Err(e) => tracing::debug!("dial {peer:?} not started: {e}"),
         }
     }
 
@@ -731,7 +743,7 @@ impl Actor {
                                 .inc();
                         }
                     }
-                    _ => self.dial(peer, addrs, Class::Outbound, Some(group), "outbound"),
+                    _ => self.dial(Some(peer), addrs, Class::Outbound, Some(group), "outbound"),
                 }
             }
         }
@@ -749,7 +761,7 @@ impl Actor {
                 if let Some(e) = self.book.get(&peer) {
                     let (addrs, group) = (e.addrs.clone(), e.group);
                     if !self.swarm.is_connected(&peer) {
-                        self.dial(peer, addrs, Class::Feeler, Some(group), "feeler");
+                        self.dial(Some(peer), addrs, Class::Feeler, Some(group), "feeler");
                     } else {
                         // Connected already: it answers, which is what the test wanted to know.
                         let addr = addrs[0].clone();

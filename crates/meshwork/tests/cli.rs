@@ -9,6 +9,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
+/// `node start` on loopback with an ephemeral port and API port.
+const START: [&str; 6] = [
+    "node",
+    "start",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--api",
+    "127.0.0.1:0",
+];
+
 fn meshwork(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_meshwork"));
     c.arg("--data-dir")
@@ -60,17 +70,7 @@ fn init_refuses_twice_keeps_the_key_private_and_names_corrupt_files() -> Result<
     );
 
     std::fs::write(dir.join("identity.key"), b"\x08\x01\x12 not a key")?;
-    let start = run(
-        &dir,
-        &[
-            "node",
-            "start",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            "127.0.0.1:0",
-        ],
-    )?;
+    let start = run(&dir, &START)?;
     ensure!(!start.status.success());
     let err = stderr(&start);
     ensure!(
@@ -111,14 +111,7 @@ struct NodeProc {
 impl NodeProc {
     fn start(dir: &Path, extra: &[&str]) -> Result<Self> {
         let mut child = meshwork(dir)
-            .args([
-                "node",
-                "start",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--api",
-                "127.0.0.1:0",
-            ])
+            .args(START)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("node.log"))?)
