@@ -9,13 +9,14 @@
 //!
 //! Nodes can be stopped and restarted with the same identity and data directory.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use libp2p::identity::Keypair;
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use meshwork_node::config::Timings;
 use meshwork_node::{NodeConfig, RunningNode};
 use meshwork_proto::NetworkName;
@@ -302,6 +303,37 @@ impl Harness {
             extra(cfg);
         })
         .await
+    }
+
+    /// The data directory of node `i`, if the harness is persistent.
+    pub fn data_dir(&self, i: usize) -> Option<std::path::PathBuf> {
+        self.slots.get(i)?.dir.as_ref().map(|d| d.path().to_owned())
+    }
+
+    /// Splits the network: nodes in different `groups` refuse and close connections with each
+    /// other (the gate's lab partition). Nodes in no group keep all their connections.
+    pub async fn partition(&self, groups: &[Vec<usize>]) -> Result<()> {
+        for (gi, group) in groups.iter().enumerate() {
+            let others: HashSet<PeerId> = groups
+                .iter()
+                .enumerate()
+                .filter(|(gj, _)| *gj != gi)
+                .flat_map(|(_, g)| g.iter())
+                .filter_map(|j| self.node(*j).map(|n| n.peer_id()))
+                .collect();
+            for i in group {
+                self.running(*i)?.handle.partition(others.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a partition: every node accepts every peer again, and reconnects on its own.
+    pub async fn heal(&self) -> Result<()> {
+        for (_, n) in self.running_nodes() {
+            n.handle.partition(HashSet::new()).await?;
+        }
+        Ok(())
     }
 
     pub async fn shutdown(mut self) {

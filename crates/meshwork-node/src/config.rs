@@ -24,6 +24,8 @@ use crate::addrbook::AddrBookConfig;
 pub const IDENTITY_FILE: &str = "identity.key";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const STORE_FILE: &str = "node.redb";
+/// The chain store: blocks, state, undo data (see `meshwork_ledger::chain`).
+pub const CHAIN_FILE: &str = "chain.redb";
 pub const API_FILE: &str = "api";
 pub const DEFAULT_NETWORK: &str = "meshwork";
 pub const DEFAULT_PORT: u16 = 4001;
@@ -80,6 +82,14 @@ pub struct FileConfig {
     pub node: NodeSection,
     pub connections: ConnectionsSection,
     pub discovery: DiscoverySection,
+    pub chain: ChainSection,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChainSection {
+    /// A JSON chain spec; empty means the built-in spec of the network.
+    pub spec_file: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -217,6 +227,11 @@ pex_answer_interval_s = {pex_answer}
 random_walk_interval_s = {walk}
 # Seconds between feeler connections that test addresses of the new table.
 feeler_interval_s = {feeler}
+
+[chain]
+# A chain spec (JSON: genesis allocations, block interval, difficulty, limits). Empty: the
+# built-in spec of the network (`dev` rules; networks named test-* get difficulty 1).
+spec_file = ""
 "#,
         network = network,
         allow_private = d.network.allow_private_addrs,
@@ -380,6 +395,10 @@ pub struct NodeConfig {
     pub anchors: bool,
     pub timings: Timings,
     pub addrbook: AddrBookConfig,
+    /// The chain's rules and genesis.
+    pub chain: meshwork_ledger::ChainSpec,
+    /// Mine blocks, when set.
+    pub mining: Option<crate::ledger_service::MinerConfig>,
 }
 
 impl NodeConfig {
@@ -387,7 +406,6 @@ impl NodeConfig {
     pub fn new(network: NetworkName, keypair: Keypair) -> Self {
         let f = FileConfig::default();
         Self {
-            network,
             keypair,
             data_dir: None,
             listen: vec![],
@@ -403,6 +421,9 @@ impl NodeConfig {
             anchors: f.connections.anchors,
             timings: Timings::default(),
             addrbook: AddrBookConfig::default(),
+            chain: meshwork_ledger::ChainSpec::for_network(&network.to_string()),
+            mining: None,
+            network,
         }
     }
 
@@ -452,6 +473,16 @@ impl NodeConfig {
             idle_timeout: secs(file.connections.idle_timeout_s, "idle_timeout_s")?,
             ..Timings::default()
         };
+        let chain = if file.chain.spec_file.is_empty() {
+            meshwork_ledger::ChainSpec::for_network(&network.to_string())
+        } else {
+            let p = Path::new(&file.chain.spec_file);
+            load_spec(&if p.is_relative() {
+                data_dir.join(p)
+            } else {
+                p.to_path_buf()
+            })?
+        };
         Ok(Self {
             network,
             keypair,
@@ -469,8 +500,25 @@ impl NodeConfig {
             anchors: file.connections.anchors,
             timings,
             addrbook: AddrBookConfig::default(),
+            chain,
+            mining: None,
         })
     }
+}
+
+/// Reads a JSON chain spec.
+pub fn load_spec(path: &Path) -> Result<meshwork_ledger::ChainSpec, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let spec: meshwork_ledger::ChainSpec =
+        serde_json::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    spec.validate().map_err(|reason| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    Ok(spec)
 }
 
 #[cfg(test)]

@@ -43,8 +43,14 @@ pub enum Offence {
     PexFraming,
     /// Asking for PEX far more often than allowed.
     PexFlood,
-    /// Identify says it belongs to another network.
+    /// Identify says it belongs to another network, or sync says it is on another chain.
     WrongNetwork,
+    /// Relayed a transaction or block that fails validation in a way no honest relay allows
+    /// (bad signature, bad proof of work, malformed bytes): honest nodes verify before they
+    /// forward. Two of these and the peer is out.
+    InvalidGossip(String),
+    /// A sync answer that is malformed, does not link, or holds an invalid block.
+    BadSync(String),
 }
 
 impl Offence {
@@ -53,6 +59,7 @@ impl Offence {
             Offence::BadPex(e) if !e.is_severe() => 20.0,
             Offence::BadPex(_) | Offence::PexFraming | Offence::WrongNetwork => DISCONNECT_POINTS,
             Offence::PexFlood => 10.0,
+            Offence::InvalidGossip(_) | Offence::BadSync(_) => 50.0,
         }
     }
 }
@@ -64,6 +71,8 @@ impl std::fmt::Display for Offence {
             Offence::PexFraming => f.write_str("PEX message over the size limit or undecodable"),
             Offence::PexFlood => f.write_str("PEX requests beyond the rate limit"),
             Offence::WrongNetwork => f.write_str("peer belongs to another network"),
+            Offence::InvalidGossip(why) => write!(f, "relayed {why}"),
+            Offence::BadSync(why) => write!(f, "bad sync answer: {why}"),
         }
     }
 }

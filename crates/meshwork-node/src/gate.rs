@@ -53,6 +53,8 @@ pub enum GateError {
     PerIpFull(usize, IpAddr),
     #[error("limit of {0} transient outbound connections reached")]
     TransientFull(usize),
+    #[error("peer {0} is on the other side of a lab partition")]
+    Partitioned(PeerId),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +86,9 @@ pub struct Gate {
     /// Keep-alive changes to deliver to connection handlers. Bounded by the number of open
     /// connections: at most one promotion per connection.
     notify: VecDeque<(PeerId, ConnectionId)>,
+    /// Lab fault injection: peers this node may not connect to (a network partition). Set by
+    /// the harness, bounded by the size of the lab's network.
+    partitioned: HashSet<PeerId>,
 }
 
 fn unix_now() -> u64 {
@@ -104,7 +109,14 @@ impl Gate {
             inbound: HashMap::new(),
             inbound_per_ip: HashMap::new(),
             notify: VecDeque::new(),
+            partitioned: HashSet::new(),
         }
+    }
+
+    /// Lab fault injection: refuse every connection with these peers (the caller closes the
+    /// open ones). An empty set heals the partition.
+    pub fn set_partitioned(&mut self, peers: HashSet<PeerId>) {
+        self.partitioned = peers;
     }
 
     /// Turns an open transient outbound connection into a managed one that is kept alive.
@@ -167,6 +179,9 @@ impl Gate {
     fn check_peer(&self, peer: &PeerId, now: u64) -> Result<(), ConnectionDenied> {
         if self.bans.is_banned_peer(peer, now) {
             return Err(ConnectionDenied::new(GateError::BannedPeer(*peer)));
+        }
+        if self.partitioned.contains(peer) {
+            return Err(ConnectionDenied::new(GateError::Partitioned(*peer)));
         }
         Ok(())
     }

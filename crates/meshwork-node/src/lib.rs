@@ -10,13 +10,17 @@
 //! - [`api`]: the HTTP API and Prometheus metrics, a thin layer over the handle.
 //! - [`config`] and [`store`]: the data directory, identity, `config.toml`, and redb.
 //! - [`transport`]: TCP dials bound to a chosen local IP.
+//! - [`ledger_service`]: the threads that own the ledger and run the miner.
+//! - [`chainsync`]: the block-sync protocol and its download scheduler (sans-IO).
 
 pub mod addrbook;
 pub mod api;
 pub mod bans;
+pub mod chainsync;
 pub mod config;
 pub mod connmgr;
 pub mod gate;
+pub mod ledger_service;
 mod metrics;
 pub mod node;
 pub mod pex;

@@ -19,6 +19,9 @@ pub struct NodeMetrics {
     pub penalties: Family<Labels, Counter>,
     pub bans: Counter,
     pub dials: Family<Labels, Counter>,
+    pub gossip_messages: Family<Labels, Counter>,
+    pub chain_height: Gauge,
+    pub sync_blocks: Counter,
 }
 
 impl NodeMetrics {
@@ -57,6 +60,21 @@ impl NodeMetrics {
         );
         r.register("bans", "Peers banned for misbehaviour", m.bans.clone());
         r.register("dials", "Dials started, by purpose", m.dials.clone());
+        r.register(
+            "gossip_messages",
+            "Gossip messages validated (first copies only), by topic and verdict",
+            m.gossip_messages.clone(),
+        );
+        r.register(
+            "chain_height",
+            "Height of the main chain's tip",
+            m.chain_height.clone(),
+        );
+        r.register(
+            "sync_blocks",
+            "Blocks received through sync",
+            m.sync_blocks.clone(),
+        );
         m
     }
 }

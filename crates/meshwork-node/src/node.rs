@@ -18,6 +18,18 @@
 //!    tried-table collision first), and resolves collisions. An outbound connection that
 //!    succeeds moves its peer to the tried table.
 //! 6. Shutdown writes the book and the anchors.
+//!
+//! # Data path of the ledger
+//! The ledger lives on its own thread ([`crate::ledger_service`]); this loop only moves bytes.
+//! - Gossip (gossipsub, validation mode): every transaction or block message goes to the
+//!   ledger thread before it is forwarded; its verdict comes back as a `LedgerEvent` and is
+//!   reported to gossipsub (accept: forward; reject: the sender's score drops and it is
+//!   penalized; ignore: drop quietly). Message ids are BLAKE3 of the payload; gossipsub's own
+//!   signing is off, since transactions and blocks carry their own signatures and work.
+//! - Sync ([`crate::chainsync`]): on every new connection the two sides exchange chain status;
+//!   a node behind fetches headers and then blocks in batches from every peer ahead of it.
+//! - The API submits transactions and queries the ledger directly through the job channel;
+//!   locally accepted transactions and mined blocks come back here to be published.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -32,7 +44,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{gossipsub, identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use meshwork_ledger::{Hash, Ledger, SignedTransfer, TxError};
 use meshwork_proto::addr::{check_dialable, ip_of, peer_of, without_peer};
 use meshwork_proto::pex::{PexRequest, PexResponse, MAX_RECORDS};
 use meshwork_proto::{AddrGroup, NetworkName};
@@ -44,9 +57,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::addrbook::{AddrBook, GoodOutcome, Origin, Table, Via};
+use crate::chainsync::{SyncAction, SyncCodec, SyncRequest, SyncResponse, Syncer};
 use crate::config::{NodeConfig, API_FILE, STORE_FILE};
 use crate::connmgr::{choose_outbound, Offence, Scores, Verdict};
 use crate::gate::{Gate, GateLimits};
+use crate::ledger_service::{self, Generations, Job, LedgerEvent, Miner, Topic};
 use crate::metrics::NodeMetrics;
 use crate::pex::PexCodec;
 use crate::store::{Anchors, Store};
@@ -83,6 +98,10 @@ pub enum NodeError {
     Stopped,
     #[error("lookup limit of {MAX_LOOKUPS} concurrent lookups reached")]
     Busy,
+    #[error("cannot open the chain store: {0}")]
+    Ledger(#[from] meshwork_ledger::OpenError),
+    #[error("ledger: {0}")]
+    LedgerStore(#[from] meshwork_ledger::StoreError),
 }
 
 /// How a connection came to be.
@@ -125,6 +144,8 @@ pub struct Behaviour {
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
     pex: request_response::Behaviour<PexCodec>,
+    gossipsub: gossipsub::Behaviour,
+    sync: request_response::Behaviour<SyncCodec>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -152,6 +173,18 @@ pub struct Status {
     pub connections: ConnectionCounts,
     pub address_book: AddrBookCounts,
     pub uptime_s: u64,
+    pub chain: ChainSummary,
+}
+
+/// The chain as the network loop last heard from the ledger.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChainSummary {
+    pub height: u64,
+    pub tip: String,
+    pub total_work: String,
+    /// Blocks queued or in flight for sync.
+    pub sync_pending: usize,
+    pub mining: bool,
 }
 
 /// One record of `GET /api/v1/peers`: one per open connection.
@@ -184,6 +217,13 @@ enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     AddrBook(oneshot::Sender<Vec<BookEntry>>),
     FindPeer(PeerId, oneshot::Sender<Result<Vec<PeerId>, NodeError>>),
+    Partition(HashSet<PeerId>, oneshot::Sender<()>),
+    GossipScore(PeerId, oneshot::Sender<Option<f64>>),
+    Inject(Topic, Vec<u8>, oneshot::Sender<Result<(), String>>),
+    Mining(
+        Option<ledger_service::MinerConfig>,
+        oneshot::Sender<Result<(), NodeError>>,
+    ),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -191,6 +231,7 @@ enum Command {
 #[derive(Clone)]
 pub struct NodeHandle {
     tx: mpsc::Sender<Command>,
+    jobs: mpsc::Sender<Job>,
     pub peer_id: PeerId,
     pub network: NetworkName,
     registry: Arc<Registry>,
@@ -237,6 +278,58 @@ impl NodeHandle {
 
     pub fn is_running(&self) -> bool {
         !self.tx.is_closed()
+    }
+
+    /// Runs `f` on the ledger thread and returns its result (reads, or anything a test needs).
+    pub async fn ledger<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Ledger) -> T + Send + 'static,
+    ) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Query(Box::new(move |l: &mut Ledger| {
+                let _ = tx.send(f(l));
+            })))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Submits a signed transfer; once the ledger accepts it, it is gossiped.
+    pub async fn submit(&self, t: SignedTransfer) -> Result<Result<Hash, TxError>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Submit(t, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Lab fault injection: refuse connections with `peers` and close those open (a network
+    /// partition). An empty set heals it.
+    pub async fn partition(&self, peers: HashSet<PeerId>) -> Result<(), NodeError> {
+        self.ask(|tx| Command::Partition(peers, tx)).await
+    }
+
+    /// Starts mining with `cfg` (replacing a running miner), or stops with `None`.
+    pub async fn set_mining(
+        &self,
+        cfg: Option<ledger_service::MinerConfig>,
+    ) -> Result<(), NodeError> {
+        self.ask(|tx| Command::Mining(cfg, tx)).await?
+    }
+
+    /// Gossipsub's score of a peer, as this node sees it.
+    pub async fn gossip_score(&self, peer: PeerId) -> Result<Option<f64>, NodeError> {
+        self.ask(|tx| Command::GossipScore(peer, tx)).await
+    }
+
+    /// Lab fault injection: publishes raw bytes on a gossip topic without validating them, as
+    /// a misbehaving peer would.
+    pub async fn inject_gossip(&self, topic: Topic, bytes: Vec<u8>) -> Result<(), NodeError> {
+        self.ask(|tx| Command::Inject(topic, bytes, tx))
+            .await?
+            .map_err(NodeError::Swarm)
     }
 }
 
@@ -310,6 +403,104 @@ struct Actor {
     rng: StdRng,
     lp2p_metrics: libp2p::metrics::Metrics,
     metrics: NodeMetrics,
+    jobs: mpsc::Sender<Job>,
+    syncer: Syncer,
+    /// Sync requests we sent, with what they asked.
+    sync_out: HashMap<OutboundRequestId, (PeerId, SyncAsk)>,
+    /// Inbound sync requests the ledger thread is answering.
+    serving: HashMap<u64, request_response::ResponseChannel<SyncResponse>>,
+    next_serve: u64,
+    topics: [gossipsub::TopicHash; 2],
+    ledger_thread: Option<std::thread::JoinHandle<()>>,
+    miner: Option<Miner>,
+    gens: Arc<Generations>,
+    /// Our own messages that found no peer to publish to yet (see `publish`).
+    unbroadcast: std::collections::VecDeque<(Topic, Vec<u8>)>,
+}
+
+/// Own messages kept for a later publish, at most.
+const MAX_UNBROADCAST: usize = 1024;
+
+/// What an outbound sync request asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SyncAsk {
+    Status,
+    Headers,
+    Blocks,
+}
+
+/// Most inbound sync requests being answered at once; more get `Busy`.
+const MAX_SERVING: usize = 64;
+
+/// Gossipsub's configuration and peer-score parameters. See `docs/architecture.md`
+/// ("Gossip and peer scoring") for why each value is what it is.
+fn gossipsub_behaviour(
+    topics: &[gossipsub::TopicHash; 2],
+    max_block_bytes: usize,
+    registry: &mut Registry,
+) -> Result<gossipsub::Behaviour, NodeError> {
+    use gossipsub::{PeerScoreParams, PeerScoreThresholds, TopicScoreParams};
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+        })
+        .validate_messages()
+        // A block of the largest size, its framing and the protobuf envelope.
+        .max_transmit_size(max_block_bytes + (64 << 10))
+        .build()
+        .map_err(|e| NodeError::Swarm(e.to_string()))?;
+    let mut g = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, config)
+        .map_err(|e| NodeError::Swarm(e.to_string()))?
+        .with_metrics(
+            registry.sub_registry_with_prefix("gossipsub"),
+            gossipsub::MetricsConfig::default(),
+        );
+    let topic = TopicScoreParams {
+        topic_weight: 1.0,
+        // A small reward for staying in the mesh: at most +3.6 after an hour.
+        time_in_mesh_weight: 0.001,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 3600.0,
+        // Being first to deliver valid messages earns up to +20, decaying.
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 20.0,
+        // Off: traffic is bursty and often idle (a block every few seconds, transactions when
+        // people send them); a delivery quota would punish honest peers in quiet periods.
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        // One invalid message: -100 (the counter squared times the weight), below the
+        // graylist threshold at once; it decays by 1% a second (half-life about 70 s).
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.99,
+        ..TopicScoreParams::default()
+    };
+    let params = PeerScoreParams {
+        topics: topics.iter().map(|t| (t.clone(), topic.clone())).collect(),
+        topic_score_cap: 50.0,
+        app_specific_weight: 0.0,
+        // More than 8 peers from one IP (our per-IP inbound limit) costs the excess squared.
+        ip_colocation_factor_weight: -5.0,
+        ip_colocation_factor_threshold: 8.0,
+        behaviour_penalty_weight: -10.0,
+        behaviour_penalty_threshold: 6.0,
+        behaviour_penalty_decay: 0.9,
+        decay_interval: Duration::from_secs(1),
+        decay_to_zero: 0.01,
+        retain_score: Duration::from_secs(3600),
+        ..PeerScoreParams::default()
+    };
+    let thresholds = PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -80.0,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 5.0,
+    };
+    g.with_peer_score(params, thresholds)
+        .map_err(NodeError::Swarm)?;
+    Ok(g)
 }
 
 /// Starts a node: builds the swarm, restores the address book, listens, starts the API (if
@@ -324,6 +515,54 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         .map_err(|e| NodeError::Swarm(e.to_string()))?;
     let pex_protocol = StreamProtocol::try_from_owned(network.protocol("pex", 1))
         .map_err(|e| NodeError::Swarm(e.to_string()))?;
+    let sync_protocol = StreamProtocol::try_from_owned(network.protocol("sync", 1))
+        .map_err(|e| NodeError::Swarm(e.to_string()))?;
+    let topics = [
+        gossipsub::IdentTopic::new(network.protocol("tx", 1)),
+        gossipsub::IdentTopic::new(network.protocol("block", 1)),
+    ];
+    let topic_hashes = [topics[0].hash(), topics[1].hash()];
+    let mut gossip = gossipsub_behaviour(&topic_hashes, cfg.chain.max_block_bytes, &mut registry)?;
+    for t in &topics {
+        gossip
+            .subscribe(t)
+            .map_err(|e| NodeError::Swarm(e.to_string()))?;
+    }
+    let mut gossip = Some(gossip);
+
+    // The ledger, on its own thread.
+    let ledger = match &cfg.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            Ledger::open(&dir.join(crate::config::CHAIN_FILE), cfg.chain.clone())?
+        }
+        None => Ledger::in_memory(cfg.chain.clone())?,
+    };
+    let status0 = ledger_service::status_of(&ledger);
+    let locator0 = ledger.chain().locator();
+    let gens = Arc::new(Generations::default());
+    let (jobs, jobs_rx) = mpsc::channel(ledger_service::JOB_CAPACITY);
+    let (events_tx, ledger_events) = mpsc::channel(ledger_service::EVENT_CAPACITY);
+    let ledger_thread =
+        ledger_service::spawn(ledger, events_tx, gens.clone(), jobs_rx).map_err(|source| {
+            NodeError::Io {
+                path: "meshwork-ledger thread".into(),
+                source,
+            }
+        })?;
+    let miner =
+        match &cfg.mining {
+            Some(m) => Some(Miner::spawn(m.clone(), jobs.clone(), gens.clone()).map_err(
+                |source| NodeError::Io {
+                    path: "meshwork-miner thread".into(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
 
     let gate = Gate::new(GateLimits {
         max_inbound: cfg.max_inbound,
@@ -368,6 +607,14 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                     [(pex_protocol, ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(10)),
+                ),
+                gossipsub: gossip.take().expect("the behaviour is built once"),
+                sync: request_response::Behaviour::with_codec(
+                    SyncCodec,
+                    [(sync_protocol, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(30))
+                        .with_max_concurrent_streams(64),
                 ),
             }
         })
@@ -437,6 +684,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
     let handle = NodeHandle {
         tx,
+        jobs: jobs.clone(),
         peer_id: local,
         network: network.clone(),
         registry: Arc::new(registry),
@@ -463,7 +711,18 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         rng: StdRng::from_entropy(),
         lp2p_metrics,
         metrics,
+        jobs,
+        syncer: Syncer::new(status0, locator0),
+        sync_out: HashMap::new(),
+        serving: HashMap::new(),
+        next_serve: 0,
+        topics: topic_hashes,
+        ledger_thread: Some(ledger_thread),
+        miner,
+        gens,
+        unbroadcast: std::collections::VecDeque::new(),
     };
+    actor.metrics.chain_height.set(status0.height as i64);
 
     // Run the swarm until every listener reports an address.
     let wanted = cfg.listen.len();
@@ -522,7 +781,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     };
 
     actor.connect_initial(&anchors);
-    let task = tokio::spawn(actor.run(rx));
+    let task = tokio::spawn(actor.run(rx, ledger_events));
     Ok(RunningNode {
         handle,
         listen_addrs,
@@ -532,7 +791,13 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut ledger_events: mpsc::Receiver<LedgerEvent>,
+    ) {
+        let mut sync_tick = tokio::time::interval(Duration::from_secs(5));
+        sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(self.cfg.timings.maintenance);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut walk = tokio::time::interval(self.cfg.timings.random_walk_interval);
@@ -551,8 +816,27 @@ impl Actor {
                 _ = tick.tick() => self.maintain(),
                 _ = walk.tick() => self.random_walk(),
                 _ = flush.tick() => self.flush_in_background(),
+                Some(ev) = ledger_events.recv() => self.on_ledger_event(ev),
+                _ = sync_tick.tick() => self.sync_round(),
             }
         };
+        // Stop the miner, then the ledger thread (after the jobs already queued), so that the
+        // chain store is closed when `shutdown` returns.
+        if let Some(mut m) = self.miner.take() {
+            let _ = tokio::task::spawn_blocking(move || m.stop()).await;
+        }
+        if self.jobs.send(Job::Stop).await.is_ok() {
+            // Keep draining events so the ledger thread never blocks on a full channel.
+            while !self.ledger_thread.as_ref().is_none_or(|t| t.is_finished()) {
+                tokio::select! {
+                    _ = ledger_events.recv() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            }
+        }
+        if let Some(t) = self.ledger_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         if let Some(writing) = self.flush_task.take() {
             let _ = writing.await; // the final write must land after it
         }
@@ -863,6 +1147,8 @@ impl Actor {
             Offence::PexFraming => "pex_framing",
             Offence::PexFlood => "pex_flood",
             Offence::WrongNetwork => "wrong_network",
+            Offence::InvalidGossip(_) => "invalid_gossip",
+            Offence::BadSync(_) => "bad_sync",
         };
         self.metrics
             .penalties
@@ -930,6 +1216,49 @@ impl Actor {
                 let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                 self.lookups.insert(id, (peer, tx));
             }
+            Command::Partition(peers, tx) => {
+                let open: Vec<PeerId> = self
+                    .swarm
+                    .connected_peers()
+                    .filter(|p| peers.contains(p))
+                    .copied()
+                    .collect();
+                self.swarm.behaviour_mut().gate.set_partitioned(peers);
+                for p in open {
+                    let _ = self.swarm.disconnect_peer_id(p);
+                }
+                let _ = tx.send(());
+            }
+            Command::Mining(cfg, tx) => {
+                // Joining the old miner waits at most one nonce slice (milliseconds).
+                if let Some(mut m) = self.miner.take() {
+                    m.stop();
+                }
+                let r = match cfg {
+                    Some(c) => Miner::spawn(c, self.jobs.clone(), self.gens.clone())
+                        .map(|m| self.miner = Some(m))
+                        .map_err(|source| NodeError::Io {
+                            path: "meshwork-miner thread".into(),
+                            source,
+                        }),
+                    None => Ok(()),
+                };
+                let _ = tx.send(r);
+            }
+            Command::GossipScore(peer, tx) => {
+                let _ = tx.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
+            }
+            Command::Inject(topic, bytes, tx) => {
+                let t = self.topic(topic);
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(t, bytes)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(r);
+            }
             Command::Shutdown(_) => unreachable!("handled by the run loop"),
         }
     }
@@ -959,6 +1288,343 @@ impl Actor {
                 banned: self.book.banned_count(),
             },
             uptime_s: self.started.elapsed().as_secs(),
+            chain: {
+                let ours = self.syncer.ours();
+                ChainSummary {
+                    height: ours.height,
+                    tip: ours.tip.to_string(),
+                    total_work: ours.work.to_string(),
+                    sync_pending: self.syncer.pending(),
+                    mining: self.miner.is_some(),
+                }
+            },
+        }
+    }
+
+    /// Publishes our own transaction or block. One that finds no subscribed peer yet (just
+    /// started, or alone) is kept, bounded, and published again when a peer subscribes or at
+    /// the next sync round, so that what the ledger accepted is never silently kept local
+    /// (Bitcoin Core's "unbroadcast set").
+    fn publish(&mut self, topic: Topic, bytes: Vec<u8>) {
+        let t = self.topic(topic);
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(t, bytes.clone())
+        {
+            Ok(_) | Err(gossipsub::PublishError::Duplicate) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                if self.unbroadcast.len() >= MAX_UNBROADCAST {
+                    self.unbroadcast.pop_front();
+                }
+                self.unbroadcast.push_back((topic, bytes));
+            }
+            Err(e) => tracing::debug!("not published: {e}"),
+        }
+    }
+
+    fn retry_unbroadcast(&mut self) {
+        for (topic, bytes) in std::mem::take(&mut self.unbroadcast) {
+            self.publish(topic, bytes);
+        }
+    }
+
+    fn topic(&self, t: Topic) -> gossipsub::TopicHash {
+        match t {
+            Topic::Tx => self.topics[0].clone(),
+            Topic::Block => self.topics[1].clone(),
+        }
+    }
+
+    /// Hands a job to the ledger thread without waiting. `false` when its queue is full.
+    fn to_ledger(&self, job: Job) -> bool {
+        self.jobs.try_send(job).is_ok()
+    }
+
+    fn on_gossip(&mut self, ev: gossipsub::Event) {
+        if let gossipsub::Event::Subscribed { .. } = ev {
+            if !self.unbroadcast.is_empty() {
+                self.retry_unbroadcast();
+            }
+            return;
+        }
+        let gossipsub::Event::Message {
+            propagation_source: source,
+            message_id: id,
+            message,
+        } = ev
+        else {
+            return;
+        };
+        let job = if message.topic == self.topics[0] {
+            Job::GossipTx {
+                id: id.clone(),
+                source,
+                bytes: message.data,
+            }
+        } else if message.topic == self.topics[1] {
+            Job::GossipBlock {
+                id: id.clone(),
+                source,
+                bytes: message.data,
+            }
+        } else {
+            return; // we subscribe to nothing else
+        };
+        if !self.to_ledger(job) {
+            // Overloaded: neither forward nor blame.
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(
+                    &id,
+                    &source,
+                    gossipsub::MessageAcceptance::Ignore,
+                );
+        }
+    }
+
+    fn on_ledger_event(&mut self, ev: LedgerEvent) {
+        match ev {
+            LedgerEvent::Verdict {
+                id,
+                source,
+                acceptance,
+                offence,
+            } => {
+                let topic = "gossip";
+                let verdict = match acceptance {
+                    gossipsub::MessageAcceptance::Accept => "accept",
+                    gossipsub::MessageAcceptance::Reject => "reject",
+                    gossipsub::MessageAcceptance::Ignore => "ignore",
+                };
+                self.metrics
+                    .gossip_messages
+                    .get_or_create(&vec![("topic", topic), ("verdict", verdict)])
+                    .inc();
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, acceptance);
+                if let Some(why) = offence {
+                    self.penalize(source, Offence::InvalidGossip(why));
+                }
+            }
+            LedgerEvent::Publish(topic, bytes) => self.publish(topic, bytes),
+            LedgerEvent::Tip(status, locator) => {
+                self.metrics.chain_height.set(status.height as i64);
+                let acts = self.syncer.on_tip(status, locator);
+                self.apply_sync(acts);
+            }
+            LedgerEvent::Orphan(peer) => {
+                let acts = self.syncer.on_orphan(peer);
+                self.apply_sync(acts);
+            }
+            LedgerEvent::Headers {
+                peer,
+                missing,
+                last,
+                full,
+                offence,
+            } => {
+                if let Some(why) = offence {
+                    self.penalize(peer, Offence::BadSync(why));
+                    let acts = self.syncer.on_headers_failed(peer);
+                    self.apply_sync(acts);
+                    return;
+                }
+                let acts = self.syncer.on_headers(peer, missing, last, full);
+                self.apply_sync(acts);
+            }
+            LedgerEvent::Blocks {
+                peer,
+                received,
+                offence,
+            } => {
+                self.metrics.sync_blocks.inc_by(received.len() as u64);
+                if let Some(why) = offence {
+                    self.penalize(peer, Offence::BadSync(why));
+                }
+                let acts = self.syncer.on_blocks(peer, &received);
+                self.apply_sync(acts);
+            }
+            LedgerEvent::Serve(key, response) => {
+                if let Some(ch) = self.serving.remove(&key) {
+                    let _ = self.swarm.behaviour_mut().sync.send_response(ch, response);
+                }
+            }
+        }
+    }
+
+    fn apply_sync(&mut self, actions: Vec<SyncAction>) {
+        for a in actions {
+            match a {
+                SyncAction::Headers { peer, locator } => {
+                    let id = self.swarm.behaviour_mut().sync.send_request(
+                        &peer,
+                        SyncRequest::Headers {
+                            locator,
+                            max: crate::chainsync::MAX_HEADERS as u32,
+                        },
+                    );
+                    self.sync_out.insert(id, (peer, SyncAsk::Headers));
+                }
+                SyncAction::Blocks { peer, hashes } => {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_request(&peer, SyncRequest::Blocks(hashes));
+                    self.sync_out.insert(id, (peer, SyncAsk::Blocks));
+                }
+                SyncAction::Disconnect(peer) => self.penalize(peer, Offence::WrongNetwork),
+            }
+        }
+    }
+
+    fn send_status(&mut self, peer: PeerId) {
+        let ours = self.syncer.ours();
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .sync
+            .send_request(&peer, SyncRequest::Status(ours));
+        self.sync_out.insert(id, (peer, SyncAsk::Status));
+    }
+
+    /// Every few seconds: re-ask one random lasting peer for its status (a missed block
+    /// announcement is noticed within a round), and let the scheduler retry.
+    fn sync_round(&mut self) {
+        self.retry_unbroadcast();
+        let lasting: Vec<PeerId> = self
+            .conns
+            .values()
+            .filter(|c| matches!(c.class, Class::Inbound | Class::Outbound))
+            .map(|c| c.peer)
+            .collect();
+        if !lasting.is_empty() {
+            let p = lasting[self.rng.gen_range(0..lasting.len())];
+            self.send_status(p);
+        }
+        let acts = self.syncer.poll();
+        self.apply_sync(acts);
+    }
+
+    fn on_sync(&mut self, ev: request_response::Event<SyncRequest, SyncResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let key = self.next_serve;
+                self.next_serve += 1;
+                let job = match request {
+                    SyncRequest::Status(theirs) => {
+                        let ours = self.syncer.ours();
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_response(channel, SyncResponse::Status(ours));
+                        let acts = self.syncer.on_status(peer, theirs);
+                        self.apply_sync(acts);
+                        return;
+                    }
+                    SyncRequest::Headers { locator, max } => Job::ServeHeaders {
+                        key,
+                        locator,
+                        max: max as usize,
+                    },
+                    SyncRequest::Blocks(hashes) => Job::ServeBlocks { key, hashes },
+                };
+                if self.serving.len() >= MAX_SERVING || !self.to_ledger(job) {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, SyncResponse::Busy);
+                    return;
+                }
+                self.serving.insert(key, channel);
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((_, ask)) = self.sync_out.remove(&request_id) else {
+                    return;
+                };
+                let acts = match (ask, response) {
+                    (_, SyncResponse::Busy) => self.sync_failed(peer, ask),
+                    (SyncAsk::Status, SyncResponse::Status(s)) => self.syncer.on_status(peer, s),
+                    (SyncAsk::Headers, SyncResponse::Headers(headers)) => {
+                        if !self.to_ledger(Job::Headers { peer, headers }) {
+                            self.sync_failed(peer, ask)
+                        } else {
+                            vec![]
+                        }
+                    }
+                    (SyncAsk::Blocks, SyncResponse::Blocks(blocks)) => {
+                        if !self.to_ledger(Job::Blocks { peer, blocks }) {
+                            self.sync_failed(peer, ask)
+                        } else {
+                            vec![]
+                        }
+                    }
+                    (ask, _) => {
+                        self.penalize(
+                            peer,
+                            Offence::BadSync(format!("an answer of the wrong kind to {ask:?}")),
+                        );
+                        self.sync_failed(peer, ask)
+                    }
+                };
+                self.apply_sync(acts);
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some((_, ask)) = self.sync_out.remove(&request_id) {
+                    if let request_response::OutboundFailure::Io(e) = &error {
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            self.penalize(peer, Offence::BadSync(e.to_string()));
+                        }
+                    }
+                    tracing::debug!("sync {ask:?} to {peer} failed: {error}");
+                    let acts = self.sync_failed(peer, ask);
+                    self.apply_sync(acts);
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                if let request_response::InboundFailure::Io(e) = &error {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        self.penalize(peer, Offence::BadSync(e.to_string()));
+                    }
+                }
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn sync_failed(&mut self, peer: PeerId, ask: SyncAsk) -> Vec<SyncAction> {
+        match ask {
+            SyncAsk::Status => vec![],
+            SyncAsk::Headers => self.syncer.on_headers_failed(peer),
+            SyncAsk::Blocks => self.syncer.on_blocks(peer, &HashSet::new()),
         }
     }
 
@@ -1033,12 +1699,24 @@ impl Actor {
                 } else if num_established.get() == 1 && class != Class::Transient {
                     self.ask_pex(peer_id);
                 }
+                if class != Class::Feeler && num_established.get() == 1 {
+                    self.send_status(peer_id);
+                }
                 if !self.kad_bootstrapped && class != Class::Feeler {
                     self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                 }
             }
-            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+            SwarmEvent::ConnectionClosed {
+                connection_id,
+                peer_id,
+                num_established,
+                ..
+            } => {
                 self.conns.remove(&connection_id);
+                if num_established == 0 {
+                    let acts = self.syncer.on_disconnected(&peer_id);
+                    self.apply_sync(acts);
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -1073,6 +1751,11 @@ impl Actor {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Pex(ev)) => self.on_pex(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => {
+                self.lp2p_metrics.record(&ev);
+                self.on_gossip(ev);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Gate(ev)) => match ev {},
             _ => {}
         }

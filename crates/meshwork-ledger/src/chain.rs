@@ -1,0 +1,1019 @@
+//! The chain: every block we hold, the best chain among them, and the account state at its tip.
+//!
+//! # Invariants (kept by every method that writes)
+//! 1. Every block in the index is stored whole, passed its context-free checks (proof of work,
+//!    Merkle root, signatures, limits) and its header checks against its parent (height,
+//!    difficulty, timestamp), and its parent is in the index. Blocks that fail are never stored.
+//! 2. `main[h]` is the hash of the main-chain block at height h, from genesis to the tip, and
+//!    the `accounts` table is exactly the state after applying `main[0..=tip]` in order.
+//! 3. The tip has the most cumulative work among the blocks not marked invalid (ties keep the
+//!    block that arrived first). A block is marked invalid when applying it to the state fails;
+//!    its descendants are marked with it.
+//! 4. Every main-chain block except genesis has undo data: the state, before the block, of
+//!    every account it touched. Disconnecting a block restores exactly that, so a
+//!    reorganization of any depth lands on the state that replaying the new chain would give.
+//!
+//! Each change of the main chain (disconnect back to the fork point, connect up to the new
+//! tip, move the tip pointer) is one redb write transaction, so a crash leaves the store at the
+//! old tip or the new one, never in between. A block that fails halfway through a
+//! reorganization aborts the transaction: the state is untouched and the block is marked
+//! invalid.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::block::{merkle_root, Block, Header};
+use crate::error::{BlockError, OpenError, StoreError, TxError};
+use crate::spec::ChainSpec;
+use crate::tx::{verify_all, Coinbase, SignedTransfer, Transaction};
+use crate::types::{Account, Address, Hash, Millis};
+
+const BLOCKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("blocks");
+const INDEX: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("index");
+const ACCOUNTS: TableDefinition<&[u8; 32], (u64, u64)> = TableDefinition::new("accounts");
+const UNDO: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("undo");
+const MAIN: TableDefinition<u64, &[u8; 32]> = TableDefinition::new("main");
+/// Transaction id → (height, position) on the main chain.
+const TXS: TableDefinition<&[u8; 32], (u64, u32)> = TableDefinition::new("txs");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+pub const BLOCK_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct IndexRecord {
+    header: Header,
+    invalid: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    header: Header,
+    /// Cumulative work from genesis to this block inclusive.
+    work: u128,
+    invalid: bool,
+}
+
+/// A change of the main chain: blocks removed (tip first) and blocks added (lowest first).
+#[derive(Clone, Debug, Default)]
+pub struct Reorg {
+    pub disconnected: Vec<Block>,
+    pub connected: Vec<Block>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddOutcome {
+    /// Already held.
+    Duplicate,
+    /// The parent is unknown; nothing was stored.
+    MissingParent(Hash),
+    /// Stored; `tip` says whether it is now the tip of the main chain.
+    Stored { tip: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TipInfo {
+    pub height: u64,
+    pub hash: Hash,
+    pub work: u128,
+    pub timestamp: Millis,
+}
+
+/// Where a transaction is on the main chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxLocation {
+    pub height: u64,
+    pub block: Hash,
+    pub position: u32,
+}
+
+/// Reads and writes account state; implemented by a redb table and by a `HashMap` (replay).
+/// An account equal to `Account::default()` is absent: `set` removes it, so two states are
+/// equal exactly when their tables are.
+pub trait Accounts {
+    fn get(&mut self, addr: &Address) -> Result<Account, StoreError>;
+    fn set(&mut self, addr: Address, acct: Account) -> Result<(), StoreError>;
+}
+
+impl Accounts for HashMap<Address, Account> {
+    fn get(&mut self, addr: &Address) -> Result<Account, StoreError> {
+        Ok(HashMap::get(self, addr).copied().unwrap_or_default())
+    }
+    fn set(&mut self, addr: Address, acct: Account) -> Result<(), StoreError> {
+        if acct == Account::default() {
+            self.remove(&addr);
+        } else {
+            self.insert(addr, acct);
+        }
+        Ok(())
+    }
+}
+
+struct TableAccounts<'a, 't>(&'a mut redb::Table<'t, &'static [u8; 32], (u64, u64)>);
+
+impl Accounts for TableAccounts<'_, '_> {
+    fn get(&mut self, addr: &Address) -> Result<Account, StoreError> {
+        Ok(self
+            .0
+            .get(&addr.0)?
+            .map(|v| {
+                let (balance, nonce) = v.value();
+                Account { balance, nonce }
+            })
+            .unwrap_or_default())
+    }
+    fn set(&mut self, addr: Address, acct: Account) -> Result<(), StoreError> {
+        if acct == Account::default() {
+            self.0.remove(&addr.0)?;
+        } else {
+            self.0.insert(&addr.0, (acct.balance, acct.nonce))?;
+        }
+        Ok(())
+    }
+}
+
+/// Records the first state of every account touched, for undo.
+struct Recorder<'a, A: Accounts> {
+    inner: &'a mut A,
+    undo: Vec<(Address, Account)>,
+    seen: HashSet<Address>,
+}
+
+impl<A: Accounts> Accounts for Recorder<'_, A> {
+    fn get(&mut self, addr: &Address) -> Result<Account, StoreError> {
+        self.inner.get(addr)
+    }
+    fn set(&mut self, addr: Address, acct: Account) -> Result<(), StoreError> {
+        if self.seen.insert(addr) {
+            let before = self.inner.get(&addr)?;
+            self.undo.push((addr, before));
+        }
+        self.inner.set(addr, acct)
+    }
+}
+
+/// Applies one transfer to the state: the sender's nonce must be next and its balance enough.
+pub fn apply_transfer<A: Accounts>(state: &mut A, t: &SignedTransfer) -> Result<(), BlockError> {
+    let tr = &t.transfer;
+    let tx_err = |error| BlockError::Tx { id: t.id(), error };
+    let cost = tr.cost().ok_or_else(|| tx_err(TxError::Overflow))?;
+    let mut from = state.get(&tr.from)?;
+    if tr.nonce != from.nonce {
+        return Err(tx_err(TxError::BadNonce {
+            expected: from.nonce,
+            got: tr.nonce,
+        }));
+    }
+    if from.balance < cost {
+        return Err(tx_err(TxError::InsufficientBalance {
+            has: from.balance,
+            needs: cost,
+        }));
+    }
+    from.balance -= cost;
+    from.nonce += 1;
+    state.set(tr.from, from)?;
+    let mut to = state.get(&tr.to)?;
+    to.balance = to
+        .balance
+        .checked_add(tr.amount)
+        .ok_or_else(|| tx_err(TxError::BalanceOverflow))?;
+    state.set(tr.to, to)?;
+    Ok(())
+}
+
+/// Applies a block's transactions to `state` (checks that need state: nonces, balances, the
+/// coinbase amount) and returns the undo data. On error `state` may be partly changed: callers
+/// apply to a transaction they can abort, or to a scratch copy.
+pub fn apply_block<A: Accounts>(
+    state: &mut A,
+    block: &Block,
+    spec: &ChainSpec,
+) -> Result<Vec<(Address, Account)>, BlockError> {
+    let mut rec = Recorder {
+        inner: state,
+        undo: vec![],
+        seen: HashSet::new(),
+    };
+    let mut fees: u64 = 0;
+    for tx in &block.txs[1..] {
+        let Transaction::Transfer(t) = tx else {
+            return Err(BlockError::ExtraCoinbase);
+        };
+        fees = fees.checked_add(t.transfer.fee).ok_or(BlockError::Tx {
+            id: t.id(),
+            error: TxError::Overflow,
+        })?;
+        apply_transfer(&mut rec, t)?;
+    }
+    let Some(Transaction::Coinbase(cb)) = block.txs.first() else {
+        return Err(BlockError::NoCoinbase);
+    };
+    let allowed = spec.block_reward.saturating_add(fees);
+    if cb.amount > allowed {
+        return Err(BlockError::CoinbaseAmount {
+            allowed,
+            got: cb.amount,
+        });
+    }
+    let mut miner = rec.get(&cb.to)?;
+    miner.balance = miner.balance.checked_add(cb.amount).ok_or(BlockError::Tx {
+        id: block.txs[0].id(),
+        error: TxError::BalanceOverflow,
+    })?;
+    rec.set(cb.to, miner)?;
+    Ok(rec.undo)
+}
+
+/// The genesis block of a spec: its allocations as height-0 coinbases, its `prev` the spec hash.
+pub fn genesis_block(spec: &ChainSpec) -> Block {
+    let txs: Vec<Transaction> = spec
+        .allocations
+        .iter()
+        .map(|(to, amount)| {
+            Transaction::Coinbase(Coinbase {
+                height: 0,
+                to: *to,
+                amount: *amount,
+            })
+        })
+        .collect();
+    let ids: Vec<Hash> = txs.iter().map(|t| t.id()).collect();
+    Block {
+        header: Header {
+            version: BLOCK_VERSION,
+            height: 0,
+            prev: spec.hash(),
+            merkle_root: merkle_root(&ids),
+            timestamp: spec.genesis_timestamp,
+            target: spec.initial_difficulty,
+            nonce: 0,
+        },
+        txs,
+    }
+}
+
+/// The genesis state: allocations to the same address add up.
+pub fn genesis_state(spec: &ChainSpec) -> HashMap<Address, Account> {
+    let mut state = HashMap::new();
+    for (a, amount) in &spec.allocations {
+        state.entry(*a).or_insert_with(Account::default).balance += amount;
+    }
+    state
+}
+
+/// Checks that need no state and no parent: limits, coinbase placement, Merkle root,
+/// duplicates, chain id, amounts, fees, signatures (batch-verified).
+pub fn check_body(block: &Block, spec: &ChainSpec, chain_id: &Hash) -> Result<(), BlockError> {
+    let size = block.encode().len();
+    if size > spec.max_block_bytes {
+        return Err(BlockError::TooLarge {
+            max: spec.max_block_bytes,
+            got: size,
+        });
+    }
+    if block.txs.len() > spec.max_block_txs {
+        return Err(BlockError::TooManyTxs {
+            max: spec.max_block_txs,
+            got: block.txs.len(),
+        });
+    }
+    match block.txs.first() {
+        Some(Transaction::Coinbase(cb)) if cb.height != block.header.height => {
+            return Err(BlockError::CoinbaseHeight {
+                expected: block.header.height,
+                got: cb.height,
+            })
+        }
+        Some(Transaction::Coinbase(_)) => {}
+        _ => return Err(BlockError::NoCoinbase),
+    }
+    let ids = block.tx_ids();
+    if merkle_root(&ids) != block.header.merkle_root {
+        return Err(BlockError::MerkleMismatch);
+    }
+    let mut seen = HashSet::with_capacity(ids.len());
+    for id in &ids {
+        if !seen.insert(*id) {
+            return Err(BlockError::DuplicateTx(*id));
+        }
+    }
+    let mut transfers = Vec::with_capacity(block.txs.len());
+    for (tx, id) in block.txs[1..].iter().zip(&ids[1..]) {
+        let Transaction::Transfer(t) = tx else {
+            return Err(BlockError::ExtraCoinbase);
+        };
+        check_transfer_fields(t, spec, chain_id)
+            .map_err(|error| BlockError::Tx { id: *id, error })?;
+        transfers.push(t);
+    }
+    let verdict = verify_all(&transfers);
+    if let Some(i) = verdict.iter().position(|ok| !ok) {
+        return Err(BlockError::Tx {
+            id: ids[i + 1],
+            error: TxError::BadSignature,
+        });
+    }
+    Ok(())
+}
+
+/// The stateless rules of a transfer, except its signature.
+pub fn check_transfer_fields(
+    t: &SignedTransfer,
+    spec: &ChainSpec,
+    chain_id: &Hash,
+) -> Result<(), TxError> {
+    let tr = &t.transfer;
+    if tr.chain_id != *chain_id {
+        return Err(TxError::WrongChain {
+            expected: *chain_id,
+            got: tr.chain_id,
+        });
+    }
+    if tr.amount == 0 {
+        return Err(TxError::ZeroAmount);
+    }
+    if tr.fee < spec.min_fee {
+        return Err(TxError::FeeTooLow {
+            min: spec.min_fee,
+            got: tr.fee,
+        });
+    }
+    tr.cost().ok_or(TxError::Overflow)?;
+    Ok(())
+}
+
+pub struct Chain {
+    spec: ChainSpec,
+    chain_id: Hash,
+    db: Database,
+    index: HashMap<Hash, Entry>,
+    children: HashMap<Hash, Vec<Hash>>,
+    main: Vec<Hash>,
+    /// Main-chain changes not yet taken by [`Chain::take_reorgs`].
+    reorgs: Vec<Reorg>,
+    /// Why the last block marked invalid failed.
+    last_failure: Option<(Hash, BlockError)>,
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("corrupt store: {what}"))
+}
+
+fn decode_block(bytes: &[u8]) -> Result<Block, StoreError> {
+    Block::decode(bytes, usize::MAX).map_err(corrupt)
+}
+
+impl Chain {
+    /// Opens (or creates) the chain stored at `path`.
+    pub fn open(path: &Path, spec: ChainSpec) -> Result<Chain, OpenError> {
+        Chain::with_db(Database::create(path)?, spec)
+    }
+
+    /// A chain in memory: for tests and benchmarks.
+    pub fn in_memory(spec: ChainSpec) -> Result<Chain, OpenError> {
+        let db = redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Chain::with_db(db, spec)
+    }
+
+    fn with_db(db: Database, spec: ChainSpec) -> Result<Chain, OpenError> {
+        spec.validate().map_err(OpenError::Spec)?;
+        let genesis = genesis_block(&spec);
+        let chain_id = genesis.hash();
+        let w = db.begin_write().map_err(StoreError::from)?;
+        {
+            let mut meta = w.open_table(META).map_err(StoreError::from)?;
+            let stored = meta
+                .get("chain_id")
+                .map_err(StoreError::from)?
+                .map(|v| v.value().to_vec());
+            match stored {
+                Some(id) if id != chain_id.0 => {
+                    let stored = Hash(id.try_into().map_err(|_| corrupt("chain id"))?);
+                    return Err(OpenError::SpecMismatch {
+                        stored,
+                        expected: chain_id,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("chain_id", chain_id.0.as_slice())
+                        .map_err(StoreError::from)?;
+                    meta.insert("tip", chain_id.0.as_slice())
+                        .map_err(StoreError::from)?;
+                    let rec = postcard::to_allocvec(&IndexRecord {
+                        header: genesis.header,
+                        invalid: false,
+                    })
+                    .map_err(StoreError::from)?;
+                    w.open_table(INDEX)
+                        .map_err(StoreError::from)?
+                        .insert(&chain_id.0, rec.as_slice())
+                        .map_err(StoreError::from)?;
+                    w.open_table(BLOCKS)
+                        .map_err(StoreError::from)?
+                        .insert(&chain_id.0, genesis.encode().as_slice())
+                        .map_err(StoreError::from)?;
+                    w.open_table(MAIN)
+                        .map_err(StoreError::from)?
+                        .insert(0, &chain_id.0)
+                        .map_err(StoreError::from)?;
+                    let mut accounts = w.open_table(ACCOUNTS).map_err(StoreError::from)?;
+                    for (a, acct) in genesis_state(&spec) {
+                        TableAccounts(&mut accounts).set(a, acct)?;
+                    }
+                }
+            }
+            // Create the remaining tables so that readers never meet a missing one.
+            w.open_table(UNDO).map_err(StoreError::from)?;
+            w.open_table(TXS).map_err(StoreError::from)?;
+        }
+        w.commit().map_err(StoreError::from)?;
+
+        let mut chain = Chain {
+            spec,
+            chain_id,
+            db,
+            index: HashMap::new(),
+            children: HashMap::new(),
+            main: vec![],
+            reorgs: vec![],
+            last_failure: None,
+        };
+        chain.load()?;
+        // A block stored but not connected before a crash (invariant 3 broken between two
+        // transactions) is connected now.
+        chain.activate_best()?;
+        chain.reorgs.clear();
+        Ok(chain)
+    }
+
+    fn load(&mut self) -> Result<(), OpenError> {
+        let r = self.db.begin_read().map_err(StoreError::from)?;
+        let index = r.open_table(INDEX).map_err(StoreError::from)?;
+        let mut records = Vec::with_capacity(index.len().map_err(StoreError::from)? as usize);
+        for item in index.iter().map_err(StoreError::from)? {
+            let (k, v) = item.map_err(StoreError::from)?;
+            let rec: IndexRecord = postcard::from_bytes(v.value()).map_err(corrupt)?;
+            records.push((Hash(*k.value()), rec));
+        }
+        // Parents before children: heights increase along every branch.
+        records.sort_by_key(|(_, r)| r.header.height);
+        for (hash, rec) in records {
+            let parent_work = if rec.header.height == 0 {
+                0
+            } else {
+                self.index
+                    .get(&rec.header.prev)
+                    .ok_or_else(|| corrupt(format!("block {hash} without its parent")))?
+                    .work
+            };
+            self.children.entry(rec.header.prev).or_default().push(hash);
+            self.index.insert(
+                hash,
+                Entry {
+                    work: parent_work + rec.header.target as u128,
+                    header: rec.header,
+                    invalid: rec.invalid,
+                },
+            );
+        }
+        let main = r.open_table(MAIN).map_err(StoreError::from)?;
+        for (i, item) in main.iter().map_err(StoreError::from)?.enumerate() {
+            let (k, v) = item.map_err(StoreError::from)?;
+            if k.value() != i as u64 {
+                return Err(OpenError::Corrupt(format!("main chain has a gap at {i}")));
+            }
+            self.main.push(Hash(*v.value()));
+        }
+        let meta = r.open_table(META).map_err(StoreError::from)?;
+        let tip = meta
+            .get("tip")
+            .map_err(StoreError::from)?
+            .ok_or_else(|| OpenError::Corrupt("no tip".into()))?
+            .value()
+            .to_vec();
+        if self.main.last().map(|h| h.0.as_slice()) != Some(tip.as_slice()) {
+            return Err(OpenError::Corrupt(
+                "the tip is not the last main-chain block".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn spec(&self) -> &ChainSpec {
+        &self.spec
+    }
+
+    /// The genesis hash, which every transfer of this chain carries.
+    pub fn chain_id(&self) -> Hash {
+        self.chain_id
+    }
+
+    pub fn tip(&self) -> TipInfo {
+        let hash = *self.main.last().expect("main always holds genesis");
+        let e = &self.index[&hash];
+        TipInfo {
+            height: e.header.height,
+            hash,
+            work: e.work,
+            timestamp: e.header.timestamp,
+        }
+    }
+
+    pub fn contains(&self, hash: &Hash) -> bool {
+        self.index.contains_key(hash)
+    }
+
+    pub fn is_invalid(&self, hash: &Hash) -> bool {
+        self.index.get(hash).is_some_and(|e| e.invalid)
+    }
+
+    pub fn header(&self, hash: &Hash) -> Option<Header> {
+        self.index.get(hash).map(|e| e.header)
+    }
+
+    pub fn work_of(&self, hash: &Hash) -> Option<u128> {
+        self.index.get(hash).map(|e| e.work)
+    }
+
+    /// How many blocks are held, on every branch.
+    pub fn block_count(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn hash_at(&self, height: u64) -> Option<Hash> {
+        self.main.get(usize::try_from(height).ok()?).copied()
+    }
+
+    pub fn on_main(&self, hash: &Hash) -> bool {
+        self.index
+            .get(hash)
+            .is_some_and(|e| self.hash_at(e.header.height) == Some(*hash))
+    }
+
+    pub fn block(&self, hash: &Hash) -> Result<Option<Block>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(BLOCKS)?;
+        let v = t.get(&hash.0)?;
+        v.map(|v| decode_block(v.value())).transpose()
+    }
+
+    /// The stored bytes of a block: what sync serves without re-encoding.
+    pub fn block_bytes(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(BLOCKS)?;
+        let v = t.get(&hash.0)?;
+        Ok(v.map(|v| v.value().to_vec()))
+    }
+
+    pub fn account(&self, addr: &Address) -> Result<Account, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(ACCOUNTS)?;
+        let v = t.get(&addr.0)?;
+        Ok(v.map(|v| {
+            let (balance, nonce) = v.value();
+            Account { balance, nonce }
+        })
+        .unwrap_or_default())
+    }
+
+    /// Several accounts from one consistent snapshot.
+    pub fn accounts(&self, addrs: &[Address]) -> Result<Vec<Account>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(ACCOUNTS)?;
+        addrs
+            .iter()
+            .map(|a| {
+                Ok(t.get(&a.0)?
+                    .map(|v| {
+                        let (balance, nonce) = v.value();
+                        Account { balance, nonce }
+                    })
+                    .unwrap_or_default())
+            })
+            .collect()
+    }
+
+    pub fn tx_location(&self, id: &Hash) -> Result<Option<TxLocation>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(TXS)?;
+        let Some(v) = t.get(&id.0)? else {
+            return Ok(None);
+        };
+        let (height, position) = v.value();
+        let block = self
+            .hash_at(height)
+            .ok_or_else(|| corrupt("transaction index points past the tip"))?;
+        Ok(Some(TxLocation {
+            height,
+            block,
+            position,
+        }))
+    }
+
+    /// Hashes of the main chain, dense near the tip and exponentially sparser toward genesis
+    /// (always last): a peer finds our fork point with it in one round trip.
+    pub fn locator(&self) -> Vec<Hash> {
+        let mut out = vec![];
+        let mut h = self.main.len() as i64 - 1;
+        let mut step = 1;
+        while h > 0 {
+            out.push(self.main[h as usize]);
+            if out.len() >= 10 {
+                step *= 2;
+            }
+            h -= step;
+        }
+        out.push(self.main[0]);
+        out
+    }
+
+    /// Main-chain headers after the first locator hash that is on our main chain (after genesis
+    /// if none is), at most `max`.
+    pub fn headers_after(&self, locator: &[Hash], max: usize) -> Vec<Header> {
+        let start = locator
+            .iter()
+            .find(|h| self.on_main(h))
+            .map(|h| self.index[h].header.height + 1)
+            .unwrap_or(1);
+        self.main
+            .iter()
+            .skip(start as usize)
+            .take(max)
+            .map(|h| self.index[h].header)
+            .collect()
+    }
+
+    /// The ancestor of `hash` at `height` (which must not exceed `hash`'s height).
+    fn ancestor(&self, mut hash: Hash, height: u64) -> Hash {
+        loop {
+            let e = &self.index[&hash];
+            if e.header.height == height {
+                return hash;
+            }
+            if self.hash_at(e.header.height) == Some(hash) {
+                return self.main[height as usize];
+            }
+            hash = e.header.prev;
+        }
+    }
+
+    /// The difficulty a child of `parent` must carry.
+    pub fn expected_difficulty(&self, parent: &Hash) -> u64 {
+        let p = &self.index[parent].header;
+        let height = p.height + 1;
+        let interval = self.spec.retarget_interval;
+        // The first period keeps the genesis difficulty: genesis has a fixed, old timestamp.
+        if interval == 0 || height % interval != 0 || height < 2 * interval {
+            return p.target;
+        }
+        let first = &self.index[&self.ancestor(*parent, height - interval)].header;
+        let expected = (interval - 1) as u128 * self.spec.block_interval_ms as u128;
+        let f = self.spec.max_retarget_factor as u128;
+        let actual = (p.timestamp.saturating_sub(first.timestamp) as u128)
+            .clamp((expected / f).max(1), expected * f);
+        let next = p.target as u128 * expected / actual;
+        next.clamp(self.spec.min_difficulty as u128, u64::MAX as u128) as u64
+    }
+
+    /// The median timestamp of `parent` and its ancestors, `median_time_span` of them at most.
+    pub fn median_time_past(&self, parent: &Hash) -> Millis {
+        let mut times = Vec::with_capacity(self.spec.median_time_span);
+        let mut h = *parent;
+        while times.len() < self.spec.median_time_span {
+            let e = &self.index[&h];
+            times.push(e.header.timestamp);
+            if e.header.height == 0 {
+                break;
+            }
+            h = e.header.prev;
+        }
+        times.sort_unstable();
+        times[times.len() / 2]
+    }
+
+    /// The header fields of a block extending the tip at `now` (nonce 0, Merkle root empty).
+    pub fn next_header(&self, now: Millis) -> Header {
+        let tip = self.tip();
+        Header {
+            version: BLOCK_VERSION,
+            height: tip.height + 1,
+            prev: tip.hash,
+            merkle_root: Hash::ZERO,
+            timestamp: now.max(self.median_time_past(&tip.hash) + 1),
+            target: self.expected_difficulty(&tip.hash),
+            nonce: 0,
+        }
+    }
+
+    /// All checks a block can pass without state; its parent must be in the index.
+    pub fn check(&self, block: &Block, now: Millis) -> Result<(), BlockError> {
+        let h = &block.header;
+        if h.version != BLOCK_VERSION {
+            return Err(BlockError::Version(h.version));
+        }
+        if !h.meets_target() {
+            return Err(BlockError::BadProofOfWork(h.target));
+        }
+        let parent = &self.index[&h.prev];
+        if parent.invalid {
+            return Err(BlockError::InvalidParent(h.prev));
+        }
+        if h.height != parent.header.height + 1 {
+            return Err(BlockError::BadHeight {
+                parent: parent.header.height,
+                got: h.height,
+            });
+        }
+        let expected = self.expected_difficulty(&h.prev);
+        if h.target != expected {
+            return Err(BlockError::BadDifficulty {
+                expected,
+                got: h.target,
+            });
+        }
+        let median = self.median_time_past(&h.prev);
+        if h.timestamp <= median {
+            return Err(BlockError::TimeTooOld {
+                median,
+                got: h.timestamp,
+            });
+        }
+        let drift_ms = self.spec.max_future_drift_ms;
+        if h.timestamp > now.saturating_add(drift_ms) {
+            return Err(BlockError::TimeTooNew {
+                now,
+                drift_ms,
+                got: h.timestamp,
+            });
+        }
+        check_body(block, &self.spec, &self.chain_id)
+    }
+
+    /// Adds a block: checks it, stores it, and moves the main chain to it if it now has the
+    /// most work. Main-chain changes are queued for [`Chain::take_reorgs`].
+    pub fn add_block(&mut self, block: &Block, now: Millis) -> Result<AddOutcome, BlockError> {
+        let hash = block.hash();
+        if let Some(e) = self.index.get(&hash) {
+            return if e.invalid {
+                Err(BlockError::KnownInvalid)
+            } else {
+                Ok(AddOutcome::Duplicate)
+            };
+        }
+        if !self.index.contains_key(&block.header.prev) {
+            return Ok(AddOutcome::MissingParent(block.header.prev));
+        }
+        self.check(block, now)?;
+
+        let w = self.db.begin_write().map_err(StoreError::from)?;
+        {
+            let rec = postcard::to_allocvec(&IndexRecord {
+                header: block.header,
+                invalid: false,
+            })
+            .map_err(StoreError::from)?;
+            w.open_table(INDEX)
+                .map_err(StoreError::from)?
+                .insert(&hash.0, rec.as_slice())
+                .map_err(StoreError::from)?;
+            w.open_table(BLOCKS)
+                .map_err(StoreError::from)?
+                .insert(&hash.0, block.encode().as_slice())
+                .map_err(StoreError::from)?;
+        }
+        w.commit().map_err(StoreError::from)?;
+        let work = self.index[&block.header.prev].work + block.header.target as u128;
+        self.index.insert(
+            hash,
+            Entry {
+                header: block.header,
+                work,
+                invalid: false,
+            },
+        );
+        self.children
+            .entry(block.header.prev)
+            .or_default()
+            .push(hash);
+
+        if work > self.tip().work {
+            self.activate_best()?;
+        }
+        if self.index[&hash].invalid {
+            return Err(match &self.last_failure {
+                Some((bad, e)) if *bad == hash => e.clone(),
+                Some((bad, _)) => BlockError::InvalidParent(*bad),
+                None => BlockError::KnownInvalid,
+            });
+        }
+        Ok(AddOutcome::Stored {
+            tip: self.tip().hash == hash,
+        })
+    }
+
+    /// The valid block with the most work (the current tip wins ties).
+    fn best_candidate(&self) -> Hash {
+        let tip = self.tip();
+        let mut best = (tip.work, tip.hash);
+        for (h, e) in &self.index {
+            if !e.invalid && e.work > best.0 {
+                best = (e.work, *h);
+            }
+        }
+        best.1
+    }
+
+    /// Moves the main chain to the best candidate, marking invalid whatever fails on the way
+    /// and trying the next best, until the tip is the best valid block (invariant 3).
+    fn activate_best(&mut self) -> Result<(), StoreError> {
+        loop {
+            let best = self.best_candidate();
+            if best == self.tip().hash {
+                return Ok(());
+            }
+            match self.reorg_to(best)? {
+                Ok(reorg) => self.reorgs.push(reorg),
+                Err((bad, e)) => {
+                    self.mark_invalid(bad)?;
+                    self.last_failure = Some((bad, e));
+                }
+            }
+        }
+    }
+
+    /// One write transaction: disconnect down to the fork point, connect up to `target`. On a
+    /// block that fails, the transaction is aborted and that block is returned.
+    #[allow(clippy::type_complexity)]
+    fn reorg_to(&mut self, target: Hash) -> Result<Result<Reorg, (Hash, BlockError)>, StoreError> {
+        let mut connect = vec![];
+        let mut h = target;
+        while !self.on_main(&h) {
+            connect.push(h);
+            h = self.index[&h].header.prev;
+        }
+        connect.reverse();
+        let fork_height = self.index[&h].header.height;
+        let tip_height = self.tip().height;
+
+        let w = self.db.begin_write()?;
+        let mut reorg = Reorg::default();
+        let outcome = (|| -> Result<Result<(), (Hash, BlockError)>, StoreError> {
+            let blocks = w.open_table(BLOCKS)?;
+            let mut accounts = w.open_table(ACCOUNTS)?;
+            let mut undo_t = w.open_table(UNDO)?;
+            let mut main_t = w.open_table(MAIN)?;
+            let mut txs_t = w.open_table(TXS)?;
+            for height in (fork_height + 1..=tip_height).rev() {
+                let hash = self.main[height as usize];
+                let block = decode_block(
+                    blocks
+                        .get(&hash.0)?
+                        .ok_or_else(|| corrupt("main-chain block missing"))?
+                        .value(),
+                )?;
+                let undo: Vec<(Address, Account)> = postcard::from_bytes(
+                    undo_t
+                        .get(&hash.0)?
+                        .ok_or_else(|| corrupt("undo data missing"))?
+                        .value(),
+                )?;
+                let mut state = TableAccounts(&mut accounts);
+                for (a, before) in undo.into_iter().rev() {
+                    state.set(a, before)?;
+                }
+                for id in block.tx_ids() {
+                    txs_t.remove(&id.0)?;
+                }
+                main_t.remove(height)?;
+                undo_t.remove(&hash.0)?;
+                reorg.disconnected.push(block);
+            }
+            for hash in &connect {
+                let block = decode_block(
+                    blocks
+                        .get(&hash.0)?
+                        .ok_or_else(|| corrupt("indexed block missing"))?
+                        .value(),
+                )?;
+                let undo = match apply_block(&mut TableAccounts(&mut accounts), &block, &self.spec)
+                {
+                    Ok(undo) => undo,
+                    Err(BlockError::Storage(e)) => return Err(e),
+                    Err(e) => return Ok(Err((*hash, e))),
+                };
+                undo_t.insert(&hash.0, postcard::to_allocvec(&undo)?.as_slice())?;
+                for (pos, id) in block.tx_ids().into_iter().enumerate() {
+                    txs_t.insert(&id.0, (block.header.height, pos as u32))?;
+                }
+                main_t.insert(block.header.height, &hash.0)?;
+                reorg.connected.push(block);
+            }
+            w.open_table(META)?.insert("tip", target.0.as_slice())?;
+            Ok(Ok(()))
+        })()?;
+        if let Err(bad) = outcome {
+            w.abort()?;
+            return Ok(Err(bad));
+        }
+        w.commit()?;
+        self.main.truncate(fork_height as usize + 1);
+        self.main.extend(connect);
+        Ok(Ok(reorg))
+    }
+
+    /// Marks `hash` and all its descendants invalid, in memory and on disk.
+    fn mark_invalid(&mut self, hash: Hash) -> Result<(), StoreError> {
+        let mut queue = VecDeque::from([hash]);
+        let w = self.db.begin_write()?;
+        {
+            let mut index = w.open_table(INDEX)?;
+            while let Some(h) = queue.pop_front() {
+                let Some(e) = self.index.get_mut(&h) else {
+                    continue;
+                };
+                e.invalid = true;
+                let rec = postcard::to_allocvec(&IndexRecord {
+                    header: e.header,
+                    invalid: true,
+                })?;
+                index.insert(&h.0, rec.as_slice())?;
+                queue.extend(self.children.get(&h).into_iter().flatten().copied());
+            }
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Main-chain changes since the last call, oldest first.
+    pub fn take_reorgs(&mut self) -> Vec<Reorg> {
+        std::mem::take(&mut self.reorgs)
+    }
+
+    /// All stored accounts (for consistency checks and tests).
+    pub fn all_accounts(&self) -> Result<HashMap<Address, Account>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(ACCOUNTS)?;
+        let mut out = HashMap::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let (balance, nonce) = v.value();
+            out.insert(Address(*k.value()), Account { balance, nonce });
+        }
+        Ok(out)
+    }
+
+    /// Replays the main chain from genesis and compares with the stored state, the
+    /// transaction index and the undo data: invariants 2 and 4, checked from scratch.
+    pub fn verify_consistency(&self) -> Result<(), String> {
+        let mut state = genesis_state(&self.spec);
+        let r = self.db.begin_read().map_err(|e| e.to_string())?;
+        let txs_t = r.open_table(TXS).map_err(|e| e.to_string())?;
+        let undo_t = r.open_table(UNDO).map_err(|e| e.to_string())?;
+        let mut tx_count = 0u64;
+        for (height, hash) in self.main.iter().enumerate().skip(1) {
+            let block = self
+                .block(hash)
+                .map_err(|e| e.to_string())?
+                .ok_or(format!("main-chain block {hash} missing"))?;
+            if block.header.height != height as u64 {
+                return Err(format!(
+                    "block {hash} is at height {height} of the main chain"
+                ));
+            }
+            if block.header.prev != self.main[height - 1] {
+                return Err(format!("block {hash} does not extend its predecessor"));
+            }
+            apply_block(&mut state, &block, &self.spec)
+                .map_err(|e| format!("main-chain block {hash} does not apply: {e}"))?;
+            if undo_t.get(&hash.0).map_err(|e| e.to_string())?.is_none() {
+                return Err(format!("no undo data for {hash}"));
+            }
+            for id in block.tx_ids() {
+                let loc = txs_t.get(&id.0).map_err(|e| e.to_string())?;
+                if loc.map(|v| v.value().0) != Some(height as u64) {
+                    return Err(format!("transaction {id} is not indexed at {height}"));
+                }
+                tx_count += 1;
+            }
+        }
+        let indexed = txs_t.len().map_err(|e| e.to_string())?;
+        if indexed != tx_count {
+            return Err(format!(
+                "{indexed} transactions indexed, {tx_count} on the main chain"
+            ));
+        }
+        let stored = self.all_accounts().map_err(|e| e.to_string())?;
+        if stored != state {
+            return Err(format!(
+                "stored state ({} accounts) differs from the replayed main chain ({} accounts)",
+                stored.len(),
+                state.len()
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,518 @@
+//! The ledger's own thread, and the miner's.
+//!
+//! The ledger does CPU work (signature batches, block imports of thousands of transfers) and
+//! synchronous disk writes (redb commits). None of it may stall the network event loop, so one
+//! OS thread owns the [`Ledger`] and takes [`Job`]s from a bounded channel; results come back
+//! to the event loop as [`LedgerEvent`]s on another bounded channel. The event loop never
+//! waits on the ledger: it `try_send`s, and a full queue means "ignore this gossip message"
+//! (gossipsub then neither forwards it nor penalizes anyone) or "busy" to a sync request.
+//!
+//! Gossiped transfers are verified in batches: the thread drains every transfer job already
+//! queued (up to [`TX_BATCH`]) and checks their signatures in one batch verification.
+//!
+//! The miner is a second thread. It asks the ledger for a template, searches nonces in slices
+//! of [`MINER_SLICE`], and between slices checks whether the tip moved (start over on the new
+//! tip) or the mempool changed (rebuild after a second, to include new transfers).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::gossipsub::{MessageAcceptance, MessageId};
+use libp2p::PeerId;
+use meshwork_ledger::{
+    Address, Block, BlockError, BlockOutcome, Hash, Header, Ledger, SignedTransfer, TxError,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::chainsync::{ChainStatus, SyncResponse, MAX_BLOCKS_PER_REQUEST, MAX_HEADERS};
+
+pub const JOB_CAPACITY: usize = 1024;
+pub const EVENT_CAPACITY: usize = 1024;
+pub const TX_BATCH: usize = 128;
+const MINER_SLICE: u64 = 20_000;
+
+pub type Query = Box<dyn FnOnce(&mut Ledger) + Send>;
+
+pub enum Job {
+    GossipTx {
+        id: MessageId,
+        source: PeerId,
+        bytes: Vec<u8>,
+    },
+    GossipBlock {
+        id: MessageId,
+        source: PeerId,
+        bytes: Vec<u8>,
+    },
+    /// A transfer from this node's API: on success it is published.
+    Submit(SignedTransfer, oneshot::Sender<Result<Hash, TxError>>),
+    Mined(Block),
+    /// A headers answer from `peer` to check.
+    Headers {
+        peer: PeerId,
+        headers: Vec<Header>,
+    },
+    /// A block batch from `peer`.
+    Blocks {
+        peer: PeerId,
+        blocks: Vec<Vec<u8>>,
+    },
+    ServeHeaders {
+        key: u64,
+        locator: Vec<Hash>,
+        max: usize,
+    },
+    ServeBlocks {
+        key: u64,
+        hashes: Vec<Hash>,
+    },
+    Query(Query),
+    Stop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topic {
+    Tx,
+    Block,
+}
+
+pub enum LedgerEvent {
+    Verdict {
+        id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+        /// Why the message was rejected, when the sender is to blame.
+        offence: Option<String>,
+    },
+    Publish(Topic, Vec<u8>),
+    Tip(ChainStatus, Vec<Hash>),
+    Orphan(PeerId),
+    Headers {
+        peer: PeerId,
+        missing: Vec<Hash>,
+        last: Option<Hash>,
+        full: bool,
+        offence: Option<String>,
+    },
+    Blocks {
+        peer: PeerId,
+        received: HashSet<Hash>,
+        offence: Option<String>,
+    },
+    Serve(u64, SyncResponse),
+}
+
+/// Shared counters the miner watches without asking the ledger thread.
+#[derive(Default)]
+pub struct Generations {
+    pub tip: AtomicU64,
+    pub mempool: AtomicU64,
+}
+
+pub fn status_of(ledger: &Ledger) -> ChainStatus {
+    let tip = ledger.tip();
+    ChainStatus {
+        chain_id: ledger.chain().chain_id(),
+        height: tip.height,
+        tip: tip.hash,
+        work: tip.work,
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Worker {
+    ledger: Ledger,
+    events: mpsc::Sender<LedgerEvent>,
+    gens: Arc<Generations>,
+    last_tip: Hash,
+}
+
+impl Worker {
+    fn emit(&self, ev: LedgerEvent) {
+        // Blocks only while the event loop is behind; it never waits on us, so this cannot
+        // deadlock. An error means the node is stopping.
+        let _ = self.events.blocking_send(ev);
+    }
+
+    /// After anything that may move the tip: tell the event loop and the miner.
+    fn after_import(&mut self) {
+        let changes = self.ledger.take_changes();
+        for c in changes.iter().filter(|c| c.disconnected > 0) {
+            tracing::info!(
+                "reorganization: {} blocks disconnected, {} connected, {} transfers back in the mempool",
+                c.disconnected,
+                c.connected,
+                c.returned
+            );
+        }
+        let tip = self.ledger.tip();
+        if tip.hash != self.last_tip {
+            self.last_tip = tip.hash;
+            self.gens.tip.fetch_add(1, Ordering::Relaxed);
+            self.emit(LedgerEvent::Tip(
+                status_of(&self.ledger),
+                self.ledger.chain().locator(),
+            ));
+        }
+        self.gens
+            .mempool
+            .store(self.ledger.mempool().generation(), Ordering::Relaxed);
+    }
+
+    fn gossip_txs(&mut self, batch: Vec<(MessageId, PeerId, Vec<u8>)>) {
+        let mut decoded = vec![];
+        for (id, source, bytes) in batch {
+            match SignedTransfer::decode(&bytes) {
+                Ok(t) => decoded.push((id, source, t)),
+                Err(e) => self.emit(LedgerEvent::Verdict {
+                    id,
+                    source,
+                    acceptance: MessageAcceptance::Reject,
+                    offence: Some(format!("malformed transaction: {e}")),
+                }),
+            }
+        }
+        let txs: Vec<SignedTransfer> = decoded.iter().map(|(_, _, t)| *t).collect();
+        let results = self.ledger.submit_many(txs);
+        for ((id, source, _), r) in decoded.into_iter().zip(results) {
+            let (acceptance, offence) = match r {
+                Ok(_) => (MessageAcceptance::Accept, None),
+                Err(e) if e.punishable() => (
+                    MessageAcceptance::Reject,
+                    Some(format!("invalid transaction: {e}")),
+                ),
+                // Duplicates, stale nonces, a full pool: not the sender's fault, not forwarded.
+                Err(_) => (MessageAcceptance::Ignore, None),
+            };
+            self.emit(LedgerEvent::Verdict {
+                id,
+                source,
+                acceptance,
+                offence,
+            });
+        }
+        self.after_import();
+    }
+
+    fn import(&mut self, block: Block) -> Result<BlockOutcome, BlockError> {
+        let r = self.ledger.import(block, now_ms());
+        self.after_import();
+        r
+    }
+
+    fn gossip_block(&mut self, id: MessageId, source: PeerId, bytes: Vec<u8>) {
+        let max = self.ledger.chain().spec().max_block_bytes;
+        let (acceptance, offence) = match Block::decode(&bytes, max) {
+            Err(e) => (
+                MessageAcceptance::Reject,
+                Some(format!("malformed block: {e}")),
+            ),
+            Ok(block) => match self.import(block) {
+                Ok(BlockOutcome::Stored { .. }) => (MessageAcceptance::Accept, None),
+                Ok(BlockOutcome::Duplicate) => (MessageAcceptance::Ignore, None),
+                Ok(BlockOutcome::Orphan { .. }) => {
+                    self.emit(LedgerEvent::Orphan(source));
+                    (MessageAcceptance::Ignore, None)
+                }
+                Err(e) if e.punishable() => (
+                    MessageAcceptance::Reject,
+                    Some(format!("invalid block: {e}")),
+                ),
+                Err(_) => (MessageAcceptance::Ignore, None),
+            },
+        };
+        self.emit(LedgerEvent::Verdict {
+            id,
+            source,
+            acceptance,
+            offence,
+        });
+    }
+
+    /// Checks that headers link from a block we hold and carry their proof of work; returns
+    /// the hashes we lack.
+    fn check_headers(&mut self, peer: PeerId, headers: Vec<Header>) {
+        let chain = self.ledger.chain();
+        let min = chain.spec().min_difficulty;
+        let mut missing = vec![];
+        let mut offence = None;
+        let mut prev: Option<(Hash, u64)> = None;
+        for h in &headers {
+            let linked = match prev {
+                Some((p, height)) => h.prev == p && h.height == height + 1,
+                None => chain
+                    .header(&h.prev)
+                    .is_some_and(|p| p.height + 1 == h.height),
+            };
+            if !linked {
+                offence = Some("headers that do not link".to_string());
+                break;
+            }
+            if h.target < min || !h.meets_target() {
+                offence = Some("a header without its proof of work".to_string());
+                break;
+            }
+            let hash = h.hash();
+            if chain.is_invalid(&hash) {
+                offence = Some("headers of an invalid chain".to_string());
+                break;
+            }
+            if !chain.contains(&hash) {
+                missing.push(hash);
+            }
+            prev = Some((hash, h.height));
+        }
+        let full = offence.is_none() && headers.len() >= MAX_HEADERS;
+        self.emit(LedgerEvent::Headers {
+            peer,
+            missing,
+            last: prev.map(|(h, _)| h),
+            full,
+            offence,
+        });
+    }
+
+    fn sync_blocks(&mut self, peer: PeerId, blocks: Vec<Vec<u8>>) {
+        let max = self.ledger.chain().spec().max_block_bytes;
+        let mut received = HashSet::new();
+        let mut offence = None;
+        for bytes in blocks.into_iter().take(MAX_BLOCKS_PER_REQUEST) {
+            let block = match Block::decode(&bytes, max) {
+                Ok(b) => b,
+                Err(e) => {
+                    offence = Some(format!("malformed block: {e}"));
+                    break;
+                }
+            };
+            let hash = block.hash();
+            let r = self.ledger.import(block, now_ms());
+            match r {
+                Ok(_) => {
+                    received.insert(hash);
+                }
+                Err(e) if e.punishable() => {
+                    offence = Some(format!("invalid block {}: {e}", hash.short()));
+                    break;
+                }
+                Err(e) => tracing::debug!("sync block {} not taken: {e}", hash.short()),
+            }
+        }
+        self.after_import();
+        self.emit(LedgerEvent::Blocks {
+            peer,
+            received,
+            offence,
+        });
+    }
+
+    fn serve_headers(&self, key: u64, locator: Vec<Hash>, max: usize) {
+        let headers = self
+            .ledger
+            .chain()
+            .headers_after(&locator, max.min(MAX_HEADERS));
+        self.emit(LedgerEvent::Serve(key, SyncResponse::Headers(headers)));
+    }
+
+    fn serve_blocks(&self, key: u64, hashes: Vec<Hash>) {
+        let chain = self.ledger.chain();
+        let blocks = hashes
+            .iter()
+            .take(MAX_BLOCKS_PER_REQUEST)
+            .filter_map(|h| chain.block_bytes(h).ok().flatten())
+            .collect();
+        self.emit(LedgerEvent::Serve(key, SyncResponse::Blocks(blocks)));
+    }
+
+    fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let mut held: Option<Job> = None;
+        loop {
+            let Some(job) = held.take().or_else(|| jobs.blocking_recv()) else {
+                return;
+            };
+            match job {
+                Job::GossipTx { id, source, bytes } => {
+                    let mut batch = vec![(id, source, bytes)];
+                    while batch.len() < TX_BATCH {
+                        match jobs.try_recv() {
+                            Ok(Job::GossipTx { id, source, bytes }) => {
+                                batch.push((id, source, bytes))
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.gossip_txs(batch);
+                }
+                Job::GossipBlock { id, source, bytes } => self.gossip_block(id, source, bytes),
+                Job::Submit(t, reply) => {
+                    let r = self.ledger.submit(t);
+                    if r.is_ok() {
+                        self.emit(LedgerEvent::Publish(Topic::Tx, t.encode()));
+                    }
+                    self.after_import();
+                    let _ = reply.send(r);
+                }
+                Job::Mined(block) => {
+                    let (hash, bytes) = (block.hash(), block.encode());
+                    match self.import(block) {
+                        Ok(BlockOutcome::Stored { on_main: true, .. }) => {
+                            tracing::info!(
+                                "mined block {} at height {}",
+                                hash.short(),
+                                self.ledger.tip().height
+                            );
+                            self.emit(LedgerEvent::Publish(Topic::Block, bytes));
+                        }
+                        Ok(other) => tracing::debug!("mined block not taken: {other:?}"),
+                        Err(e) => tracing::warn!("mined an invalid block: {e}"),
+                    }
+                }
+                Job::Headers { peer, headers } => self.check_headers(peer, headers),
+                Job::Blocks { peer, blocks } => self.sync_blocks(peer, blocks),
+                Job::ServeHeaders { key, locator, max } => self.serve_headers(key, locator, max),
+                Job::ServeBlocks { key, hashes } => self.serve_blocks(key, hashes),
+                Job::Query(f) => {
+                    f(&mut self.ledger);
+                    self.after_import();
+                }
+                Job::Stop => return,
+            }
+        }
+    }
+}
+
+/// Starts the ledger thread. Returns the job sender and the thread handle.
+pub fn spawn(
+    ledger: Ledger,
+    events: mpsc::Sender<LedgerEvent>,
+    gens: Arc<Generations>,
+    jobs: mpsc::Receiver<Job>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let last_tip = ledger.tip().hash;
+    gens.mempool
+        .store(ledger.mempool().generation(), Ordering::Relaxed);
+    let worker = Worker {
+        ledger,
+        events,
+        gens,
+        last_tip,
+    };
+    std::thread::Builder::new()
+        .name("meshwork-ledger".into())
+        .spawn(move || worker.run(jobs))
+}
+
+/// The miner's settings.
+#[derive(Clone, Debug)]
+pub struct MinerConfig {
+    pub address: Address,
+    /// Lab only: wait at least this long between blocks found by this miner. With the `test`
+    /// spec (difficulty 1) every hash wins, and this stands in for a share of hash rate
+    /// without burning the CPU that many in-process nodes share. `None` for real mining.
+    pub pace: Option<Duration>,
+}
+
+pub struct Miner {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Miner {
+    pub fn spawn(
+        cfg: MinerConfig,
+        jobs: mpsc::Sender<Job>,
+        gens: Arc<Generations>,
+    ) -> std::io::Result<Miner> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("meshwork-miner".into())
+            .spawn(move || mine(cfg, jobs, gens, flag))?;
+        Ok(Miner {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the search at the next slice boundary and waits for the thread.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Miner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn mine(cfg: MinerConfig, jobs: mpsc::Sender<Job>, gens: Arc<Generations>, stop: Arc<AtomicBool>) {
+    let mut last_found: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if let (Some(pace), Some(last)) = (cfg.pace, last_found) {
+            if last.elapsed() < pace {
+                std::thread::sleep((pace - last.elapsed()).min(Duration::from_millis(50)));
+                continue;
+            }
+        }
+        let tip_gen = gens.tip.load(Ordering::Relaxed);
+        let pool_gen = gens.mempool.load(Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let address = cfg.address;
+        let ask = jobs.blocking_send(Job::Query(Box::new(move |l: &mut Ledger| {
+            let _ = tx.send(l.template(address, now_ms()));
+        })));
+        let Ok(Ok(Ok(mut block))) = ask.map(|_| rx.blocking_recv()) else {
+            return; // the ledger has stopped, or its store failed
+        };
+        let built = Instant::now();
+        let mut nonce: u64 = rand::random();
+        let found = loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if gens.tip.load(Ordering::Relaxed) != tip_gen {
+                break None;
+            }
+            if gens.mempool.load(Ordering::Relaxed) != pool_gen
+                && built.elapsed() > Duration::from_secs(1)
+            {
+                break None;
+            }
+            if let Some(n) = meshwork_ledger::block::search_nonce(&block.header, nonce, MINER_SLICE)
+            {
+                break Some(n);
+            }
+            nonce = nonce.wrapping_add(MINER_SLICE);
+        };
+        if let Some(n) = found {
+            block.header.nonce = n;
+            last_found = Some(Instant::now());
+            if jobs.blocking_send(Job::Mined(block)).is_err() {
+                return;
+            }
+            // Wait until the ledger has taken it, so the next template builds on it.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while gens.tip.load(Ordering::Relaxed) == tip_gen && Instant::now() < deadline {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
