@@ -14,6 +14,8 @@ use meshwork_node::node::{PeerInfo, Status};
 use meshwork_node::NodeConfig;
 use meshwork_proto::NetworkName;
 
+mod wallet;
+
 #[derive(Parser)]
 #[command(
     name = "meshwork",
@@ -45,6 +47,37 @@ enum Command {
     Status(ClientArgs),
     /// List a running node's connected peers.
     Peers(ClientArgs),
+    /// Wallet keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Send a transfer, or follow one.
+    Tx {
+        #[command(subcommand)]
+        command: TxCommand,
+    },
+    /// An account's confirmed balance.
+    Balance {
+        /// The account's address (64 hex digits).
+        address: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The chain's tip and size; `chain verify` checks a stopped node's store.
+    Chain {
+        #[command(subcommand)]
+        command: Option<ChainCommand>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a block by height or hash.
+    Block {
+        /// A height on the main chain, or a block hash.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Run a local demonstration network in this process.
     Demo {
         /// How many nodes.
@@ -63,6 +96,51 @@ enum Command {
         #[arg(long, default_value = "lab", value_parser = ["lab", "production"])]
         timers: String,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key pair; prints its address and writes the secret key to FILE (mode 0600).
+    New {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Write the built-in dev and test chains' faucet key (public, funded at genesis) to FILE.
+    DevFaucet {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TxCommand {
+    /// Sign a transfer locally and submit it to the node; prints the transaction id.
+    Send {
+        /// The sender's key file (from `meshwork key new`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The recipient's address.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        #[arg(long)]
+        amount: u64,
+        #[arg(long, default_value_t = 1)]
+        fee: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// pending, confirmed at height H, or unknown.
+    Status {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChainCommand {
+    /// Replay a stopped node's main chain from genesis and compare with its stored state.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -97,16 +175,26 @@ struct StartArgs {
     /// Accept loopback and private addresses heard from peers (LAN or single-machine networks).
     #[arg(long)]
     allow_private_addrs: bool,
+    /// Mine blocks on a background thread.
+    #[arg(long)]
+    mine: bool,
+    /// Where block rewards go; by default the key <data-dir>/miner.key (created if missing).
+    #[arg(long, value_name = "ADDR", requires = "mine")]
+    miner_address: Option<String>,
+    /// Lab: wait at least this many milliseconds between mined blocks (for difficulty-1 test
+    /// chains, where every hash wins).
+    #[arg(long, value_name = "MS", requires = "mine")]
+    mine_pace_ms: Option<u64>,
 }
 
 #[derive(Args)]
-struct ClientArgs {
+pub(crate) struct ClientArgs {
     /// Print JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// The node's API address; by default read from <data-dir>/api.
     #[arg(long, value_name = "HOST:PORT")]
-    api: Option<String>,
+    pub(crate) api: Option<String>,
 }
 
 fn main() {
@@ -141,6 +229,48 @@ async fn run(cli: Cli) -> Result<()> {
         } => node_start(cli.data_dir.as_deref(), args).await,
         Command::Status(args) => status(cli.data_dir.as_deref(), args).await,
         Command::Peers(args) => peers(cli.data_dir.as_deref(), args).await,
+        Command::Key {
+            command: KeyCommand::New { out },
+        } => wallet::key_new(&out),
+        Command::Key {
+            command: KeyCommand::DevFaucet { out },
+        } => wallet::write_key(
+            &out,
+            &meshwork_ledger::Wallet::from_secret(&meshwork_ledger::spec::DEV_FAUCET_SECRET),
+        ),
+        Command::Tx {
+            command:
+                TxCommand::Send {
+                    key,
+                    to,
+                    amount,
+                    fee,
+                    client,
+                },
+        } => {
+            let a = wallet::SendArgs {
+                key: &key,
+                to: &to,
+                amount,
+                fee,
+            };
+            wallet::tx_send(cli.data_dir.as_deref(), client, a).await
+        }
+        Command::Tx {
+            command: TxCommand::Status { id, client },
+        } => wallet::tx_status(cli.data_dir.as_deref(), client, &id).await,
+        Command::Balance { address, client } => {
+            wallet::balance(cli.data_dir.as_deref(), client, &address).await
+        }
+        Command::Chain {
+            command: Some(ChainCommand::Verify),
+            ..
+        } => wallet::chain_verify(cli.data_dir.as_deref()),
+        Command::Chain {
+            command: None,
+            client,
+        } => wallet::chain(cli.data_dir.as_deref(), client).await,
+        Command::Block { id, client } => wallet::block(cli.data_dir.as_deref(), client, &id).await,
         Command::Demo {
             nodes,
             topology,
@@ -186,6 +316,16 @@ async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
         cfg.api = Some(api);
     }
     cfg.allow_private_addrs |= args.allow_private_addrs;
+    if args.mine {
+        let address = match &args.miner_address {
+            Some(a) => a.parse().context("--miner-address")?,
+            None => wallet::miner_wallet(&dir)?.address(),
+        };
+        cfg.mining = Some(meshwork_node::ledger_service::MinerConfig {
+            address,
+            pace: args.mine_pace_ms.map(Duration::from_millis),
+        });
+    }
     if cfg.listen.is_empty() {
         bail!(
             "no listen address: pass --listen or set [node] listen in {}",
@@ -203,6 +343,9 @@ async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
     if let Some(api) = node.api_addr {
         println!("api         http://{api}/api/v1/status");
         println!("metrics     http://{api}/metrics");
+    }
+    if let Some(m) = &cfg.mining {
+        println!("mining to   {}", m.address);
     }
     println!("node is ready");
 
@@ -228,7 +371,7 @@ async fn wait_for_signal() -> Result<()> {
 }
 
 /// The API base URL: `--api`, else the address the node wrote to `<data-dir>/api`.
-fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<String> {
+pub(crate) fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<String> {
     let addr = match api {
         Some(a) => a,
         None => {
@@ -254,7 +397,7 @@ fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<String> {
     )
 }
 
-async fn get<T: serde::de::DeserializeOwned>(
+pub(crate) async fn get<T: serde::de::DeserializeOwned>(
     base: &str,
     path: &str,
 ) -> Result<(T, serde_json::Value)> {
@@ -319,6 +462,17 @@ async fn status(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
     println!(
         "address book  {} new, {} tried, {} banned",
         b.new, b.tried, b.banned
+    );
+    println!(
+        "chain         height {}, tip {}{}{}",
+        s.chain.height,
+        &s.chain.tip[..16],
+        if s.chain.sync_pending > 0 {
+            format!(", syncing {} blocks", s.chain.sync_pending)
+        } else {
+            String::new()
+        },
+        if s.chain.mining { ", mining" } else { "" }
     );
     Ok(())
 }

@@ -1,0 +1,233 @@
+//! The wallet and chain commands: keys, transfers and queries, all through a node's HTTP API
+//! except `key new` (local) and `chain verify` (offline, on a stopped node's store).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use meshwork_ledger::{Address, Hash, Wallet};
+use meshwork_node::api::{
+    AccountView, ApiError, BlockView, ChainView, SubmitTx, Submitted, TxStatusView,
+};
+use meshwork_node::config;
+
+use crate::{api_base, get, ClientArgs};
+
+/// Writes a new secret key to `out` (mode 0600, never over an existing file).
+pub fn key_new(out: &Path) -> Result<()> {
+    write_key(out, &Wallet::generate())
+}
+
+pub fn write_key(out: &Path, w: &Wallet) -> Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(out)
+        .with_context(|| format!("{}: cannot create the key file", out.display()))?;
+    writeln!(f, "{}", w.secret_hex())?;
+    println!("{}", w.address());
+    eprintln!("secret key written to {}", out.display());
+    Ok(())
+}
+
+pub fn load_wallet(path: &Path) -> Result<Wallet> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the key file", path.display()))?;
+    Wallet::from_secret_hex(&text)
+        .with_context(|| format!("{}: not a meshwork key file", path.display()))
+}
+
+/// The miner's key in the data directory, created on first use.
+pub fn miner_wallet(dir: &Path) -> Result<Wallet> {
+    let path = dir.join("miner.key");
+    if !path.exists() {
+        key_new(&path)?;
+    }
+    load_wallet(&path)
+}
+
+pub struct SendArgs<'a> {
+    pub key: &'a Path,
+    pub to: &'a str,
+    pub amount: u64,
+    pub fee: u64,
+}
+
+pub async fn tx_send(data_dir: Option<&Path>, client: ClientArgs, a: SendArgs<'_>) -> Result<()> {
+    let to: Address = a.to.parse().context("--to")?;
+    if a.amount == 0 {
+        bail!("--amount must be positive");
+    }
+    let w = load_wallet(a.key)?;
+    let base = api_base(data_dir, client.api)?;
+    let (chain, _): (ChainView, _) = get(&base, "/api/v1/chain").await?;
+    let chain_id: Hash = chain.chain_id.parse().context("the node's chain id")?;
+    let (acct, _): (AccountView, _) =
+        get(&base, &format!("/api/v1/accounts/{}", w.address())).await?;
+    let t = w.transfer(chain_id, to, a.amount, a.fee, acct.next_nonce);
+    let url = format!("{base}/api/v1/tx");
+    let resp = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?
+        .post(&url)
+        .json(&SubmitTx {
+            tx: hex::encode(t.encode()),
+        })
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {url}"))?;
+    if resp.status().is_success() {
+        let s: Submitted = resp.json().await.context("the node's answer")?;
+        if client.json {
+            println!("{}", serde_json::json!({ "id": s.id }));
+        } else {
+            println!("{}", s.id);
+        }
+        Ok(())
+    } else {
+        let code = resp.status();
+        let e: ApiError = resp.json().await.unwrap_or(ApiError {
+            error: code.to_string(),
+        });
+        bail!("transaction refused: {}", e.error)
+    }
+}
+
+fn print_json(raw: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(raw)?);
+    Ok(())
+}
+
+pub async fn balance(data_dir: Option<&Path>, client: ClientArgs, addr: &str) -> Result<()> {
+    let addr: Address = addr.parse()?;
+    let base = api_base(data_dir, client.api)?;
+    let (a, raw): (AccountView, _) = get(&base, &format!("/api/v1/accounts/{addr}")).await?;
+    if client.json {
+        return print_json(&raw);
+    }
+    println!("{}", a.balance);
+    if a.next_nonce > a.nonce {
+        eprintln!(
+            "{} transfer(s) pending; next nonce {}",
+            a.next_nonce - a.nonce,
+            a.next_nonce
+        );
+    }
+    Ok(())
+}
+
+pub async fn chain(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
+    let base = api_base(data_dir, client.api)?;
+    let (c, raw): (ChainView, _) = get(&base, "/api/v1/chain").await?;
+    if client.json {
+        return print_json(&raw);
+    }
+    println!("network      {}", c.network);
+    println!("chain id     {}", c.chain_id);
+    println!("height       {}", c.height);
+    println!("tip          {}", c.tip);
+    println!("total work   {}", c.total_work);
+    println!("difficulty   {} (next block)", c.next_difficulty);
+    println!(
+        "held         {} blocks, {} orphans, {} pending transfers",
+        c.blocks_held, c.orphans, c.mempool
+    );
+    Ok(())
+}
+
+/// Checks a stopped node's chain store from scratch (replays the main chain from genesis).
+pub fn chain_verify(data_dir: Option<&Path>) -> Result<()> {
+    let dir = config::data_dir(data_dir)?;
+    let file = config::load_file_config(&dir)?;
+    let key = config::load_identity(&dir)?;
+    let cfg = meshwork_node::NodeConfig::from_file(&file, key, dir.clone())?;
+    let path = dir.join(config::CHAIN_FILE);
+    if !path.exists() {
+        bail!("{}: no chain store", path.display());
+    }
+    let ledger = meshwork_ledger::Ledger::open(&path, cfg.chain)
+        .with_context(|| format!("{}: cannot open (is the node running?)", path.display()))?;
+    ledger
+        .chain()
+        .verify_consistency()
+        .map_err(|e| anyhow::anyhow!("{}: inconsistent: {e}", path.display()))?;
+    let tip = ledger.tip();
+    println!(
+        "consistent: height {}, tip {}, {} blocks held",
+        tip.height,
+        tip.hash,
+        ledger.chain().block_count()
+    );
+    Ok(())
+}
+
+pub async fn block(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Result<()> {
+    let base = api_base(data_dir, client.api)?;
+    let (b, raw): (BlockView, _) = get(&base, &format!("/api/v1/blocks/{id}")).await?;
+    if client.json {
+        return print_json(&raw);
+    }
+    println!("hash         {}", b.hash);
+    println!(
+        "height       {}{}",
+        b.height,
+        if b.on_main_chain {
+            ""
+        } else {
+            " (not on the main chain)"
+        }
+    );
+    println!("previous     {}", b.prev);
+    println!("timestamp    {} ms", b.timestamp);
+    println!("difficulty   {}", b.difficulty);
+    println!("nonce        {}", b.nonce);
+    println!("transactions {}", b.txs.len());
+    for t in &b.txs {
+        match &t.from {
+            Some(from) => println!(
+                "  {}  {} -> {}  amount {} fee {} nonce {}",
+                &t.id[..16],
+                &from[..16],
+                &t.to[..16],
+                t.amount,
+                t.fee,
+                t.nonce.unwrap_or(0)
+            ),
+            None => println!(
+                "  {}  coinbase -> {}  amount {}",
+                &t.id[..16],
+                &t.to[..16],
+                t.amount
+            ),
+        }
+    }
+    Ok(())
+}
+
+pub async fn tx_status(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Result<()> {
+    let id: Hash = id.parse().context("transaction id")?;
+    let base = api_base(data_dir, client.api)?;
+    let (s, raw): (TxStatusView, _) = get(&base, &format!("/api/v1/tx/{id}")).await?;
+    if client.json {
+        return print_json(&raw);
+    }
+    match s.status {
+        meshwork_ledger::TxStatus::Pending => println!("pending"),
+        meshwork_ledger::TxStatus::Confirmed {
+            height,
+            block,
+            confirmations,
+        } => println!(
+            "confirmed at height {height} (block {}), {confirmations} confirmation(s)",
+            block.short()
+        ),
+        meshwork_ledger::TxStatus::Unknown => println!("unknown"),
+    }
+    Ok(())
+}
