@@ -1,6 +1,8 @@
 //! The demonstration network (the README's first command): nodes that each know only the
 //! previous one find each other through peer exchange and the DHT. It prints how long that
-//! took, each node's degree, and how each node learned the peers it knows.
+//! took, each node's degree, and how each node learned the peers it knows. Then a transfer
+//! created on one node spreads to every mempool, is mined with real proof of work, and shows in
+//! every node's ledger.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -165,7 +167,116 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
         },
         started.elapsed().as_secs_f64() * 1000.0
     )?;
+    ledger_story(&h, out).await?;
     h.shutdown().await;
     writeln!(out, "All nodes stopped.")?;
+    Ok(())
+}
+
+/// A transfer created on the last node spreads to every mempool, node 0 mines it with real
+/// proof of work (the `dev` spec), and every node's ledger shows the new balance.
+async fn ledger_story(h: &crate::harness::Harness, out: &mut (impl Write + Send)) -> Result<()> {
+    use meshwork_ledger::{TxStatus, Wallet};
+    let n = h.len();
+    let last = &h.running(n - 1)?.handle;
+    let miner_node = &h.running(0)?.handle;
+    let (chain_id, difficulty) = last
+        .ledger(|l| {
+            let tip = l.tip().hash;
+            (l.chain().chain_id(), l.chain().expected_difficulty(&tip))
+        })
+        .await?;
+    let faucet = Wallet::from_secret(&meshwork_ledger::spec::DEV_FAUCET_SECRET);
+    let bob = Wallet::generate();
+    let fa = faucet.address();
+    let (_, nonce) = last.ledger(move |l| l.account(&fa)).await??;
+    let t = faucet.transfer(chain_id, bob.address(), 1_000, 5, nonce);
+    writeln!(
+        out,
+        "
+Ledger: node {} signs a transfer of 1000 from the dev faucet to a new account {}...",
+        n - 1,
+        &bob.address().to_string()[..16]
+    )?;
+    let started = tokio::time::Instant::now();
+    last.submit(t)
+        .await?
+        .map_err(|e| anyhow::anyhow!("transfer refused: {e}"))?;
+    let id = t.id();
+    let spread = wait_for(
+        "the transfer in every mempool",
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        || async {
+            for (_, node) in h.running_nodes() {
+                let s = node.handle.ledger(move |l| l.tx_status(&id)).await??;
+                if s != TxStatus::Pending {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await?;
+    writeln!(
+        out,
+        "  verified and forwarded by every node: in all {n} mempools after {:.0} ms (transaction {}).",
+        spread.as_secs_f64() * 1000.0,
+        id.short()
+    )?;
+    writeln!(
+        out,
+        "  node 0 starts mining (real proof of work: about {difficulty} BLAKE3 hashes per block)..."
+    )?;
+    miner_node
+        .set_mining(Some(meshwork_node::ledger_service::MinerConfig {
+            address: Wallet::generate().address(),
+            pace: None,
+        }))
+        .await?;
+    let mining_from = tokio::time::Instant::now();
+    wait_for(
+        "the transfer confirmed on every node",
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        || async {
+            for (_, node) in h.running_nodes() {
+                let s = node.handle.ledger(move |l| l.tx_status(&id)).await??;
+                if !matches!(s, TxStatus::Confirmed { .. }) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await?;
+    miner_node.set_mining(None).await?;
+    let (height, block) = match miner_node.ledger(move |l| l.tx_status(&id)).await?? {
+        TxStatus::Confirmed { height, block, .. } => (height, block),
+        other => anyhow::bail!("unexpected status {other:?}"),
+    };
+    writeln!(
+        out,
+        "  mined into block {} at height {height} and confirmed on all {n} nodes {:.1} s after mining began ({:.1} s after it was signed).",
+        block.short(),
+        mining_from.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    )?;
+    let bob_addr = bob.address();
+    let mut balances = vec![];
+    for (_, node) in h.running_nodes() {
+        balances.push(
+            node.handle
+                .ledger(move |l| l.chain().account(&bob_addr).map(|a| a.balance))
+                .await??,
+        );
+    }
+    let agree = balances.iter().all(|b| *b == 1_000);
+    writeln!(
+        out,
+        "  the new account's balance on each node: {:?}{}",
+        balances,
+        if agree { " (all agree)" } else { " (DISAGREE)" }
+    )?;
     Ok(())
 }

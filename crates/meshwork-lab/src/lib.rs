@@ -9,6 +9,7 @@
 
 pub mod demo;
 pub mod harness;
+pub mod propagation;
 pub mod resources;
 pub mod rogue;
 

@@ -81,6 +81,7 @@ pub enum Topic {
 pub enum LedgerEvent {
     Verdict {
         id: MessageId,
+        topic: Topic,
         source: PeerId,
         acceptance: MessageAcceptance,
         /// Why the message was rejected, when the sender is to blame.
@@ -174,6 +175,7 @@ impl Worker {
                 Ok(t) => decoded.push((id, source, t)),
                 Err(e) => self.emit(LedgerEvent::Verdict {
                     id,
+                    topic: Topic::Tx,
                     source,
                     acceptance: MessageAcceptance::Reject,
                     offence: Some(format!("malformed transaction: {e}")),
@@ -194,6 +196,7 @@ impl Worker {
             };
             self.emit(LedgerEvent::Verdict {
                 id,
+                topic: Topic::Tx,
                 source,
                 acceptance,
                 offence,
@@ -231,6 +234,7 @@ impl Worker {
         };
         self.emit(LedgerEvent::Verdict {
             id,
+            topic: Topic::Block,
             source,
             acceptance,
             offence,

@@ -220,6 +220,7 @@ enum Command {
     Partition(HashSet<PeerId>, oneshot::Sender<()>),
     GossipScore(PeerId, oneshot::Sender<Option<f64>>),
     Inject(Topic, Vec<u8>, oneshot::Sender<Result<(), String>>),
+    Seen(oneshot::Sender<Vec<(Vec<u8>, Topic, Instant)>>),
     Mining(
         Option<ledger_service::MinerConfig>,
         oneshot::Sender<Result<(), NodeError>>,
@@ -319,6 +320,12 @@ impl NodeHandle {
         self.ask(|tx| Command::Mining(cfg, tx)).await?
     }
 
+    /// When this node first accepted (or itself published) each recent gossip message: message
+    /// id (BLAKE3 of the payload), topic and instant. The lab's propagation measurements.
+    pub async fn gossip_seen(&self) -> Result<Vec<(Vec<u8>, Topic, Instant)>, NodeError> {
+        self.ask(Command::Seen).await
+    }
+
     /// Gossipsub's score of a peer, as this node sees it.
     pub async fn gossip_score(&self, peer: PeerId) -> Result<Option<f64>, NodeError> {
         self.ask(|tx| Command::GossipScore(peer, tx)).await
@@ -414,9 +421,14 @@ struct Actor {
     ledger_thread: Option<std::thread::JoinHandle<()>>,
     miner: Option<Miner>,
     gens: Arc<Generations>,
+    /// When recent gossip messages were first accepted or published here, oldest first.
+    seen: std::collections::VecDeque<(Vec<u8>, Topic, Instant)>,
     /// Our own messages that found no peer to publish to yet (see `publish`).
     unbroadcast: std::collections::VecDeque<(Topic, Vec<u8>)>,
 }
+
+/// Recent gossip arrivals remembered for the lab, at most.
+const MAX_SEEN: usize = 4096;
 
 /// Own messages kept for a later publish, at most.
 const MAX_UNBROADCAST: usize = 1024;
@@ -721,6 +733,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         miner,
         gens,
         unbroadcast: std::collections::VecDeque::new(),
+        seen: std::collections::VecDeque::new(),
     };
     actor.metrics.chain_height.set(status0.height as i64);
 
@@ -1245,6 +1258,9 @@ impl Actor {
                 };
                 let _ = tx.send(r);
             }
+            Command::Seen(tx) => {
+                let _ = tx.send(self.seen.iter().cloned().collect());
+            }
             Command::GossipScore(peer, tx) => {
                 let _ = tx.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
             }
@@ -1306,6 +1322,7 @@ impl Actor {
     /// the next sync round, so that what the ledger accepted is never silently kept local
     /// (Bitcoin Core's "unbroadcast set").
     fn publish(&mut self, topic: Topic, bytes: Vec<u8>) {
+        self.remember(blake3::hash(&bytes).as_bytes().to_vec(), topic);
         let t = self.topic(topic);
         match self
             .swarm
@@ -1322,6 +1339,13 @@ impl Actor {
             }
             Err(e) => tracing::debug!("not published: {e}"),
         }
+    }
+
+    fn remember(&mut self, id: Vec<u8>, topic: Topic) {
+        if self.seen.len() >= MAX_SEEN {
+            self.seen.pop_front();
+        }
+        self.seen.push_back((id, topic, Instant::now()));
     }
 
     fn retry_unbroadcast(&mut self) {
@@ -1389,11 +1413,18 @@ impl Actor {
         match ev {
             LedgerEvent::Verdict {
                 id,
+                topic,
                 source,
                 acceptance,
                 offence,
             } => {
-                let topic = "gossip";
+                if acceptance == gossipsub::MessageAcceptance::Accept {
+                    self.remember(id.0.clone(), topic);
+                }
+                let topic = match topic {
+                    Topic::Tx => "tx",
+                    Topic::Block => "block",
+                };
                 let verdict = match acceptance {
                     gossipsub::MessageAcceptance::Accept => "accept",
                     gossipsub::MessageAcceptance::Reject => "reject",

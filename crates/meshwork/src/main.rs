@@ -78,6 +78,11 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Lab measurements.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
     /// Run a local demonstration network in this process.
     Demo {
         /// How many nodes.
@@ -95,6 +100,28 @@ enum Command {
         /// Timers: "lab" (discovery in seconds) or "production" (a real node's).
         #[arg(long, default_value = "lab", value_parser = ["lab", "production"])]
         timers: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Transactions and blocks through N in-process nodes: time to reach every node (p50,
+    /// p99) and copies received per node per message. Prints JSON.
+    Propagation {
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        #[arg(long, default_value_t = 30)]
+        txs: usize,
+        #[arg(long, default_value_t = 5)]
+        blocks: usize,
+        /// Milliseconds between transactions (blocks: four times this).
+        #[arg(long, default_value_t = 250)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Seconds of quiet after the nodes connect, before the first message.
+        #[arg(long, default_value_t = 10)]
+        settle_secs: u64,
     },
 }
 
@@ -229,6 +256,30 @@ async fn run(cli: Cli) -> Result<()> {
         } => node_start(cli.data_dir.as_deref(), args).await,
         Command::Status(args) => status(cli.data_dir.as_deref(), args).await,
         Command::Peers(args) => peers(cli.data_dir.as_deref(), args).await,
+        Command::Lab {
+            command:
+                LabCommand::Propagation {
+                    nodes,
+                    txs,
+                    blocks,
+                    interval_ms,
+                    seed,
+                    settle_secs,
+                },
+        } => {
+            let report =
+                meshwork_lab::propagation::run(meshwork_lab::propagation::PropagationOptions {
+                    nodes,
+                    txs,
+                    blocks,
+                    interval: Duration::from_millis(interval_ms),
+                    seed,
+                    settle: Duration::from_secs(settle_secs),
+                })
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Key {
             command: KeyCommand::New { out },
         } => wallet::key_new(&out),
