@@ -667,7 +667,7 @@ impl Chain {
         let height = p.height + 1;
         let interval = self.spec.retarget_interval;
         // The first period keeps the genesis difficulty: genesis has a fixed, old timestamp.
-        if interval == 0 || height % interval != 0 || height < 2 * interval {
+        if interval == 0 || !height.is_multiple_of(interval) || height < 2 * interval {
             return p.target;
         }
         let first = &self.index[&self.ancestor(*parent, height - interval)].header;
