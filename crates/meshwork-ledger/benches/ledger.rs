@@ -138,7 +138,7 @@ fn main() {
         hashes as f64 / t.elapsed().as_secs_f64() / 1e6
     );
     println!(
-        "import, 2000-transfer block ({} KiB): {import_ms:.1} ms in all ({verify_ms:.1} ms of it batch verification), {:.0} tx/s",
+        "import, 2000-transfer block ({} KiB): {import_ms:.1} ms in all, {:.0} tx/s (a batch verification of its signatures alone: {verify_ms:.1} ms)",
         bytes / 1024,
         2000.0 / (import_ms / 1000.0)
     );

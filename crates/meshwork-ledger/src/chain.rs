@@ -535,10 +535,6 @@ impl Chain {
         self.index.get(hash).map(|e| e.header)
     }
 
-    pub fn work_of(&self, hash: &Hash) -> Option<u128> {
-        self.index.get(hash).map(|e| e.work)
-    }
-
     /// How many blocks are held, on every branch.
     pub fn block_count(&self) -> usize {
         self.index.len()
@@ -578,23 +574,6 @@ impl Chain {
             Account { balance, nonce }
         })
         .unwrap_or_default())
-    }
-
-    /// Several accounts from one consistent snapshot.
-    pub fn accounts(&self, addrs: &[Address]) -> Result<Vec<Account>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(ACCOUNTS)?;
-        addrs
-            .iter()
-            .map(|a| {
-                Ok(t.get(&a.0)?
-                    .map(|v| {
-                        let (balance, nonce) = v.value();
-                        Account { balance, nonce }
-                    })
-                    .unwrap_or_default())
-            })
-            .collect()
     }
 
     pub fn tx_location(&self, id: &Hash) -> Result<Option<TxLocation>, StoreError> {
@@ -769,7 +748,11 @@ impl Chain {
         }
         self.check(block, now)?;
 
-        let w = self.db.begin_write().map_err(StoreError::from)?;
+        // Not fsynced on its own: the main-chain change that usually follows commits durably,
+        // and a durable commit persists the non-durable ones before it. A side-chain block lost
+        // in a crash is simply fetched again.
+        let mut w = self.db.begin_write().map_err(StoreError::from)?;
+        w.set_durability(redb::Durability::None);
         {
             let rec = postcard::to_allocvec(&IndexRecord {
                 header: block.header,

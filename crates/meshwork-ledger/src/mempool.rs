@@ -59,10 +59,6 @@ impl Mempool {
         self.by_id.contains_key(id)
     }
 
-    pub fn get(&self, id: &Hash) -> Option<&SignedTransfer> {
-        self.by_id.get(id)
-    }
-
     /// Pending transfers, highest fee first.
     pub fn list(&self, max: usize) -> Vec<SignedTransfer> {
         self.by_fee
@@ -186,11 +182,6 @@ impl Mempool {
             }
         }
         next
-    }
-
-    /// Senders with pending transfers.
-    pub fn senders(&self) -> impl Iterator<Item = &Address> {
-        self.by_sender.keys()
     }
 
     /// Re-checks one sender's pending transfers against its new confirmed state: stale nonces

@@ -217,10 +217,6 @@ impl Syncer {
         self.queue.len() + self.in_flight.len()
     }
 
-    pub fn peer_status(&self, peer: &PeerId) -> Option<ChainStatus> {
-        self.peers.get(peer).and_then(|p| p.status)
-    }
-
     /// Our tip moved (an import, a reorganization).
     pub fn on_tip(&mut self, ours: ChainStatus, locator: Vec<Hash>) -> Vec<SyncAction> {
         self.ours = ours;
@@ -320,11 +316,6 @@ impl Syncer {
             self.continue_from = None;
         }
         self.poll()
-    }
-
-    /// Blocks we now hold (imported through gossip or another batch) leave the queue.
-    pub fn forget(&mut self, have: impl Fn(&Hash) -> bool) {
-        self.queue.retain(|h| !have(h));
     }
 
     fn ahead(&self, p: &PeerSync) -> bool {

@@ -1631,9 +1631,7 @@ impl Actor {
             } => {
                 if let Some((_, ask)) = self.sync_out.remove(&request_id) {
                     if let request_response::OutboundFailure::Io(e) = &error {
-                        if e.kind() == std::io::ErrorKind::InvalidData {
-                            self.penalize(peer, Offence::BadSync(e.to_string()));
-                        }
+                        self.penalize_bad_frame(peer, e);
                     }
                     tracing::debug!("sync {ask:?} to {peer} failed: {error}");
                     let acts = self.sync_failed(peer, ask);
@@ -1642,12 +1640,18 @@ impl Actor {
             }
             Event::InboundFailure { peer, error, .. } => {
                 if let request_response::InboundFailure::Io(e) = &error {
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        self.penalize(peer, Offence::BadSync(e.to_string()));
-                    }
+                    self.penalize_bad_frame(peer, e);
                 }
             }
             Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// The sync codec reports oversized or undecodable frames as `InvalidData`: the peer's
+    /// fault. Other I/O errors (closed streams, resets) are nobody's.
+    fn penalize_bad_frame(&mut self, peer: PeerId, e: &std::io::Error) {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            self.penalize(peer, Offence::BadSync(e.to_string()));
         }
     }
 
