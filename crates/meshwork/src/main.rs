@@ -78,6 +78,11 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The content tracker (client-server peer discovery for the content swarm).
+    Tracker {
+        #[command(subcommand)]
+        command: TrackerCommand,
+    },
     /// Lab measurements.
     Lab {
         #[command(subcommand)]
@@ -100,6 +105,18 @@ enum Command {
         /// Timers: "lab" (discovery in seconds) or "production" (a real node's).
         #[arg(long, default_value = "lab", value_parser = ["lab", "production"])]
         timers: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrackerCommand {
+    /// Serve announces on HOST:PORT until Ctrl-C or SIGTERM.
+    Start {
+        #[arg(long, default_value = "127.0.0.1:6969", value_name = "HOST:PORT")]
+        listen: SocketAddr,
+        /// Seconds between a peer's announces; peers silent for three intervals expire.
+        #[arg(long, default_value_t = 60)]
+        interval_secs: u64,
     },
 }
 
@@ -256,6 +273,34 @@ async fn run(cli: Cli) -> Result<()> {
         } => node_start(cli.data_dir.as_deref(), args).await,
         Command::Status(args) => status(cli.data_dir.as_deref(), args).await,
         Command::Peers(args) => peers(cli.data_dir.as_deref(), args).await,
+        Command::Tracker {
+            command:
+                TrackerCommand::Start {
+                    listen,
+                    interval_secs,
+                },
+        } => {
+            if interval_secs == 0 {
+                bail!("--interval-secs must be at least 1");
+            }
+            let interval = Duration::from_secs(interval_secs);
+            let t = meshwork_server::http::start(
+                listen,
+                meshwork_server::tracker::TrackerConfig {
+                    interval,
+                    peer_ttl: interval * 3,
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("announce    http://{}/api/v1/announce", t.addr);
+            println!("stats       http://{}/api/v1/stats", t.addr);
+            println!("tracker is ready");
+            wait_for_signal().await?;
+            t.stop();
+            Ok(())
+        }
         Command::Lab {
             command:
                 LabCommand::Propagation {
