@@ -7,6 +7,7 @@
 //! - [`picker`]: random first pieces, then rarest first; in-flight tracking; the endgame.
 //! - [`choker`]: tit-for-tat upload slots, a rotating optimistic unchoke, anti-snubbing.
 //! - [`superseed`]: an initial seeder that uploads about one copy.
+//! - [`wire`]: the piece protocol's messages, framing and bounds.
 //!
 //! The networking (the piece protocol on libp2p streams, the tracker, DHT providers) is not
 //! built yet; these cores are written to be driven by it, as the ledger is by the node.
@@ -17,6 +18,7 @@ pub mod manifest;
 pub mod picker;
 pub mod store;
 pub mod superseed;
+pub mod wire;
 
 pub use bitfield::Bitfield;
 pub use manifest::{ContentId, Digest, Manifest};

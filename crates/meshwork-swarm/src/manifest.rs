@@ -18,8 +18,8 @@ pub const DEFAULT_PIECE_SIZE: u32 = 256 << 10;
 /// Piece sizes accepted: powers of two from 16 KiB to 16 MiB.
 pub const MIN_PIECE_SIZE: u32 = 16 << 10;
 pub const MAX_PIECE_SIZE: u32 = 16 << 20;
-/// At most this many pieces (a 4 GiB file at 256 KiB pieces has 16 384; this allows 1 TiB).
-pub const MAX_PIECES: usize = 1 << 22;
+/// At most this many pieces (256 GiB at 256 KiB pieces); the manifest stays under 33 MiB.
+pub const MAX_PIECES: usize = 1 << 20;
 pub const MAX_NAME_BYTES: usize = 255;
 /// The largest manifest's encoding: the piece hashes plus a little.
 pub const MAX_MANIFEST_BYTES: usize = MAX_PIECES * 32 + 1024;
