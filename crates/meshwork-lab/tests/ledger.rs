@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
@@ -414,12 +414,9 @@ async fn an_empty_node_syncs_a_500_block_chain() -> Result<()> {
         .ledger(|l| l.chain().verify_consistency())
         .await?
         .map_err(anyhow::Error::msg)?;
-    let counts: HashMap<&str, u64> = HashMap::from([(
-        "blocks",
-        b.handle.ledger(|l| l.chain().block_count() as u64).await?,
-    )]);
-    if counts["blocks"] != 501 {
-        bail!("B holds {} blocks", counts["blocks"]);
+    let blocks = b.handle.ledger(|l| l.chain().block_count()).await?;
+    if blocks != 501 {
+        bail!("B holds {blocks} blocks");
     }
     b.shutdown().await;
     a.shutdown().await;

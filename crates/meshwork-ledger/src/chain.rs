@@ -445,7 +445,7 @@ impl Chain {
         chain.load()?;
         // A block stored but not connected before a crash (invariant 3 broken between two
         // transactions) is connected now.
-        chain.activate_best()?;
+        chain.activate_best(None)?;
         chain.reorgs.clear();
         Ok(chain)
     }
@@ -784,7 +784,7 @@ impl Chain {
             .push(hash);
 
         if work > self.tip().work {
-            self.activate_best()?;
+            self.activate_best(Some(hash))?;
         }
         if self.index[&hash].invalid {
             return Err(match &self.last_failure {
@@ -812,9 +812,17 @@ impl Chain {
 
     /// Moves the main chain to the best candidate, marking invalid whatever fails on the way
     /// and trying the next best, until the tip is the best valid block (invariant 3).
-    fn activate_best(&mut self) -> Result<(), StoreError> {
+    ///
+    /// `new` is a block just added with more work than the tip: since invariant 3 held before
+    /// it arrived, it is the best candidate, and the index is scanned only after a failure
+    /// (or at start-up). Scanning on every new tip would make a sync quadratic.
+    fn activate_best(&mut self, new: Option<Hash>) -> Result<(), StoreError> {
+        let mut hint = new;
         loop {
-            let best = self.best_candidate();
+            let best = match hint.take() {
+                Some(h) => h,
+                None => self.best_candidate(),
+            };
             if best == self.tip().hash {
                 return Ok(());
             }

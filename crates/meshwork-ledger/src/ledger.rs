@@ -191,16 +191,19 @@ impl Ledger {
     /// Checks and admits transfers: stateless rules, then one batch verification of every
     /// signature that got that far, then the mempool's rules against the confirmed state.
     pub fn submit_many(&mut self, txs: Vec<SignedTransfer>) -> Vec<Result<Hash, TxError>> {
-        let spec = self.chain.spec().clone();
-        let chain_id = self.chain.chain_id();
-        let mut results: Vec<Result<Hash, TxError>> = txs
-            .iter()
-            .map(|t| check_transfer_fields(t, &spec, &chain_id).map(|_| t.id()))
-            .collect();
+        // Each id is a postcard encoding and a hash: computed once per transfer here.
+        let ids: Vec<Hash> = txs.iter().map(|t| t.id()).collect();
+        let mut results: Vec<Result<Hash, TxError>> = {
+            let (spec, chain_id) = (self.chain.spec(), self.chain.chain_id());
+            txs.iter()
+                .zip(&ids)
+                .map(|(t, id)| check_transfer_fields(t, spec, &chain_id).map(|_| *id))
+                .collect()
+        };
         let to_verify: Vec<(usize, &SignedTransfer)> = txs
             .iter()
             .enumerate()
-            .filter(|(i, t)| results[*i].is_ok() && !self.mempool.contains(&t.id()))
+            .filter(|(i, _)| results[*i].is_ok() && !self.mempool.contains(&ids[*i]))
             .collect();
         let refs: Vec<&SignedTransfer> = to_verify.iter().map(|(_, t)| *t).collect();
         for ((i, _), ok) in to_verify.iter().zip(verify_all(&refs)) {
@@ -210,14 +213,13 @@ impl Ledger {
         }
         for (i, t) in txs.into_iter().enumerate() {
             if results[i].is_ok() {
-                results[i] = self.admit_verified(t);
+                results[i] = self.admit_verified(t, ids[i]);
             }
         }
         results
     }
 
-    fn admit_verified(&mut self, t: SignedTransfer) -> Result<Hash, TxError> {
-        let id = t.id();
+    fn admit_verified(&mut self, t: SignedTransfer, id: Hash) -> Result<Hash, TxError> {
         if self.mempool.contains(&id) {
             return Err(TxError::Duplicate);
         }
@@ -296,7 +298,7 @@ impl Ledger {
             }
             let mut back = 0;
             for t in returned {
-                if self.admit_verified(t).is_ok() {
+                if self.admit_verified(t, t.id()).is_ok() {
                     back += 1;
                 }
             }

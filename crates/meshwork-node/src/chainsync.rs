@@ -178,7 +178,8 @@ struct PeerSync {
     blocks: Vec<Hash>,
 }
 
-/// The download scheduler. Invariants: every hash is in at most one of `queue` and
+/// The download scheduler. Invariants: `queued` holds exactly the hashes of `queue`; every
+/// hash is in at most one of `queue` and
 /// `in_flight`; `in_flight` holds exactly the hashes of the peers' `blocks`; a peer has at most
 /// one headers request and one block batch outstanding.
 pub struct Syncer {
@@ -187,6 +188,9 @@ pub struct Syncer {
     locator: Vec<Hash>,
     peers: HashMap<PeerId, PeerSync>,
     queue: VecDeque<Hash>,
+    /// The hashes in `queue`, for O(1) membership: a headers answer of 2000 checked against a
+    /// queue of 8000 by scanning would cost 16 million comparisons.
+    queued: HashSet<Hash>,
     in_flight: HashMap<Hash, PeerId>,
     /// The peer answering our current headers request, if any.
     headers_from: Option<PeerId>,
@@ -202,6 +206,7 @@ impl Syncer {
             locator,
             peers: HashMap::new(),
             queue: VecDeque::new(),
+            queued: HashSet::new(),
             in_flight: HashMap::new(),
             headers_from: None,
             continue_from: None,
@@ -260,7 +265,7 @@ impl Syncer {
             if self.queue.len() >= MAX_QUEUE {
                 break;
             }
-            if !self.in_flight.contains_key(&h) && !self.queue.contains(&h) {
+            if !self.in_flight.contains_key(&h) && self.queued.insert(h) {
                 self.queue.push_back(h);
             }
         }
@@ -288,7 +293,7 @@ impl Syncer {
             .unwrap_or_default();
         for h in batch.iter().rev() {
             self.in_flight.remove(h);
-            if !received.contains(h) {
+            if !received.contains(h) && self.queued.insert(*h) {
                 self.queue.push_front(*h);
             }
         }
@@ -306,7 +311,9 @@ impl Syncer {
         if let Some(p) = self.peers.remove(peer) {
             for h in p.blocks.iter().rev() {
                 self.in_flight.remove(h);
-                self.queue.push_front(*h);
+                if self.queued.insert(*h) {
+                    self.queue.push_front(*h);
+                }
             }
         }
         if self.headers_from == Some(*peer) {
@@ -366,6 +373,7 @@ impl Syncer {
             }
             let hashes: Vec<Hash> = self.queue.drain(..n).collect();
             for h in &hashes {
+                self.queued.remove(h);
                 self.in_flight.insert(*h, peer);
             }
             self.peers.get_mut(&peer).expect("idle peer").blocks = hashes.clone();

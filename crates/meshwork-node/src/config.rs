@@ -473,16 +473,7 @@ impl NodeConfig {
             idle_timeout: secs(file.connections.idle_timeout_s, "idle_timeout_s")?,
             ..Timings::default()
         };
-        let chain = if file.chain.spec_file.is_empty() {
-            meshwork_ledger::ChainSpec::for_network(&network.to_string())
-        } else {
-            let p = Path::new(&file.chain.spec_file);
-            load_spec(&if p.is_relative() {
-                data_dir.join(p)
-            } else {
-                p.to_path_buf()
-            })?
-        };
+        let chain = chain_spec(file, &data_dir)?;
         Ok(Self {
             network,
             keypair,
@@ -504,6 +495,23 @@ impl NodeConfig {
             mining: None,
         })
     }
+}
+
+/// The chain spec a data directory's config names: its `[chain] spec_file` (relative to the
+/// data directory), or the network's built-in spec.
+pub fn chain_spec(
+    file: &FileConfig,
+    data_dir: &Path,
+) -> Result<meshwork_ledger::ChainSpec, ConfigError> {
+    if file.chain.spec_file.is_empty() {
+        return Ok(meshwork_ledger::ChainSpec::for_network(&file.network.name));
+    }
+    let p = Path::new(&file.chain.spec_file);
+    load_spec(&if p.is_relative() {
+        data_dir.join(p)
+    } else {
+        p.to_path_buf()
+    })
 }
 
 /// Reads a JSON chain spec.

@@ -100,8 +100,6 @@ pub enum NodeError {
     Busy,
     #[error("cannot open the chain store: {0}")]
     Ledger(#[from] meshwork_ledger::OpenError),
-    #[error("ledger: {0}")]
-    LedgerStore(#[from] meshwork_ledger::StoreError),
 }
 
 /// How a connection came to be.

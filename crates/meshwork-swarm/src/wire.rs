@@ -159,16 +159,6 @@ impl Msg {
     }
 }
 
-/// The frame limit that the length prefix of the next message is held to, given whether a
-/// manifest or bitfield may come (after `GetManifest`, or before the bitfield).
-pub fn frame_limit(expect_large: bool) -> usize {
-    if expect_large {
-        MAX_FRAME
-    } else {
-        MAX_SMALL_FRAME
-    }
-}
-
 /// Splits complete frames off the front of `buf`. Returns the messages and how many bytes
 /// they used; a partial frame at the end waits for more bytes. `limit` is checked on each
 /// length prefix before its body is needed.

@@ -144,14 +144,12 @@ pub async fn chain(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
 /// Checks a stopped node's chain store from scratch (replays the main chain from genesis).
 pub fn chain_verify(data_dir: Option<&Path>) -> Result<()> {
     let dir = config::data_dir(data_dir)?;
-    let file = config::load_file_config(&dir)?;
-    let key = config::load_identity(&dir)?;
-    let cfg = meshwork_node::NodeConfig::from_file(&file, key, dir.clone())?;
+    let spec = config::chain_spec(&config::load_file_config(&dir)?, &dir)?;
     let path = dir.join(config::CHAIN_FILE);
     if !path.exists() {
         bail!("{}: no chain store", path.display());
     }
-    let ledger = meshwork_ledger::Ledger::open(&path, cfg.chain)
+    let ledger = meshwork_ledger::Ledger::open(&path, spec)
         .with_context(|| format!("{}: cannot open (is the node running?)", path.display()))?;
     ledger
         .chain()
