@@ -21,7 +21,6 @@ use meshwork_swarm::ContentId;
 use multiaddr::Multiaddr;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 
 pub const MAX_ADDRS: usize = 8;
 pub const MAX_ADDR_LEN: usize = 256;
@@ -50,52 +49,9 @@ impl Default for TrackerConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Event {
-    Started,
-    Completed,
-    Stopped,
-}
-
-/// `POST /api/v1/announce`, as sent.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AnnounceRequest {
-    pub content: String,
-    pub peer: String,
-    pub addrs: Vec<String>,
-    #[serde(default)]
-    pub event: Option<Event>,
-    pub left: u64,
-    #[serde(default)]
-    pub numwant: Option<usize>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerAddrs {
-    pub peer: String,
-    pub addrs: Vec<String>,
-    pub seeder: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AnnounceResponse {
-    pub interval_s: u64,
-    pub seeders: usize,
-    pub leechers: usize,
-    pub peers: Vec<PeerAddrs>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stats {
-    pub contents: usize,
-    pub peers: usize,
-    pub seeders: usize,
-    pub leechers: usize,
-    pub announces: u64,
-    pub rejected: u64,
-}
+pub use meshwork_swarm::tracker_wire::{
+    AnnounceRequest, AnnounceResponse, Event, PeerAddrs, Stats,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AnnounceError {

@@ -9,15 +9,22 @@
 //! - [`superseed`]: an initial seeder that uploads about one copy.
 //! - [`wire`]: the piece protocol's messages, framing and bounds.
 //!
-//! The networking (the piece protocol on libp2p streams, the tracker, DHT providers) is not
-//! built yet; these cores are written to be driven by it, as the ledger is by the node.
+//! - [`engine`]: one content's session with its peers, tying the above together.
+//! - [`ticket`]: the shareable string naming a content, its providers and tracker.
+//! - [`tracker_wire`]: the tracker's announce request and answer (JSON).
+//!
+//! The networking (streams, the tracker client, DHT providers) is the node's content service,
+//! which drives these cores as it drives the ledger.
 
 pub mod bitfield;
 pub mod choker;
+pub mod engine;
 pub mod manifest;
 pub mod picker;
 pub mod store;
 pub mod superseed;
+pub mod ticket;
+pub mod tracker_wire;
 pub mod wire;
 
 pub use bitfield::Bitfield;

@@ -10,6 +10,7 @@
 //! | `Piece` | one block: at most 16 KiB of data |
 //! | `Bitfield` | one bit per piece of the content |
 //! | `Manifest` | [`MAX_MANIFEST_BYTES`] |
+//! | `Peers` | [`MAX_PEX_PEERS`] entries of a peer id and [`MAX_PEX_ADDRS`] addresses (64 bytes each) |
 //! | anything else | 64 bytes |
 //!
 //! A frame over [`MAX_FRAME`] is a protocol violation, as is a body that does not decode, a
@@ -53,10 +54,31 @@ pub enum Msg {
         #[serde(with = "serde_bytes_vec")]
         data: Vec<u8>,
     },
-    /// Ask for the manifest (a fetch that starts from the content id alone).
-    GetManifest,
+    /// Ask for the manifest (a fetch that starts from the content id alone). It opens a
+    /// stream of its own, answered with one `Manifest` and closed.
+    GetManifest(ContentId),
     Manifest(#[serde(with = "serde_bytes_vec")] Vec<u8>),
+    /// In-swarm peer exchange: other peers of this content and how to reach them.
+    Peers(Vec<PexEntry>),
 }
+
+/// One peer in a [`Msg::Peers`]: its peer id and multiaddrs, as bytes (this crate knows no
+/// libp2p; the driver parses them and drops what does not parse).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PexEntry {
+    #[serde(with = "serde_bytes_vec")]
+    pub peer: Vec<u8>,
+    pub addrs: Vec<PexAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PexAddr(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+
+/// Peers in one `Peers` message, at most.
+pub const MAX_PEX_PEERS: usize = 32;
+/// Addresses per peer in a `Peers` message, and bytes per peer id or address, at most.
+pub const MAX_PEX_ADDRS: usize = 2;
+pub const MAX_PEX_ITEM: usize = 64;
 
 /// postcard writes `Vec<u8>` as a length and the bytes either way; this keeps the intent
 /// explicit and the encoding stable if the format ever changes.
@@ -151,6 +173,20 @@ impl Msg {
                         "block {offset}+{} beyond piece {piece}",
                         data.len()
                     ));
+                }
+                Ok(())
+            }
+            Msg::Peers(list) => {
+                if list.len() > MAX_PEX_PEERS {
+                    return v(format!("{} peers in one exchange", list.len()));
+                }
+                for e in list {
+                    if e.peer.len() > MAX_PEX_ITEM
+                        || e.addrs.len() > MAX_PEX_ADDRS
+                        || e.addrs.iter().any(|a| a.0.len() > MAX_PEX_ITEM)
+                    {
+                        return v("an oversized peer exchange entry".into());
+                    }
                 }
                 Ok(())
             }
