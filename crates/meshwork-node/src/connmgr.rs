@@ -51,6 +51,8 @@ pub enum Offence {
     InvalidGossip(String),
     /// A sync answer that is malformed, does not link, or holds an invalid block.
     BadSync(String),
+    /// Sent pieces that failed their hash until a content session banned it.
+    CorruptPieces(String),
 }
 
 impl Offence {
@@ -59,7 +61,7 @@ impl Offence {
             Offence::BadPex(e) if !e.is_severe() => 20.0,
             Offence::BadPex(_) | Offence::PexFraming | Offence::WrongNetwork => DISCONNECT_POINTS,
             Offence::PexFlood => 10.0,
-            Offence::InvalidGossip(_) | Offence::BadSync(_) => 50.0,
+            Offence::InvalidGossip(_) | Offence::BadSync(_) | Offence::CorruptPieces(_) => 50.0,
         }
     }
 }
@@ -73,6 +75,7 @@ impl std::fmt::Display for Offence {
             Offence::WrongNetwork => f.write_str("peer belongs to another network"),
             Offence::InvalidGossip(why) => write!(f, "relayed {why}"),
             Offence::BadSync(why) => write!(f, "bad sync answer: {why}"),
+            Offence::CorruptPieces(why) => write!(f, "corrupt pieces: {why}"),
         }
     }
 }

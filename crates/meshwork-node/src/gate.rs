@@ -73,6 +73,8 @@ pub struct Gate {
     managed: HashSet<ConnectionId>,
     /// Dials registered as feelers: short-lived, exempt from the transient limit.
     feelers: HashSet<ConnectionId>,
+    /// Dials registered by the content service.
+    content: HashSet<ConnectionId>,
     /// Transient outbound connections, pending or established.
     transient: HashSet<ConnectionId>,
     /// Established transient connections, oldest first, for eviction.
@@ -102,6 +104,7 @@ impl Gate {
             bans: BanList::default(),
             managed: HashSet::new(),
             feelers: HashSet::new(),
+            content: HashSet::new(),
             transient: HashSet::new(),
             transient_order: VecDeque::new(),
             closing: HashSet::new(),
@@ -147,6 +150,13 @@ impl Gate {
     /// Marks the connection about to be dialed with `id` as a managed outbound connection.
     pub fn expect_managed(&mut self, id: ConnectionId) {
         self.managed.insert(id);
+    }
+
+    /// Marks the connection about to be dialed with `id` as a content connection: outside the
+    /// transient limit (the content service bounds its peers), kept only while a piece stream
+    /// is open (libp2p keeps a connection with an active stream).
+    pub fn expect_content(&mut self, id: ConnectionId) {
+        self.content.insert(id);
     }
 
     /// Marks the connection about to be dialed with `id` as a feeler.
@@ -227,7 +237,8 @@ impl NetworkBehaviour for Gate {
         if let Some(peer) = peer {
             self.check_peer(&peer, unix_now())?;
         }
-        if !self.managed.contains(&id) && !self.feelers.contains(&id) {
+        if !self.managed.contains(&id) && !self.feelers.contains(&id) && !self.content.contains(&id)
+        {
             if self.transient.len() >= self.limits.max_transient {
                 // Make room by closing the oldest established transient connection (queries are
                 // short, so it is most likely idle). Refuse only if none can be evicted, or
@@ -273,6 +284,7 @@ impl NetworkBehaviour for Gate {
             FromSwarm::ConnectionClosed(c) => {
                 self.managed.remove(&c.connection_id);
                 self.feelers.remove(&c.connection_id);
+                self.content.remove(&c.connection_id);
                 self.transient.remove(&c.connection_id);
                 self.closing.remove(&c.connection_id);
                 self.transient_order
@@ -291,6 +303,7 @@ impl NetworkBehaviour for Gate {
             FromSwarm::DialFailure(f) => {
                 self.managed.remove(&f.connection_id);
                 self.feelers.remove(&f.connection_id);
+                self.content.remove(&f.connection_id);
                 self.transient.remove(&f.connection_id);
             }
             _ => {}

@@ -12,6 +12,8 @@
 //! - [`transport`]: TCP dials bound to a chosen local IP.
 //! - [`ledger_service`]: the threads that own the ledger and run the miner.
 //! - [`chainsync`]: the block-sync protocol and its download scheduler (sans-IO).
+//! - [`content`]: the content service: piece streams, tracker announces, DHT providers and
+//!   in-swarm peer exchange driving `meshwork-swarm`'s engines.
 
 pub mod addrbook;
 pub mod api;
@@ -19,6 +21,7 @@ pub mod bans;
 pub mod chainsync;
 pub mod config;
 pub mod connmgr;
+pub mod content;
 pub mod gate;
 pub mod ledger_service;
 mod metrics;

@@ -113,6 +113,9 @@ pub enum Class {
     Feeler,
     /// Dialed by a protocol (Kademlia queries) or a bootstrap beyond one per group; closed when idle.
     Transient,
+    /// Dialed by the content service to exchange pieces; kept while a piece stream is open,
+    /// outside the transient limit (the content service bounds its own peers).
+    Content,
 }
 
 impl Class {
@@ -120,7 +123,7 @@ impl Class {
     fn via(self) -> Via {
         match self {
             Class::Inbound => Via::Inbound,
-            Class::Transient => Via::Dht,
+            Class::Transient | Class::Content => Via::Dht,
             Class::Outbound | Class::Feeler => Via::Bootstrap,
         }
     }
@@ -131,6 +134,7 @@ impl Class {
             Class::Outbound => "outbound",
             Class::Feeler => "feeler",
             Class::Transient => "transient",
+            Class::Content => "content",
         }
     }
 }
@@ -144,6 +148,7 @@ pub struct Behaviour {
     pex: request_response::Behaviour<PexCodec>,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::Behaviour<SyncCodec>,
+    stream: libp2p_stream::Behaviour,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -210,7 +215,7 @@ pub struct BookEntry {
     pub failures: u32,
 }
 
-enum Command {
+pub(crate) enum Command {
     Status(oneshot::Sender<Status>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     AddrBook(oneshot::Sender<Vec<BookEntry>>),
@@ -223,6 +228,14 @@ enum Command {
         Option<ledger_service::MinerConfig>,
         oneshot::Sender<Result<(), NodeError>>,
     ),
+    /// The content service wants a connection to `peer` (no reply: it opens a stream next,
+    /// which waits for the connection).
+    ContentDial(PeerId, Vec<Multiaddr>),
+    /// Announce (or stop announcing) ourselves as a provider of a DHT key.
+    Provide(kad::RecordKey, bool),
+    GetProviders(kad::RecordKey, oneshot::Sender<Vec<PeerId>>),
+    /// A content session banned this peer (corrupt pieces).
+    ContentOffence(PeerId, String),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -234,6 +247,8 @@ pub struct NodeHandle {
     pub peer_id: PeerId,
     pub network: NetworkName,
     registry: Arc<Registry>,
+    /// The content service (share, fetch, list, remove).
+    pub content: crate::content::ContentClient,
 }
 
 impl NodeHandle {
@@ -361,6 +376,8 @@ impl RunningNode {
 
     /// Stops the node: closes connections and writes the address book and anchors.
     pub async fn shutdown(self) {
+        // Content first: its stores flush and its trackers hear that we leave.
+        self.handle.content.shutdown().await;
         let (tx, rx) = oneshot::channel();
         if self.handle.tx.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
@@ -400,6 +417,8 @@ struct Actor {
     pex_answered: HashMap<PeerId, (Instant, u32)>,
     pex_pending: HashMap<OutboundRequestId, (PeerId, usize)>,
     lookups: HashMap<QueryId, LookupReply>,
+    /// Provider lookups in flight: providers found so far, and where the answer goes.
+    provider_lookups: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
     listen_addrs: Vec<Multiaddr>,
     kad_protocol: StreamProtocol,
     kad_bootstrapped: bool,
@@ -626,6 +645,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                         .with_request_timeout(Duration::from_secs(30))
                         .with_max_concurrent_streams(64),
                 ),
+                stream: libp2p_stream::Behaviour::new(),
             }
         })
         .map_err(|e| swarm_err(&e))?
@@ -692,13 +712,18 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     }
 
     let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
+    let (content, content_rx) = crate::content::channel();
     let handle = NodeHandle {
         tx,
         jobs: jobs.clone(),
         peer_id: local,
         network: network.clone(),
         registry: Arc::new(registry),
+        content,
     };
+    let pieces_protocol = StreamProtocol::try_from_owned(network.protocol("pieces", 1))
+        .map_err(|e| NodeError::Swarm(e.to_string()))?;
+    let stream_control = swarm.behaviour().stream.new_control();
     let mut actor = Actor {
         swarm,
         network,
@@ -713,6 +738,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         pex_answered: HashMap::new(),
         pex_pending: HashMap::new(),
         lookups: HashMap::new(),
+        provider_lookups: HashMap::new(),
         listen_addrs: vec![],
         kad_protocol,
         kad_bootstrapped: false,
@@ -762,6 +788,16 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         actor.on_swarm_event(ev);
     }
     let listen_addrs = actor.listen_addrs.clone();
+    crate::content::spawn(
+        content_rx,
+        local,
+        pieces_protocol,
+        stream_control,
+        handle.tx.clone(),
+        listen_addrs.clone(),
+        cfg.data_dir.clone(),
+    )
+    .map_err(NodeError::Swarm)?;
 
     // The API, if asked for.
     let api_addr = match cfg.api {
@@ -969,6 +1005,7 @@ impl Actor {
         match class {
             Class::Outbound => self.swarm.behaviour_mut().gate.expect_managed(id),
             Class::Feeler => self.swarm.behaviour_mut().gate.expect_feeler(id),
+            Class::Content => self.swarm.behaviour_mut().gate.expect_content(id),
             Class::Inbound | Class::Transient => {}
         }
         if let Some(peer) = &peer {
@@ -1160,6 +1197,7 @@ impl Actor {
             Offence::WrongNetwork => "wrong_network",
             Offence::InvalidGossip(_) => "invalid_gossip",
             Offence::BadSync(_) => "bad_sync",
+            Offence::CorruptPieces(_) => "corrupt_pieces",
         };
         self.metrics
             .penalties
@@ -1219,6 +1257,37 @@ impl Actor {
                     .collect();
                 let _ = tx.send(entries);
             }
+            Command::ContentDial(peer, addrs) => {
+                let dialing = self.dials.values().any(|d| d.0 == Some(peer));
+                if !self.swarm.is_connected(&peer) && !dialing {
+                    let mut addrs = addrs;
+                    if let Some(e) = self.book.get(&peer) {
+                        addrs.extend(e.addrs.iter().cloned());
+                    }
+                    addrs.dedup();
+                    let group = addrs.first().and_then(AddrGroup::of_addr);
+                    self.dial(Some(peer), addrs, Class::Content, group, "content");
+                }
+            }
+            Command::Provide(key, start) => {
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                if start {
+                    if let Err(e) = kad.start_providing(key) {
+                        tracing::warn!("cannot announce a provider record: {e}");
+                    }
+                } else {
+                    kad.stop_providing(&key);
+                }
+            }
+            Command::GetProviders(key, tx) => {
+                if self.provider_lookups.len() >= MAX_LOOKUPS {
+                    let _ = tx.send(vec![]);
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.provider_lookups.insert(id, (HashSet::new(), tx));
+            }
+            Command::ContentOffence(peer, why) => self.penalize(peer, Offence::CorruptPieces(why)),
             Command::FindPeer(peer, tx) => {
                 if self.lookups.len() >= MAX_LOOKUPS {
                     let _ = tx.send(Err(NodeError::Busy));
@@ -1287,7 +1356,7 @@ impl Actor {
             match c.class {
                 Class::Inbound => counts.inbound += 1,
                 Class::Outbound => counts.outbound += 1,
-                Class::Feeler | Class::Transient => counts.other += 1,
+                Class::Feeler | Class::Transient | Class::Content => counts.other += 1,
             }
         }
         Status {
@@ -1864,6 +1933,30 @@ impl Actor {
                 if step.last {
                     if let Some((_, tx)) = self.lookups.remove(&id) {
                         let _ = tx.send(Ok(peers.iter().map(|p| p.peer_id).collect()));
+                    }
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: QueryResult::GetProviders(res),
+                step,
+                ..
+            } => {
+                let local = *self.swarm.local_peer_id();
+                if let Some((found, _)) = self.provider_lookups.get_mut(&id) {
+                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = res {
+                        found.extend(providers.into_iter().filter(|p| *p != local));
+                    }
+                }
+                // Answer with the first providers found (a download can start), or at the end.
+                let answer = step.last
+                    || self
+                        .provider_lookups
+                        .get(&id)
+                        .is_some_and(|(f, _)| !f.is_empty());
+                if answer {
+                    if let Some((found, tx)) = self.provider_lookups.remove(&id) {
+                        let _ = tx.send(found.into_iter().collect());
                     }
                 }
             }

@@ -31,6 +31,8 @@ pub enum Msg {
     Hello {
         content: ContentId,
         pieces: u32,
+        /// Where the sender listens (for peer exchange), at most [`MAX_PEX_ADDRS`].
+        listen: Vec<PexAddr>,
     },
     Bitfield(#[serde(with = "serde_bytes_vec")] Vec<u8>),
     Have(u32),
@@ -133,6 +135,12 @@ impl Msg {
         let v = |s: String| Err(WireError::Violation(s));
         match self {
             Msg::Hello { pieces: p, .. } if *p as usize > MAX_PIECES => v(format!("{p} pieces")),
+            Msg::Hello { listen, .. }
+                if listen.len() > MAX_PEX_ADDRS
+                    || listen.iter().any(|a| a.0.len() > MAX_PEX_ITEM) =>
+            {
+                v("oversized listen addresses in hello".into())
+            }
             Msg::Bitfield(b) if b.len() != (pieces as usize).div_ceil(8) => {
                 v(format!("bitfield of {} bytes for {pieces} pieces", b.len()))
             }
@@ -231,6 +239,7 @@ mod tests {
             Msg::Hello {
                 content: Digest::of(b"x"),
                 pieces: 10,
+                listen: vec![PexAddr(vec![1, 2, 3])],
             },
             Msg::Bitfield(vec![0xff, 0xc0]),
             Msg::Have(3),

@@ -1,0 +1,1771 @@
+//! The content service: BitTorrent's hybrid on libp2p. It drives one [`Engine`] per content
+//! over long-lived libp2p streams (`/meshwork/<net>/pieces/1`), and finds peers through the
+//! ticket, the tracker (HTTP announces), Kademlia provider records and in-swarm peer exchange.
+//!
+//! # Tasks and channels (every one bounded)
+//! - **The service task** owns every engine and every link. It is the only writer of content
+//!   state; everything else reports to it through one bounded channel ([`EVENT_CAPACITY`]).
+//! - **An accept task** takes inbound streams promptly (libp2p-stream drops them when its
+//!   accept loop lags) and gives each a handshake task, at most [`MAX_HANDSHAKES`] at once;
+//!   beyond that a stream is dropped at once.
+//! - **Per link, a reader and a writer task.** The reader decodes frames (bounded by the length
+//!   prefix before any allocation) and forwards them; when the service's channel is full it
+//!   stops reading, and the stream's flow control slows the sender. The writer drains a
+//!   channel of [`LINK_QUEUE`] messages; the service fills it from [`Engine::poll_send`] only
+//!   while it has room, and the writer signals when it drains below half, so a slow peer holds
+//!   at most `LINK_QUEUE` messages of ours in memory.
+//! - **Connect, manifest and announce tasks**, bounded per content.
+//!
+//! # Handshake
+//! The opener sends `Hello` (content id, piece count, its listen addresses) and reads the
+//! answering `Hello`. A stream whose first message is `GetManifest` is answered with the
+//! manifest and closed. Two peers that dial each other at once keep the stream opened by the
+//! smaller peer id, on both sides.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
+use futures::StreamExt;
+use libp2p::{kad, Multiaddr, PeerId, Stream, StreamProtocol};
+use meshwork_swarm::engine::{Engine, EngineConfig, EngineEvent, Progress};
+use meshwork_swarm::manifest::{Manifest, DEFAULT_PIECE_SIZE};
+use meshwork_swarm::store::{journal_path, PieceStore};
+use meshwork_swarm::ticket::{Provider, Ticket};
+use meshwork_swarm::tracker_wire::{AnnounceRequest, AnnounceResponse, Event as TrackerEvent};
+use meshwork_swarm::wire::{
+    Msg, PexAddr, PexEntry, MAX_FRAME, MAX_PEX_ADDRS, MAX_PEX_ITEM, MAX_PEX_PEERS, MAX_SMALL_FRAME,
+};
+use meshwork_swarm::ContentId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::node::Command;
+
+/// Messages from all tasks to the service, at most, in flight.
+pub const EVENT_CAPACITY: usize = 4096;
+/// Messages queued for one peer's writer, at most.
+pub const LINK_QUEUE: usize = 64;
+/// Inbound handshakes in progress, at most.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Contents one node holds, at most.
+pub const MAX_CONTENTS: usize = 1024;
+/// Candidate peers remembered per content, at most.
+pub const MAX_CANDIDATES: usize = 256;
+/// Peers banned per content, at most remembered (the oldest ban is forgotten first).
+pub const MAX_BANNED: usize = 1024;
+/// Streams being opened per content at once.
+pub const MAX_CONNECTING: usize = 8;
+/// A downloading content dials until it has this many peers.
+pub const WANT_PEERS: usize = 30;
+/// How often each link is offered new peers (in-swarm PEX), and how often one is accepted.
+pub const PEX_INTERVAL: Duration = Duration::from_secs(5);
+/// A handshake, a manifest exchange or a stream open that takes longer fails.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Providers are looked up in the DHT at most this often while peers are few.
+pub const DHT_INTERVAL: Duration = Duration::from_secs(20);
+/// Tracker answers are obeyed within these bounds.
+const MIN_ANNOUNCE: Duration = Duration::from_secs(10);
+const MAX_ANNOUNCE: Duration = Duration::from_secs(1800);
+/// A dial that failed is retried no sooner than this.
+const REDIAL_AFTER: Duration = Duration::from_secs(30);
+const RECORD_SUFFIX: &str = ".json";
+const MANIFEST_SUFFIX: &str = ".manifest";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error("{0}")]
+    Manifest(#[from] meshwork_swarm::manifest::ManifestError),
+    #[error("{0}")]
+    Store(#[from] meshwork_swarm::store::StoreError),
+    #[error("{0}")]
+    Ticket(#[from] meshwork_swarm::ticket::TicketError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0:?} is neither a ticket nor a content id (64 hexadecimal digits)")]
+    BadTarget(String),
+    #[error("content {0} is not on this node")]
+    Unknown(ContentId),
+    #[error("content {0} is already on this node")]
+    Exists(ContentId),
+    #[error("{0} is not an absolute path")]
+    RelativePath(PathBuf),
+    #[error("no output path: give one (-o PATH), or run the node with a data directory")]
+    NoOutput,
+    #[error("this node holds its limit of {MAX_CONTENTS} contents")]
+    Full,
+    #[error("the tracker URL {0:?} is not http(s)://")]
+    BadTracker(String),
+    #[error("the content service has stopped")]
+    Stopped,
+}
+
+/// `POST /api/v1/content`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShareRequest {
+    /// An absolute path on the node's machine.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub super_seed: bool,
+    #[serde(default)]
+    pub tracker: Option<String>,
+    #[serde(default)]
+    pub piece_size: Option<u32>,
+}
+
+/// `POST /api/v1/fetch`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FetchRequest {
+    /// A ticket, or a bare content id (then providers come from the tracker or the DHT).
+    pub target: String,
+    /// An absolute path; by default `<data dir>/downloads/<name>`.
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    #[serde(default)]
+    pub tracker: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Asking providers for the manifest.
+    FetchingManifest,
+    Downloading,
+    /// Complete and verified; serving it.
+    Seeding,
+    Failed,
+}
+
+/// `GET /api/v1/content/{id}`: one content and its progress.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ContentInfo {
+    pub id: String,
+    pub name: Option<String>,
+    pub path: Option<PathBuf>,
+    pub state: State,
+    pub size: Option<u64>,
+    pub pieces: Option<usize>,
+    pub pieces_have: usize,
+    pub bytes_have: u64,
+    pub downloaded: u64,
+    pub uploaded: u64,
+    pub wasted: u64,
+    pub down_rate: f64,
+    pub up_rate: f64,
+    pub peers: usize,
+    pub candidates: usize,
+    pub banned: usize,
+    pub bad_pieces: u32,
+    pub super_seed: bool,
+    pub tracker: Option<String>,
+    pub ticket: String,
+    pub error: Option<String>,
+}
+
+/// What the node persists per content (`<data dir>/content/<id>.json`, next to the manifest).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    path: PathBuf,
+    /// We shared it from this file: seeding re-checks the file; removal never deletes it.
+    origin: bool,
+    super_seed: bool,
+    tracker: Option<String>,
+}
+
+pub(crate) enum Request {
+    Share(
+        ShareRequest,
+        oneshot::Sender<Result<ContentInfo, ContentError>>,
+    ),
+    Fetch(
+        FetchRequest,
+        oneshot::Sender<Result<ContentInfo, ContentError>>,
+    ),
+    List(oneshot::Sender<Vec<ContentInfo>>),
+    Get(ContentId, oneshot::Sender<Option<ContentInfo>>),
+    Remove(ContentId, oneshot::Sender<Result<(), ContentError>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The API's handle to the service.
+#[derive(Clone)]
+pub struct ContentClient {
+    tx: mpsc::Sender<Request>,
+}
+
+impl ContentClient {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, ContentError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| ContentError::Stopped)?;
+        rx.await.map_err(|_| ContentError::Stopped)
+    }
+
+    pub async fn share(&self, r: ShareRequest) -> Result<ContentInfo, ContentError> {
+        self.ask(|tx| Request::Share(r, tx)).await?
+    }
+
+    pub async fn fetch(&self, r: FetchRequest) -> Result<ContentInfo, ContentError> {
+        self.ask(|tx| Request::Fetch(r, tx)).await?
+    }
+
+    pub async fn list(&self) -> Result<Vec<ContentInfo>, ContentError> {
+        self.ask(Request::List).await
+    }
+
+    pub async fn get(&self, id: ContentId) -> Result<Option<ContentInfo>, ContentError> {
+        self.ask(|tx| Request::Get(id, tx)).await
+    }
+
+    pub async fn remove(&self, id: ContentId) -> Result<(), ContentError> {
+        self.ask(|tx| Request::Remove(id, tx)).await?
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        let _ = self.ask(Request::Shutdown).await;
+    }
+}
+
+/// Reports from the service's tasks.
+enum Event {
+    /// An inbound stream whose first message was `Hello`.
+    Incoming {
+        peer: PeerId,
+        stream: Stream,
+        content: ContentId,
+        pieces: u32,
+        listen: Vec<Multiaddr>,
+    },
+    /// An inbound stream asking for a manifest.
+    ManifestWanted {
+        peer: PeerId,
+        stream: Stream,
+        content: ContentId,
+    },
+    /// An outbound stream whose handshake completed.
+    Opened {
+        peer: PeerId,
+        stream: Stream,
+        content: ContentId,
+        listen: Vec<Multiaddr>,
+    },
+    OpenFailed {
+        peer: PeerId,
+        content: ContentId,
+        error: String,
+    },
+    Manifest {
+        content: ContentId,
+        result: Result<Manifest, (PeerId, String)>,
+    },
+    Msg {
+        content: ContentId,
+        peer: PeerId,
+        link: u64,
+        msg: Msg,
+    },
+    Closed {
+        content: ContentId,
+        peer: PeerId,
+        link: u64,
+        error: Option<String>,
+    },
+    Candidates {
+        content: ContentId,
+        peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    },
+    Announced {
+        content: ContentId,
+        interval: Option<Duration>,
+    },
+}
+
+/// A writer that drained below half its queue asks to be refilled.
+#[derive(Default)]
+struct Writable {
+    set: Mutex<HashSet<(ContentId, PeerId)>>,
+    notify: Notify,
+}
+
+struct Link {
+    id: u64,
+    tx: mpsc::Sender<Msg>,
+    /// Set by the writer when it asked for more; cleared by the service when it fills.
+    asked: Arc<AtomicBool>,
+    reader: tokio::task::AbortHandle,
+    /// Which peer opened the stream (for the simultaneous-open rule).
+    opener: PeerId,
+    last_pex_out: Option<Instant>,
+    last_pex_in: Option<Instant>,
+    /// Peers already offered to it by PEX.
+    pex_sent: HashSet<PeerId>,
+}
+
+enum Phase {
+    FetchingManifest {
+        asking: HashSet<PeerId>,
+        tried: HashSet<PeerId>,
+    },
+    Active(Box<Engine<PeerId>>),
+    Failed(String),
+}
+
+struct Candidate {
+    addrs: Vec<Multiaddr>,
+    failed_at: Option<Instant>,
+}
+
+struct Content {
+    id: ContentId,
+    phase: Phase,
+    record: Option<Record>,
+    out: Option<PathBuf>,
+    super_seed: bool,
+    tracker: Option<String>,
+    links: HashMap<PeerId, Link>,
+    candidates: HashMap<PeerId, Candidate>,
+    connecting: HashSet<PeerId>,
+    banned: VecDeque<PeerId>,
+    next_announce: Instant,
+    announcing: bool,
+    announced_started: bool,
+    announced_completed: bool,
+    next_dht: Instant,
+    provided: bool,
+}
+
+impl Content {
+    fn is_banned(&self, p: &PeerId) -> bool {
+        self.banned.contains(p)
+    }
+
+    fn add_candidate(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self.is_banned(&peer) {
+            return;
+        }
+        if let Some(c) = self.candidates.get_mut(&peer) {
+            for a in addrs {
+                if !c.addrs.contains(&a) && c.addrs.len() < 8 {
+                    c.addrs.push(a);
+                }
+            }
+            return;
+        }
+        if self.candidates.len() >= MAX_CANDIDATES {
+            // Forget a candidate that failed, else refuse: connected peers stay.
+            let victim = self
+                .candidates
+                .iter()
+                .find(|(p, c)| c.failed_at.is_some() && !self.links.contains_key(p))
+                .map(|(p, _)| *p);
+            match victim {
+                Some(v) => {
+                    self.candidates.remove(&v);
+                }
+                None => return,
+            }
+        }
+        let mut addrs = addrs;
+        addrs.truncate(8);
+        self.candidates.insert(
+            peer,
+            Candidate {
+                addrs,
+                failed_at: None,
+            },
+        );
+    }
+
+    fn engine(&mut self) -> Option<&mut Engine<PeerId>> {
+        match &mut self.phase {
+            Phase::Active(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) struct Service {
+    local: PeerId,
+    protocol: StreamProtocol,
+    control: libp2p_stream::Control,
+    node: mpsc::Sender<Command>,
+    listen: Vec<Multiaddr>,
+    data_dir: Option<PathBuf>,
+    contents: HashMap<ContentId, Content>,
+    events: mpsc::Sender<Event>,
+    writable: Arc<Writable>,
+    http: reqwest::Client,
+    next_link: u64,
+}
+
+/// The client and the request queue of a content service to be spawned.
+pub(crate) fn channel() -> (ContentClient, mpsc::Receiver<Request>) {
+    let (tx, rx) = mpsc::channel(64);
+    (ContentClient { tx }, rx)
+}
+
+/// Starts the content service on the requests of [`channel`].
+pub(crate) fn spawn(
+    req_rx: mpsc::Receiver<Request>,
+    local: PeerId,
+    protocol: StreamProtocol,
+    mut control: libp2p_stream::Control,
+    node: mpsc::Sender<Command>,
+    listen: Vec<Multiaddr>,
+    data_dir: Option<PathBuf>,
+) -> Result<(), String> {
+    let incoming = control
+        .accept(protocol.clone())
+        .map_err(|e| format!("piece protocol: {e}"))?;
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut svc = Service {
+        local,
+        protocol,
+        control,
+        node,
+        listen,
+        data_dir,
+        contents: HashMap::new(),
+        events: ev_tx.clone(),
+        writable: Arc::new(Writable::default()),
+        http,
+        next_link: 0,
+    };
+    svc.load();
+    tokio::spawn(accept_loop(incoming, ev_tx));
+    tokio::spawn(svc.run(req_rx, ev_rx));
+    Ok(())
+}
+
+async fn accept_loop(mut incoming: libp2p_stream::IncomingStreams, events: mpsc::Sender<Event>) {
+    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    while let Some((peer, stream)) = incoming.next().await {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("dropping a piece stream from {peer}: too many handshakes");
+            continue;
+        };
+        let events = events.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut stream = stream;
+            let first =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream, MAX_SMALL_FRAME))
+                    .await;
+            let ev = match first {
+                Ok(Ok(Msg::Hello {
+                    content,
+                    pieces,
+                    listen,
+                })) => Event::Incoming {
+                    peer,
+                    stream,
+                    content,
+                    pieces,
+                    listen: parse_addrs(&listen),
+                },
+                Ok(Ok(Msg::GetManifest(content))) => Event::ManifestWanted {
+                    peer,
+                    stream,
+                    content,
+                },
+                Ok(Ok(other)) => {
+                    tracing::debug!("piece stream from {peer} began with {other:?}");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!("piece stream from {peer}: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let _ = events.send(ev).await;
+        });
+    }
+}
+
+fn parse_addrs(a: &[PexAddr]) -> Vec<Multiaddr> {
+    a.iter()
+        .filter_map(|a| Multiaddr::try_from(a.0.clone()).ok())
+        .take(MAX_PEX_ADDRS)
+        .collect()
+}
+
+fn pex_addrs(addrs: &[Multiaddr]) -> Vec<PexAddr> {
+    addrs
+        .iter()
+        .map(|a| a.to_vec())
+        .filter(|b| b.len() <= MAX_PEX_ITEM)
+        .take(MAX_PEX_ADDRS)
+        .map(PexAddr)
+        .collect()
+}
+
+/// Reads one frame of at most `limit` bytes (checked from the length prefix).
+async fn read_frame<R: futures::AsyncRead + Unpin>(r: &mut R, limit: usize) -> io::Result<Msg> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes over the limit of {limit}"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Msg::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+}
+
+async fn write_msg<W: futures::AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> io::Result<()> {
+    w.write_all(&m.encode()).await
+}
+
+/// The largest frame a piece stream of `pieces` pieces may carry: a block, or the bitfield.
+fn link_limit(pieces: u32) -> usize {
+    MAX_SMALL_FRAME.max((pieces as usize).div_ceil(8) + 64)
+}
+
+async fn reader(
+    r: ReadHalf<Stream>,
+    content: ContentId,
+    peer: PeerId,
+    link: u64,
+    pieces: u32,
+    events: mpsc::Sender<Event>,
+) {
+    let mut r = BufReader::with_capacity(128 << 10, r);
+    let limit = link_limit(pieces);
+    let error = loop {
+        match read_frame(&mut r, limit).await {
+            Ok(msg) => {
+                let ev = Event::Msg {
+                    content,
+                    peer,
+                    link,
+                    msg,
+                };
+                if events.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break None,
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    let _ = events
+        .send(Event::Closed {
+            content,
+            peer,
+            link,
+            error,
+        })
+        .await;
+}
+
+async fn writer(
+    w: WriteHalf<Stream>,
+    mut rx: mpsc::Receiver<Msg>,
+    asked: Arc<AtomicBool>,
+    writable: Arc<Writable>,
+    key: (ContentId, PeerId),
+) {
+    let mut w = BufWriter::with_capacity(128 << 10, w);
+    while let Some(m) = rx.recv().await {
+        if write_msg(&mut w, &m).await.is_err() {
+            return;
+        }
+        if rx.is_empty() && w.flush().await.is_err() {
+            return;
+        }
+        if rx.len() <= LINK_QUEUE / 2 && !asked.swap(true, Ordering::AcqRel) {
+            writable.set.lock().expect("writable lock").insert(key);
+            writable.notify.notify_one();
+        }
+    }
+    let _ = w.flush().await;
+    let _ = w.close().await;
+}
+
+impl Service {
+    fn content_dir(&self) -> Option<PathBuf> {
+        self.data_dir.as_ref().map(|d| d.join("content"))
+    }
+
+    /// Reloads the contents persisted by an earlier run: shared files are re-hashed, downloads
+    /// resume from their journals.
+    fn load(&mut self) {
+        let Some(dir) = self.content_dir() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(hex) = name.strip_suffix(RECORD_SUFFIX) else {
+                continue;
+            };
+            let Ok(id) = hex.parse::<ContentId>() else {
+                continue;
+            };
+            let rec: Option<Record> = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let manifest = std::fs::read(dir.join(format!("{hex}{MANIFEST_SUFFIX}")))
+                .ok()
+                .and_then(|b| Manifest::decode_verified(&b, &id).ok());
+            let (Some(rec), Some(m)) = (rec, manifest) else {
+                tracing::warn!("{}: unreadable content record, skipped", e.path().display());
+                continue;
+            };
+            let opened = if rec.origin {
+                PieceStore::open_complete(&rec.path, m)
+            } else {
+                PieceStore::open(&rec.path, m)
+            };
+            let phase = match opened {
+                Ok(store) => Phase::Active(Box::new(Engine::new(
+                    store,
+                    EngineConfig {
+                        super_seed: rec.super_seed,
+                        ..Default::default()
+                    },
+                    std::time::Instant::now(),
+                ))),
+                Err(e) => Phase::Failed(e.to_string()),
+            };
+            let c = self.new_content(
+                id,
+                phase,
+                Some(rec.path.clone()),
+                rec.super_seed,
+                rec.tracker.clone(),
+                Some(rec),
+            );
+            self.contents.insert(id, c);
+        }
+    }
+
+    fn new_content(
+        &self,
+        id: ContentId,
+        phase: Phase,
+        out: Option<PathBuf>,
+        super_seed: bool,
+        tracker: Option<String>,
+        record: Option<Record>,
+    ) -> Content {
+        let now = Instant::now();
+        Content {
+            id,
+            phase,
+            record,
+            out,
+            super_seed,
+            tracker,
+            links: HashMap::new(),
+            candidates: HashMap::new(),
+            connecting: HashSet::new(),
+            banned: VecDeque::new(),
+            next_announce: now,
+            announcing: false,
+            announced_started: false,
+            announced_completed: false,
+            next_dht: now,
+            provided: false,
+        }
+    }
+
+    fn persist(&self, c: &Content) {
+        let (Some(dir), Some(rec), Phase::Active(e)) = (self.content_dir(), &c.record, &c.phase)
+        else {
+            return;
+        };
+        let write = || -> io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            let hex = c.id.to_string();
+            let m = dir.join(format!("{hex}{MANIFEST_SUFFIX}"));
+            if !m.exists() {
+                write_atomic(&m, &e.manifest().encode())?;
+            }
+            let json = serde_json::to_vec_pretty(rec).expect("a record encodes");
+            write_atomic(&dir.join(format!("{hex}{RECORD_SUFFIX}")), &json)
+        };
+        if let Err(err) = write() {
+            tracing::warn!("cannot persist content {}: {err}", c.id);
+        }
+    }
+
+    fn ticket(&self, c: &Content) -> String {
+        Ticket {
+            content: c.id,
+            providers: vec![Provider {
+                peer: self.local.to_string(),
+                addrs: self.listen.iter().map(|a| a.to_string()).collect(),
+            }],
+            tracker: c.tracker.clone(),
+        }
+        .encode()
+    }
+
+    fn info(&self, c: &Content) -> ContentInfo {
+        let (state, p, name, error) = match &c.phase {
+            Phase::FetchingManifest { .. } => {
+                (State::FetchingManifest, Progress::default(), None, None)
+            }
+            Phase::Active(e) => (
+                if e.is_complete() {
+                    State::Seeding
+                } else {
+                    State::Downloading
+                },
+                e.progress(),
+                Some(e.manifest().name.clone()),
+                None,
+            ),
+            Phase::Failed(why) => (State::Failed, Progress::default(), None, Some(why.clone())),
+        };
+        let known = matches!(c.phase, Phase::Active(_));
+        ContentInfo {
+            id: c.id.to_string(),
+            name,
+            path: c.out.clone(),
+            state,
+            size: known.then_some(p.size),
+            pieces: known.then_some(p.pieces),
+            pieces_have: p.pieces_have,
+            bytes_have: p.bytes_have,
+            downloaded: p.downloaded,
+            uploaded: p.uploaded,
+            wasted: p.wasted,
+            down_rate: p.down_rate,
+            up_rate: p.up_rate,
+            peers: c.links.len(),
+            candidates: c.candidates.len(),
+            banned: c.banned.len(),
+            bad_pieces: p.bad_pieces,
+            super_seed: c.super_seed,
+            tracker: c.tracker.clone(),
+            ticket: self.ticket(c),
+            error,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut events: mpsc::Receiver<Event>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let writable = self.writable.clone();
+        let node = self.node.clone();
+        loop {
+            tokio::select! {
+                r = requests.recv() => match r {
+                    Some(Request::Shutdown(done)) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(r) => self.on_request(r),
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return };
+                    let mut touched = HashSet::new();
+                    self.on_event(ev, &mut touched);
+                    // Take what else is waiting before refilling the writers: one refill per
+                    // batch instead of one per message.
+                    for _ in 0..256 {
+                        match events.try_recv() {
+                            Ok(ev) => self.on_event(ev, &mut touched),
+                            Err(_) => break,
+                        }
+                    }
+                    for id in touched {
+                        self.pump(&id);
+                    }
+                }
+                _ = writable.notify.notified() => {
+                    let keys: Vec<(ContentId, PeerId)> =
+                        writable.set.lock().expect("writable lock").drain().collect();
+                    let mut ids = HashSet::new();
+                    for (id, peer) in keys {
+                        if let Some(l) = self.contents.get(&id).and_then(|c| c.links.get(&peer)) {
+                            l.asked.store(false, Ordering::Release);
+                        }
+                        ids.insert(id);
+                    }
+                    for id in ids {
+                        self.pump(&id);
+                    }
+                }
+                _ = tick.tick() => self.on_tick(),
+                _ = node.closed() => {
+                    self.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let mut announces = vec![];
+        for c in self.contents.values_mut() {
+            if let Some(e) = c.engine() {
+                let _ = e.flush();
+            }
+            c.links.clear();
+        }
+        for c in self.contents.values() {
+            if let Some(t) = &c.tracker {
+                announces.push(self.announce_request(c, t.clone(), Some(TrackerEvent::Stopped)));
+            }
+        }
+        // Best effort: tell the trackers we left, without holding up the stop.
+        let all = futures::future::join_all(announces.into_iter().map(|(url, req)| {
+            let http = self.http.clone();
+            async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), http.post(url).json(&req).send())
+                        .await;
+            }
+        }));
+        all.await;
+    }
+
+    fn on_request(&mut self, r: Request) {
+        match r {
+            Request::Share(req, reply) => {
+                let _ = reply.send(self.share(req));
+            }
+            Request::Fetch(req, reply) => {
+                let _ = reply.send(self.fetch(req));
+            }
+            Request::List(reply) => {
+                let mut all: Vec<ContentInfo> =
+                    self.contents.values().map(|c| self.info(c)).collect();
+                all.sort_by(|a, b| a.id.cmp(&b.id));
+                let _ = reply.send(all);
+            }
+            Request::Get(id, reply) => {
+                let _ = reply.send(self.contents.get(&id).map(|c| self.info(c)));
+            }
+            Request::Remove(id, reply) => {
+                let _ = reply.send(self.remove(id));
+            }
+            Request::Shutdown(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn check_tracker(t: &Option<String>) -> Result<(), ContentError> {
+        match t {
+            Some(u)
+                if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() > 256 =>
+            {
+                Err(ContentError::BadTracker(u.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn share(&mut self, req: ShareRequest) -> Result<ContentInfo, ContentError> {
+        if !req.path.is_absolute() {
+            return Err(ContentError::RelativePath(req.path));
+        }
+        Self::check_tracker(&req.tracker)?;
+        let m = Manifest::from_file(&req.path, req.piece_size.unwrap_or(DEFAULT_PIECE_SIZE))?;
+        let id = m.id();
+        if self.contents.contains_key(&id) {
+            return Err(ContentError::Exists(id));
+        }
+        if self.contents.len() >= MAX_CONTENTS {
+            return Err(ContentError::Full);
+        }
+        let store = PieceStore::open_complete(&req.path, m)?;
+        let engine = Engine::new(
+            store,
+            EngineConfig {
+                super_seed: req.super_seed,
+                ..Default::default()
+            },
+            std::time::Instant::now(),
+        );
+        let rec = Record {
+            path: req.path.clone(),
+            origin: true,
+            super_seed: req.super_seed,
+            tracker: req.tracker.clone(),
+        };
+        let c = self.new_content(
+            id,
+            Phase::Active(Box::new(engine)),
+            Some(req.path),
+            req.super_seed,
+            req.tracker,
+            Some(rec),
+        );
+        self.persist(&c);
+        let info = self.info(&c);
+        self.contents.insert(id, c);
+        tracing::info!("sharing {id}");
+        Ok(info)
+    }
+
+    fn fetch(&mut self, req: FetchRequest) -> Result<ContentInfo, ContentError> {
+        let target = req.target.trim();
+        let (id, providers, mut tracker) = if target.starts_with(meshwork_swarm::ticket::PREFIX) {
+            let t = Ticket::decode(target)?;
+            (t.content, t.providers, t.tracker)
+        } else {
+            let id: ContentId = target
+                .parse()
+                .map_err(|_| ContentError::BadTarget(target.chars().take(80).collect()))?;
+            (id, vec![], None)
+        };
+        if req.tracker.is_some() {
+            tracker = req.tracker;
+        }
+        Self::check_tracker(&tracker)?;
+        if let Some(out) = &req.out {
+            if !out.is_absolute() {
+                return Err(ContentError::RelativePath(out.clone()));
+            }
+        } else if self.data_dir.is_none() {
+            return Err(ContentError::NoOutput);
+        }
+        if let Some(c) = self.contents.get(&id) {
+            if matches!(c.phase, Phase::Failed(_)) {
+                self.contents.remove(&id);
+            } else {
+                return Err(ContentError::Exists(id));
+            }
+        }
+        if self.contents.len() >= MAX_CONTENTS {
+            return Err(ContentError::Full);
+        }
+        let mut c = self.new_content(
+            id,
+            Phase::FetchingManifest {
+                asking: HashSet::new(),
+                tried: HashSet::new(),
+            },
+            req.out,
+            false,
+            tracker,
+            None,
+        );
+        for p in providers {
+            if let Ok(peer) = p.peer.parse::<PeerId>() {
+                if peer != self.local {
+                    let addrs = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    c.add_candidate(peer, addrs);
+                }
+            }
+        }
+        let info = self.info(&c);
+        self.contents.insert(id, c);
+        tracing::info!("fetching {id}");
+        self.drive_manifest(&id);
+        Ok(info)
+    }
+
+    fn remove(&mut self, id: ContentId) -> Result<(), ContentError> {
+        let Some(mut c) = self.contents.remove(&id) else {
+            return Err(ContentError::Unknown(id));
+        };
+        c.links.clear(); // the writers close their streams
+        if let Some(t) = c.tracker.clone() {
+            let (url, req) = self.announce_request(&c, t, Some(TrackerEvent::Stopped));
+            let http = self.http.clone();
+            tokio::spawn(async move {
+                let _ = http.post(url).json(&req).send().await;
+            });
+        }
+        if c.provided {
+            let _ = self.node.try_send(Command::Provide(dht_key(&id), false));
+        }
+        let complete = c.engine().is_some_and(|e| e.is_complete());
+        let origin = c.record.as_ref().is_some_and(|r| r.origin);
+        if let Some(path) = &c.out {
+            let _ = std::fs::remove_file(journal_path(path));
+            // An unfinished download is ours to delete; a shared file or a finished download
+            // belongs to the user.
+            if !origin && !complete {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        drop(c);
+        if let Some(dir) = self.content_dir() {
+            let hex = id.to_string();
+            let _ = std::fs::remove_file(dir.join(format!("{hex}{RECORD_SUFFIX}")));
+            let _ = std::fs::remove_file(dir.join(format!("{hex}{MANIFEST_SUFFIX}")));
+        }
+        Ok(())
+    }
+
+    /// Asks candidates for the manifest, up to three at once.
+    fn drive_manifest(&mut self, id: &ContentId) {
+        let Some(c) = self.contents.get_mut(id) else {
+            return;
+        };
+        let Phase::FetchingManifest { asking, tried } = &mut c.phase else {
+            return;
+        };
+        let fresh: Vec<(PeerId, Vec<Multiaddr>)> = c
+            .candidates
+            .iter()
+            .filter(|(p, _)| !tried.contains(p))
+            .map(|(p, cand)| (*p, cand.addrs.clone()))
+            .take(3usize.saturating_sub(asking.len()))
+            .collect();
+        for (peer, addrs) in fresh {
+            asking.insert(peer);
+            tried.insert(peer);
+            let mut control = self.control.clone();
+            let node = self.node.clone();
+            let events = self.events.clone();
+            let protocol = self.protocol.clone();
+            let content = *id;
+            tokio::spawn(async move {
+                let result = async {
+                    let _ = node.send(Command::ContentDial(peer, addrs)).await;
+                    let mut s = tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        control.open_stream(peer, protocol),
+                    )
+                    .await
+                    .map_err(|_| "timed out opening a stream".to_string())?
+                    .map_err(|e| e.to_string())?;
+                    write_msg(&mut s, &Msg::GetManifest(content))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    s.flush().await.map_err(|e| e.to_string())?;
+                    let m = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut s, MAX_FRAME))
+                        .await
+                        .map_err(|_| "timed out waiting for the manifest".to_string())?
+                        .map_err(|e| e.to_string())?;
+                    let _ = s.close().await;
+                    match m {
+                        Msg::Manifest(bytes) => {
+                            Manifest::decode_verified(&bytes, &content).map_err(|e| e.to_string())
+                        }
+                        other => Err(format!("answered {other:?}")),
+                    }
+                }
+                .await;
+                let _ = events
+                    .send(Event::Manifest {
+                        content,
+                        result: result.map_err(|e| (peer, e)),
+                    })
+                    .await;
+            });
+        }
+    }
+
+    fn on_manifest(&mut self, id: ContentId, result: Result<Manifest, (PeerId, String)>) {
+        let data_dir = self.data_dir.clone();
+        let Some(c) = self.contents.get_mut(&id) else {
+            return;
+        };
+        let Phase::FetchingManifest { asking, .. } = &mut c.phase else {
+            return;
+        };
+        let m = match result {
+            Ok(m) => m,
+            Err((peer, why)) => {
+                tracing::debug!("manifest of {id} from {peer}: {why}");
+                asking.remove(&peer);
+                if let Some(cand) = c.candidates.get_mut(&peer) {
+                    cand.failed_at = Some(Instant::now());
+                }
+                self.drive_manifest(&id);
+                return;
+            }
+        };
+        let out = match (&c.out, &data_dir) {
+            (Some(p), _) => p.clone(),
+            (None, Some(d)) => d.join("downloads").join(&m.name),
+            (None, None) => unreachable!("checked when the fetch began"),
+        };
+        let opened = out
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .map_err(|e| e.to_string())
+            .and_then(|_| PieceStore::open(&out, m).map_err(|e| e.to_string()));
+        c.out = Some(out.clone());
+        match opened {
+            Ok(store) => {
+                c.phase = Phase::Active(Box::new(Engine::new(
+                    store,
+                    EngineConfig::default(),
+                    std::time::Instant::now(),
+                )));
+                c.record = Some(Record {
+                    path: out,
+                    origin: false,
+                    super_seed: false,
+                    tracker: c.tracker.clone(),
+                });
+                // Everyone tried for the manifest is worth a piece stream now.
+                for cand in c.candidates.values_mut() {
+                    cand.failed_at = None;
+                }
+                let c = &self.contents[&id];
+                self.persist(c);
+                self.connect_more(&id);
+            }
+            Err(why) => c.phase = Phase::Failed(why),
+        }
+    }
+
+    fn on_event(&mut self, ev: Event, touched: &mut HashSet<ContentId>) {
+        match ev {
+            Event::Msg {
+                content,
+                peer,
+                link,
+                msg,
+            } => {
+                touched.insert(content);
+                self.on_msg(content, peer, link, msg);
+            }
+            Event::Closed {
+                content,
+                peer,
+                link,
+                error,
+            } => {
+                let Some(c) = self.contents.get_mut(&content) else {
+                    return;
+                };
+                if c.links.get(&peer).is_some_and(|l| l.id == link) {
+                    if let Some(e) = error {
+                        tracing::debug!("piece stream with {peer} for {content}: {e}");
+                    }
+                    c.links.remove(&peer);
+                    if let Some(e) = c.engine() {
+                        e.remove_peer(&peer);
+                    }
+                    touched.insert(content);
+                }
+            }
+            Event::Incoming {
+                peer,
+                stream,
+                content,
+                pieces,
+                listen,
+            } => {
+                touched.insert(content);
+                self.on_incoming(peer, stream, content, pieces, listen);
+            }
+            Event::ManifestWanted {
+                peer,
+                stream,
+                content,
+            } => {
+                let bytes = match self.contents.get(&content).map(|c| &c.phase) {
+                    Some(Phase::Active(e)) => Some(e.manifest().encode()),
+                    _ => None,
+                };
+                let Some(bytes) = bytes else {
+                    return; // unknown: the stream is dropped
+                };
+                tracing::debug!("sending the manifest of {content} to {peer}");
+                tokio::spawn(async move {
+                    let mut s = stream;
+                    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                        write_msg(&mut s, &Msg::Manifest(bytes)).await?;
+                        s.close().await
+                    })
+                    .await;
+                });
+            }
+            Event::Opened {
+                peer,
+                stream,
+                content,
+                listen,
+            } => {
+                touched.insert(content);
+                if let Some(c) = self.contents.get_mut(&content) {
+                    c.connecting.remove(&peer);
+                }
+                self.on_opened(peer, stream, content, listen);
+            }
+            Event::OpenFailed {
+                peer,
+                content,
+                error,
+            } => {
+                if let Some(c) = self.contents.get_mut(&content) {
+                    tracing::debug!("no piece stream with {peer} for {content}: {error}");
+                    c.connecting.remove(&peer);
+                    if let Some(cand) = c.candidates.get_mut(&peer) {
+                        cand.failed_at = Some(Instant::now());
+                    }
+                }
+            }
+            Event::Manifest { content, result } => self.on_manifest(content, result),
+            Event::Candidates { content, peers } => {
+                let local = self.local;
+                if let Some(c) = self.contents.get_mut(&content) {
+                    for (p, addrs) in peers {
+                        if p != local {
+                            c.add_candidate(p, addrs);
+                        }
+                    }
+                    self.drive_manifest(&content);
+                    self.connect_more(&content);
+                }
+            }
+            Event::Announced { content, interval } => {
+                if let Some(c) = self.contents.get_mut(&content) {
+                    c.announcing = false;
+                    let every = interval
+                        .unwrap_or(Duration::from_secs(60))
+                        .clamp(MIN_ANNOUNCE, MAX_ANNOUNCE);
+                    c.next_announce = Instant::now() + every;
+                }
+            }
+        }
+    }
+
+    /// Whether a new stream with `peer`, opened by `opener`, should replace an existing link
+    /// (two peers that dial each other at once keep the stream the smaller id opened).
+    fn keep_new(&self, existing: &Link, opener: PeerId, peer: PeerId) -> bool {
+        let smaller = self.local.min(peer);
+        existing.opener != smaller && opener == smaller
+    }
+
+    fn on_incoming(
+        &mut self,
+        peer: PeerId,
+        stream: Stream,
+        content: ContentId,
+        pieces: u32,
+        listen: Vec<Multiaddr>,
+    ) {
+        let Some(c) = self.contents.get(&content) else {
+            return;
+        };
+        let Phase::Active(e) = &c.phase else {
+            return;
+        };
+        if c.is_banned(&peer) || pieces as usize != e.manifest().piece_count() {
+            return;
+        }
+        if let Some(existing) = c.links.get(&peer) {
+            if !self.keep_new(existing, peer, peer) {
+                return;
+            }
+        }
+        let hello = Msg::Hello {
+            content,
+            pieces,
+            listen: pex_addrs(&self.listen),
+        };
+        self.start_link(content, peer, stream, Some(hello), peer, listen);
+    }
+
+    fn on_opened(
+        &mut self,
+        peer: PeerId,
+        stream: Stream,
+        content: ContentId,
+        listen: Vec<Multiaddr>,
+    ) {
+        let Some(c) = self.contents.get(&content) else {
+            return;
+        };
+        if !matches!(c.phase, Phase::Active(_)) || c.is_banned(&peer) {
+            return;
+        }
+        if let Some(existing) = c.links.get(&peer) {
+            if !self.keep_new(existing, self.local, peer) {
+                return;
+            }
+        }
+        self.start_link(content, peer, stream, None, self.local, listen);
+    }
+
+    fn start_link(
+        &mut self,
+        content: ContentId,
+        peer: PeerId,
+        stream: Stream,
+        hello: Option<Msg>,
+        opener: PeerId,
+        listen: Vec<Multiaddr>,
+    ) {
+        let id = self.next_link;
+        self.next_link += 1;
+        let Some(c) = self.contents.get_mut(&content) else {
+            return;
+        };
+        let Phase::Active(e) = &mut c.phase else {
+            return;
+        };
+        if c.links.remove(&peer).is_some() {
+            e.remove_peer(&peer);
+        }
+        if !e.add_peer(peer, std::time::Instant::now()) {
+            return; // full
+        }
+        let pieces = e.manifest().piece_count() as u32;
+        let (r, w) = stream.split();
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        if let Some(h) = hello {
+            let _ = tx.try_send(h);
+        }
+        let asked = Arc::new(AtomicBool::new(false));
+        tokio::spawn(writer(
+            w,
+            rx,
+            asked.clone(),
+            self.writable.clone(),
+            (content, peer),
+        ));
+        let reader = tokio::spawn(reader(r, content, peer, id, pieces, self.events.clone()));
+        c.links.insert(
+            peer,
+            Link {
+                id,
+                tx,
+                asked,
+                reader: reader.abort_handle(),
+                opener,
+                last_pex_out: None,
+                last_pex_in: None,
+                pex_sent: HashSet::new(),
+            },
+        );
+        if !listen.is_empty() {
+            c.add_candidate(peer, listen);
+        }
+        tracing::debug!("piece stream with {peer} for {content}");
+    }
+
+    fn on_msg(&mut self, content: ContentId, peer: PeerId, link: u64, msg: Msg) {
+        let local = self.local;
+        let Some(c) = self.contents.get_mut(&content) else {
+            return;
+        };
+        let Some(l) = c.links.get_mut(&peer).filter(|l| l.id == link) else {
+            return; // from a link that was replaced or closed
+        };
+        if let Msg::Peers(list) = msg {
+            // Accepted at most once per interval; more is ignored (bounded work per peer).
+            if l.last_pex_in
+                .is_some_and(|t| t.elapsed() < PEX_INTERVAL / 2)
+            {
+                return;
+            }
+            l.last_pex_in = Some(Instant::now());
+            for e in list {
+                if let Ok(p) = PeerId::from_bytes(&e.peer) {
+                    if p != local {
+                        c.add_candidate(p, parse_addrs(&e.addrs));
+                    }
+                }
+            }
+            self.connect_more(&content);
+            return;
+        }
+        if let Some(e) = c.engine() {
+            e.handle(peer, msg, std::time::Instant::now());
+        }
+    }
+
+    /// Moves engine output to the writers (while they have room) and acts on engine events.
+    fn pump(&mut self, id: &ContentId) {
+        let Some(c) = self.contents.get_mut(id) else {
+            return;
+        };
+        let Phase::Active(e) = &mut c.phase else {
+            return;
+        };
+        e.rechoke_if_due(std::time::Instant::now());
+        for (peer, l) in c.links.iter() {
+            while l.tx.capacity() > 0 {
+                match e.poll_send(peer) {
+                    Some(m) => {
+                        if l.tx.try_send(m).is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+        }
+        let mut completed = false;
+        while let Some(ev) = e.poll_event() {
+            match ev {
+                EngineEvent::Disconnect { peer, reason, ban } => {
+                    tracing::info!("content {id}: closing {peer}: {reason}");
+                    if let Some(l) = c.links.remove(&peer) {
+                        l.reader.abort();
+                    }
+                    if ban {
+                        if c.banned.len() >= MAX_BANNED {
+                            c.banned.pop_front();
+                        }
+                        c.banned.push_back(peer);
+                        c.candidates.remove(&peer);
+                        let _ = self.node.try_send(Command::ContentOffence(peer, reason));
+                    }
+                }
+                EngineEvent::PieceVerified(_) => {}
+                EngineEvent::Completed => completed = true,
+                EngineEvent::StoreFailed(why) => {
+                    tracing::error!("content {id}: {why}");
+                    c.phase = Phase::Failed(why);
+                    c.links.clear();
+                    return;
+                }
+            }
+        }
+        if completed {
+            tracing::info!("content {id}: complete and verified");
+            c.next_announce = Instant::now();
+        }
+    }
+
+    fn connect_more(&mut self, id: &ContentId) {
+        let Some(c) = self.contents.get_mut(id) else {
+            return;
+        };
+        let Phase::Active(e) = &c.phase else {
+            return;
+        };
+        let want = if e.is_complete() { 0 } else { WANT_PEERS };
+        // A seed dials the leechers it learns of too (the tracker names only leechers to a
+        // seed), but fewer.
+        let want = want.max(if e.is_complete() { 8 } else { 0 });
+        let now = Instant::now();
+        let mut chosen = vec![];
+        for (p, cand) in &c.candidates {
+            if c.links.len() + c.connecting.len() + chosen.len() >= want
+                || c.connecting.len() + chosen.len() >= MAX_CONNECTING
+            {
+                break;
+            }
+            if c.links.contains_key(p)
+                || c.connecting.contains(p)
+                || cand
+                    .failed_at
+                    .is_some_and(|t| now.duration_since(t) < REDIAL_AFTER)
+            {
+                continue;
+            }
+            chosen.push((*p, cand.addrs.clone()));
+        }
+        let pieces = e.manifest().piece_count() as u32;
+        for (peer, addrs) in chosen {
+            c.connecting.insert(peer);
+            let mut control = self.control.clone();
+            let node = self.node.clone();
+            let events = self.events.clone();
+            let protocol = self.protocol.clone();
+            let hello = Msg::Hello {
+                content: *id,
+                pieces,
+                listen: pex_addrs(&self.listen),
+            };
+            let content = *id;
+            tokio::spawn(async move {
+                let result = async {
+                    let _ = node.send(Command::ContentDial(peer, addrs)).await;
+                    let mut s = tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        control.open_stream(peer, protocol),
+                    )
+                    .await
+                    .map_err(|_| "timed out opening a stream".to_string())?
+                    .map_err(|e| e.to_string())?;
+                    write_msg(&mut s, &hello).await.map_err(|e| e.to_string())?;
+                    s.flush().await.map_err(|e| e.to_string())?;
+                    let answer = tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        read_frame(&mut s, MAX_SMALL_FRAME),
+                    )
+                    .await
+                    .map_err(|_| "timed out waiting for hello".to_string())?
+                    .map_err(|e| e.to_string())?;
+                    match answer {
+                        Msg::Hello {
+                            content: c,
+                            pieces: n,
+                            listen,
+                        } if c == content && n == pieces => Ok((s, parse_addrs(&listen))),
+                        other => Err(format!("answered {other:?}")),
+                    }
+                }
+                .await;
+                let ev = match result {
+                    Ok((stream, listen)) => Event::Opened {
+                        peer,
+                        stream,
+                        content,
+                        listen,
+                    },
+                    Err(error) => Event::OpenFailed {
+                        peer,
+                        content,
+                        error,
+                    },
+                };
+                let _ = events.send(ev).await;
+            });
+        }
+    }
+
+    fn announce_request(
+        &self,
+        c: &Content,
+        tracker: String,
+        event: Option<TrackerEvent>,
+    ) -> (String, AnnounceRequest) {
+        let left = match &c.phase {
+            Phase::Active(e) => {
+                let p = e.progress();
+                p.size - p.bytes_have
+            }
+            _ => u64::MAX,
+        };
+        let url = format!("{}/api/v1/announce", tracker.trim_end_matches('/'));
+        (
+            url,
+            AnnounceRequest {
+                content: c.id.to_string(),
+                peer: self.local.to_string(),
+                addrs: self
+                    .listen
+                    .iter()
+                    .map(|a| a.to_string())
+                    .take(meshwork_swarm::ticket::MAX_ADDRS)
+                    .collect(),
+                event,
+                left,
+                numwant: None,
+            },
+        )
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<ContentId> = self.contents.keys().copied().collect();
+        for id in ids {
+            // Engine timers.
+            if let Some(e) = self.contents.get_mut(&id).and_then(|c| c.engine()) {
+                e.tick(std::time::Instant::now());
+            }
+            self.announce_if_due(&id, now);
+            self.dht(&id, now);
+            self.pex(&id, now);
+            self.drive_manifest(&id);
+            self.connect_more(&id);
+            self.pump(&id);
+        }
+    }
+
+    fn announce_if_due(&mut self, id: &ContentId, now: Instant) {
+        let Some(c) = self.contents.get(id) else {
+            return;
+        };
+        let Some(tracker) = c.tracker.clone() else {
+            return;
+        };
+        if c.announcing || now < c.next_announce || matches!(c.phase, Phase::Failed(_)) {
+            return;
+        }
+        let complete = match &c.phase {
+            Phase::Active(e) => e.is_complete(),
+            _ => false,
+        };
+        let event = if complete && !c.announced_completed {
+            Some(TrackerEvent::Completed)
+        } else if !c.announced_started {
+            Some(TrackerEvent::Started)
+        } else {
+            None
+        };
+        let (url, req) = self.announce_request(c, tracker, event);
+        let c = self.contents.get_mut(id).expect("present");
+        c.announcing = true;
+        c.announced_started = true;
+        if complete {
+            c.announced_completed = true;
+        }
+        let http = self.http.clone();
+        let events = self.events.clone();
+        let content = *id;
+        tokio::spawn(async move {
+            let answer = async {
+                let r = http
+                    .post(&url)
+                    .json(&req)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!(
+                        "{}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+                r.json::<AnnounceResponse>()
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            let interval = match answer {
+                Ok(a) => {
+                    let peers = a
+                        .peers
+                        .into_iter()
+                        .filter_map(|p| {
+                            let peer = p.peer.parse::<PeerId>().ok()?;
+                            let addrs = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                            Some((peer, addrs))
+                        })
+                        .collect::<Vec<_>>();
+                    let _ = events.send(Event::Candidates { content, peers }).await;
+                    Some(Duration::from_secs(a.interval_s))
+                }
+                Err(e) => {
+                    tracing::warn!("announce of {content} to {url}: {e}");
+                    None
+                }
+            };
+            let _ = events.send(Event::Announced { content, interval }).await;
+        });
+    }
+
+    /// Provider records: announce what we can serve; look providers up while peers are few.
+    fn dht(&mut self, id: &ContentId, now: Instant) {
+        let Some(c) = self.contents.get_mut(id) else {
+            return;
+        };
+        if matches!(c.phase, Phase::Failed(_)) {
+            return;
+        }
+        let active = matches!(c.phase, Phase::Active(_));
+        if active && !c.provided {
+            c.provided = self
+                .node
+                .try_send(Command::Provide(dht_key(id), true))
+                .is_ok();
+        }
+        let complete = match &c.phase {
+            Phase::Active(e) => e.is_complete(),
+            _ => false,
+        };
+        if complete || now < c.next_dht || c.links.len() >= 5 {
+            return;
+        }
+        c.next_dht = now + DHT_INTERVAL;
+        let (tx, rx) = oneshot::channel();
+        if self
+            .node
+            .try_send(Command::GetProviders(dht_key(id), tx))
+            .is_err()
+        {
+            return;
+        }
+        let events = self.events.clone();
+        let content = *id;
+        tokio::spawn(async move {
+            if let Ok(Ok(found)) = tokio::time::timeout(Duration::from_secs(60), rx).await {
+                let peers = found.into_iter().map(|p| (p, vec![])).collect();
+                let _ = events.send(Event::Candidates { content, peers }).await;
+            }
+        });
+    }
+
+    /// In-swarm peer exchange: each link hears of the peers it has not been told about yet.
+    fn pex(&mut self, id: &ContentId, now: Instant) {
+        let Some(c) = self.contents.get_mut(id) else {
+            return;
+        };
+        let linked: Vec<PeerId> = c.links.keys().copied().collect();
+        let entries: HashMap<PeerId, PexEntry> = linked
+            .iter()
+            .filter_map(|p| {
+                let cand = c.candidates.get(p)?;
+                let addrs = pex_addrs(&cand.addrs);
+                (!addrs.is_empty()).then(|| {
+                    (
+                        *p,
+                        PexEntry {
+                            peer: p.to_bytes(),
+                            addrs,
+                        },
+                    )
+                })
+            })
+            .collect();
+        for (peer, l) in c.links.iter_mut() {
+            if l.last_pex_out
+                .is_some_and(|t| now.duration_since(t) < PEX_INTERVAL)
+            {
+                continue;
+            }
+            let fresh: Vec<PexEntry> = entries
+                .iter()
+                .filter(|(p, _)| *p != peer && !l.pex_sent.contains(p))
+                .take(MAX_PEX_PEERS)
+                .map(|(_, e)| e.clone())
+                .collect();
+            for e in &fresh {
+                if let Ok(p) = PeerId::from_bytes(&e.peer) {
+                    l.pex_sent.insert(p);
+                }
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            l.last_pex_out = Some(now);
+            // A full writer skips this round; the peers stay unsent for the next.
+            if l.tx.try_send(Msg::Peers(fresh.clone())).is_err() {
+                for e in fresh {
+                    if let Ok(p) = PeerId::from_bytes(&e.peer) {
+                        l.pex_sent.remove(&p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn dht_key(id: &ContentId) -> kad::RecordKey {
+    kad::RecordKey::new(&id.0)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
