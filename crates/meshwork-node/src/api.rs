@@ -12,7 +12,9 @@ use axum::{Json, Router};
 use meshwork_ledger::{Address, Block, Hash, Ledger, SignedTransfer, Transaction, TxStatus};
 use serde::{Deserialize, Serialize};
 
+use crate::content::{ContentError, FetchRequest, ShareRequest};
 use crate::node::{NodeError, NodeHandle};
+use meshwork_swarm::ContentId;
 
 /// A command that the node does not answer within this time gets a 503.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,6 +30,9 @@ pub fn router(handle: NodeHandle) -> Router {
         .route("/api/v1/chain", get(chain))
         .route("/api/v1/blocks/{id}", get(block))
         .route("/api/v1/mempool", get(mempool))
+        .route("/api/v1/content", post(share).get(content_list))
+        .route("/api/v1/content/{id}", get(content_get).delete(content_rm))
+        .route("/api/v1/fetch", post(fetch))
         .route("/metrics", get(metrics))
         .with_state(handle)
 }
@@ -176,6 +181,87 @@ async fn answer<T: Serialize>(
     match tokio::time::timeout(ANSWER_TIMEOUT, fut).await {
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(e)) => unavailable(e),
+        Err(_) => unavailable("the node did not answer in time"),
+    }
+}
+
+fn content_error(e: ContentError) -> Response {
+    match e {
+        ContentError::Stopped => unavailable(e),
+        ContentError::Unknown(_) => (
+            StatusCode::NOT_FOUND,
+            Json(ApiError {
+                error: e.to_string(),
+            }),
+        )
+            .into_response(),
+        ContentError::Exists(_) => (
+            StatusCode::CONFLICT,
+            Json(ApiError {
+                error: e.to_string(),
+            }),
+        )
+            .into_response(),
+        _ => bad_request(e),
+    }
+}
+
+/// Sharing hashes the whole file: a large one takes longer than other answers.
+const SHARE_TIMEOUT: Duration = Duration::from_secs(600);
+
+async fn share(State(h): State<NodeHandle>, body: Option<Json<ShareRequest>>) -> Response {
+    let Some(Json(req)) = body else {
+        return bad_request("expected a JSON body {\"path\": \"/absolute/path\"}");
+    };
+    match tokio::time::timeout(SHARE_TIMEOUT, h.content.share(req)).await {
+        Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
+        Ok(Err(e)) => content_error(e),
+        Err(_) => unavailable("the node did not finish hashing the file in time"),
+    }
+}
+
+async fn fetch(State(h): State<NodeHandle>, body: Option<Json<FetchRequest>>) -> Response {
+    let Some(Json(req)) = body else {
+        return bad_request("expected a JSON body {\"target\": \"<ticket or content id>\"}");
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, h.content.fetch(req)).await {
+        Ok(Ok(info)) => (StatusCode::ACCEPTED, Json(info)).into_response(),
+        Ok(Err(e)) => content_error(e),
+        Err(_) => unavailable("the node did not answer in time"),
+    }
+}
+
+async fn content_list(State(h): State<NodeHandle>) -> Response {
+    match tokio::time::timeout(ANSWER_TIMEOUT, h.content.list()).await {
+        Ok(Ok(all)) => Json(all).into_response(),
+        Ok(Err(e)) => content_error(e),
+        Err(_) => unavailable("the node did not answer in time"),
+    }
+}
+
+async fn content_get(State(h): State<NodeHandle>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<ContentId>() else {
+        return bad_request(format!(
+            "{id:?} is not a content id (64 hexadecimal digits)"
+        ));
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, h.content.get(id)).await {
+        Ok(Ok(Some(info))) => Json(info).into_response(),
+        Ok(Ok(None)) => not_found(format!("content {id}")),
+        Ok(Err(e)) => content_error(e),
+        Err(_) => unavailable("the node did not answer in time"),
+    }
+}
+
+async fn content_rm(State(h): State<NodeHandle>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<ContentId>() else {
+        return bad_request(format!(
+            "{id:?} is not a content id (64 hexadecimal digits)"
+        ));
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, h.content.remove(id)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => content_error(e),
         Err(_) => unavailable("the node did not answer in time"),
     }
 }

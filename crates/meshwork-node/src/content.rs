@@ -288,6 +288,12 @@ enum Event {
         content: ContentId,
         interval: Option<Duration>,
     },
+    /// A file to share, hashed.
+    Shared {
+        req: ShareRequest,
+        opened: Result<PieceStore, ContentError>,
+        reply: oneshot::Sender<Result<ContentInfo, ContentError>>,
+    },
 }
 
 /// A writer that drained below half its queue asks to be refilled.
@@ -312,9 +318,9 @@ struct Link {
 }
 
 enum Phase {
+    /// Asking these peers for the manifest (failed candidates are retried after a pause).
     FetchingManifest {
         asking: HashSet<PeerId>,
-        tried: HashSet<PeerId>,
     },
     Active(Box<Engine<PeerId>>),
     Failed(String),
@@ -854,9 +860,7 @@ impl Service {
 
     fn on_request(&mut self, r: Request) {
         match r {
-            Request::Share(req, reply) => {
-                let _ = reply.send(self.share(req));
-            }
+            Request::Share(req, reply) => self.share(req, reply),
             Request::Fetch(req, reply) => {
                 let _ = reply.send(self.fetch(req));
             }
@@ -887,20 +891,48 @@ impl Service {
         }
     }
 
-    fn share(&mut self, req: ShareRequest) -> Result<ContentInfo, ContentError> {
-        if !req.path.is_absolute() {
-            return Err(ContentError::RelativePath(req.path));
+    /// Hashes the file off the service task (a large file takes seconds), then adds it.
+    fn share(
+        &mut self,
+        req: ShareRequest,
+        reply: oneshot::Sender<Result<ContentInfo, ContentError>>,
+    ) {
+        let checked = (|| {
+            if !req.path.is_absolute() {
+                return Err(ContentError::RelativePath(req.path.clone()));
+            }
+            Self::check_tracker(&req.tracker)?;
+            if self.contents.len() >= MAX_CONTENTS {
+                return Err(ContentError::Full);
+            }
+            Ok(())
+        })();
+        if let Err(e) = checked {
+            let _ = reply.send(Err(e));
+            return;
         }
-        Self::check_tracker(&req.tracker)?;
-        let m = Manifest::from_file(&req.path, req.piece_size.unwrap_or(DEFAULT_PIECE_SIZE))?;
-        let id = m.id();
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let opened =
+                Manifest::from_file(&req.path, req.piece_size.unwrap_or(DEFAULT_PIECE_SIZE))
+                    .map_err(ContentError::from)
+                    .and_then(|m| {
+                        PieceStore::open_complete(&req.path, m).map_err(ContentError::from)
+                    });
+            let _ = events.blocking_send(Event::Shared { req, opened, reply });
+        });
+    }
+
+    fn on_shared(
+        &mut self,
+        req: ShareRequest,
+        opened: Result<PieceStore, ContentError>,
+    ) -> Result<ContentInfo, ContentError> {
+        let store = opened?;
+        let id = store.manifest().id();
         if self.contents.contains_key(&id) {
             return Err(ContentError::Exists(id));
         }
-        if self.contents.len() >= MAX_CONTENTS {
-            return Err(ContentError::Full);
-        }
-        let store = PieceStore::open_complete(&req.path, m)?;
         let engine = Engine::new(
             store,
             EngineConfig {
@@ -966,7 +998,6 @@ impl Service {
             id,
             Phase::FetchingManifest {
                 asking: HashSet::new(),
-                tried: HashSet::new(),
             },
             req.out,
             false,
@@ -1027,19 +1058,24 @@ impl Service {
         let Some(c) = self.contents.get_mut(id) else {
             return;
         };
-        let Phase::FetchingManifest { asking, tried } = &mut c.phase else {
+        let Phase::FetchingManifest { asking } = &mut c.phase else {
             return;
         };
+        let now = Instant::now();
         let fresh: Vec<(PeerId, Vec<Multiaddr>)> = c
             .candidates
             .iter()
-            .filter(|(p, _)| !tried.contains(p))
+            .filter(|(p, cand)| {
+                !asking.contains(p)
+                    && cand
+                        .failed_at
+                        .is_none_or(|t| now.duration_since(t) >= REDIAL_AFTER)
+            })
             .map(|(p, cand)| (*p, cand.addrs.clone()))
             .take(3usize.saturating_sub(asking.len()))
             .collect();
         for (peer, addrs) in fresh {
             asking.insert(peer);
-            tried.insert(peer);
             let mut control = self.control.clone();
             let node = self.node.clone();
             let events = self.events.clone();
@@ -1047,7 +1083,7 @@ impl Service {
             let content = *id;
             tokio::spawn(async move {
                 let result = async {
-                    let _ = node.send(Command::ContentDial(peer, addrs)).await;
+                    connect(&node, peer, addrs).await?;
                     let mut s = tokio::time::timeout(
                         HANDSHAKE_TIMEOUT,
                         control.open_stream(peer, protocol),
@@ -1228,6 +1264,9 @@ impl Service {
                 }
             }
             Event::Manifest { content, result } => self.on_manifest(content, result),
+            Event::Shared { req, opened, reply } => {
+                let _ = reply.send(self.on_shared(req, opened));
+            }
             Event::Candidates { content, peers } => {
                 let local = self.local;
                 if let Some(c) = self.contents.get_mut(&content) {
@@ -1496,7 +1535,7 @@ impl Service {
             let content = *id;
             tokio::spawn(async move {
                 let result = async {
-                    let _ = node.send(Command::ContentDial(peer, addrs)).await;
+                    connect(&node, peer, addrs).await?;
                     let mut s = tokio::time::timeout(
                         HANDSHAKE_TIMEOUT,
                         control.open_stream(peer, protocol),
@@ -1758,6 +1797,22 @@ impl Service {
             }
         }
     }
+}
+
+/// Asks the node for a connection to `peer` and waits until it is open.
+async fn connect(
+    node: &mpsc::Sender<Command>,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+) -> Result<(), String> {
+    let (tx, rx) = oneshot::channel();
+    node.send(Command::ContentDial(peer, addrs, tx))
+        .await
+        .map_err(|_| "the node stopped".to_string())?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, rx)
+        .await
+        .map_err(|_| "timed out connecting".to_string())?
+        .map_err(|_| "the node stopped".to_string())?
 }
 
 fn dht_key(id: &ContentId) -> kad::RecordKey {

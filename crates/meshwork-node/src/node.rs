@@ -228,9 +228,9 @@ pub(crate) enum Command {
         Option<ledger_service::MinerConfig>,
         oneshot::Sender<Result<(), NodeError>>,
     ),
-    /// The content service wants a connection to `peer` (no reply: it opens a stream next,
-    /// which waits for the connection).
-    ContentDial(PeerId, Vec<Multiaddr>),
+    /// The content service wants a connection to `peer`; the answer comes once one is open
+    /// (or the dial failed).
+    ContentDial(PeerId, Vec<Multiaddr>, oneshot::Sender<Result<(), String>>),
     /// Announce (or stop announcing) ourselves as a provider of a DHT key.
     Provide(kad::RecordKey, bool),
     GetProviders(kad::RecordKey, oneshot::Sender<Vec<PeerId>>),
@@ -417,6 +417,9 @@ struct Actor {
     pex_answered: HashMap<PeerId, (Instant, u32)>,
     pex_pending: HashMap<OutboundRequestId, (PeerId, usize)>,
     lookups: HashMap<QueryId, LookupReply>,
+    /// Content-service dials waiting for a connection, per peer (at most `MAX_LOOKUPS` peers,
+    /// 8 waiters each).
+    content_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     /// Provider lookups in flight: providers found so far, and where the answer goes.
     provider_lookups: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
     listen_addrs: Vec<Multiaddr>,
@@ -739,6 +742,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         pex_pending: HashMap::new(),
         lookups: HashMap::new(),
         provider_lookups: HashMap::new(),
+        content_waiters: HashMap::new(),
         listen_addrs: vec![],
         kad_protocol,
         kad_bootstrapped: false,
@@ -1257,15 +1261,36 @@ impl Actor {
                     .collect();
                 let _ = tx.send(entries);
             }
-            Command::ContentDial(peer, addrs) => {
+            Command::ContentDial(peer, addrs, tx) => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = tx.send(Ok(()));
+                    return;
+                }
+                if self.content_waiters.len() >= MAX_LOOKUPS
+                    && !self.content_waiters.contains_key(&peer)
+                {
+                    let _ = tx.send(Err("too many content dials at once".into()));
+                    return;
+                }
+                let waiters = self.content_waiters.entry(peer).or_default();
+                if waiters.len() >= 8 {
+                    let _ = tx.send(Err("too many waiting for this peer".into()));
+                    return;
+                }
+                waiters.push(tx);
                 let dialing = self.dials.values().any(|d| d.0 == Some(peer));
-                if !self.swarm.is_connected(&peer) && !dialing {
+                if !dialing {
                     let mut addrs = addrs;
                     if let Some(e) = self.book.get(&peer) {
                         addrs.extend(e.addrs.iter().cloned());
                     }
                     addrs.dedup();
                     let group = addrs.first().and_then(AddrGroup::of_addr);
+                    if addrs.is_empty() {
+                        // Nothing to dial: Kademlia may know the peer (its routing table
+                        // is consulted for a dial by peer id).
+                        self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    }
                     self.dial(Some(peer), addrs, Class::Content, group, "content");
                 }
             }
@@ -1751,6 +1776,9 @@ impl Actor {
                 ..
             } => {
                 let remote = endpoint.get_remote_address().clone();
+                for w in self.content_waiters.remove(&peer_id).unwrap_or_default() {
+                    let _ = w.send(Ok(()));
+                }
                 let class = match self.dials.remove(&connection_id) {
                     Some((_, class, _)) => class,
                     None if endpoint.is_dialer() => Class::Transient,
@@ -1826,7 +1854,15 @@ impl Actor {
                 error,
             } => {
                 let dial = self.dials.remove(&connection_id);
+                let ours = dial.is_some_and(|d| d.1 == Class::Content);
                 if let Some(peer) = peer_id.or(dial.and_then(|d| d.0)) {
+                    // Our content dial failed, and no other dial of this peer is in flight.
+                    let other = self.dials.values().any(|d| d.0 == Some(peer));
+                    if ours && !other && !self.swarm.is_connected(&peer) {
+                        for w in self.content_waiters.remove(&peer).unwrap_or_default() {
+                            let _ = w.send(Err(format!("dial failed: {error}")));
+                        }
+                    }
                     // "Already connected / dialing" is not a failure of the address.
                     if !matches!(
                         error,

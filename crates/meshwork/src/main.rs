@@ -14,6 +14,7 @@ use meshwork_node::node::{PeerInfo, Status};
 use meshwork_node::NodeConfig;
 use meshwork_proto::NetworkName;
 
+mod content;
 mod wallet;
 
 #[derive(Parser)]
@@ -78,6 +79,40 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Share a file through the running node: prints its content id and a ticket.
+    Share {
+        path: PathBuf,
+        /// A tracker to announce to (http://HOST:PORT); it goes into the ticket.
+        #[arg(long, value_name = "URL")]
+        tracker: Option<String>,
+        /// Initial seeding that uploads about one copy (offers pieces one at a time).
+        #[arg(long)]
+        super_seed: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Download a content through the running node; exits 0 only with a verified file.
+    Fetch {
+        /// A ticket (mw1...) or a bare content id (providers then come from the DHT or the
+        /// tracker).
+        target: String,
+        /// Where to write the file (default: <data-dir>/downloads/<name>).
+        #[arg(short = 'o', long = "out", value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// A tracker to ask for peers (overrides the ticket's).
+        #[arg(long, value_name = "URL")]
+        tracker: Option<String>,
+        /// Give up waiting after this many seconds (the node keeps fetching).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The contents on the running node.
+    Content {
+        #[command(subcommand)]
+        command: ContentCommand,
+    },
     /// The content tracker (client-server peer discovery for the content swarm).
     Tracker {
         #[command(subcommand)]
@@ -105,6 +140,19 @@ enum Command {
         /// Timers: "lab" (discovery in seconds) or "production" (a real node's).
         #[arg(long, default_value = "lab", value_parser = ["lab", "production"])]
         timers: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContentCommand {
+    /// Every content, with its state and progress.
+    List(ClientArgs),
+    /// Stop sharing or fetching a content (a shared file and a finished download stay on disk).
+    Rm {
+        /// The content id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -272,6 +320,35 @@ async fn run(cli: Cli) -> Result<()> {
             command: NodeCommand::Start(args),
         } => node_start(cli.data_dir.as_deref(), args).await,
         Command::Status(args) => status(cli.data_dir.as_deref(), args).await,
+        Command::Share {
+            path,
+            tracker,
+            super_seed,
+            client,
+        } => content::share(cli.data_dir.as_deref(), client, &path, tracker, super_seed).await,
+        Command::Fetch {
+            target,
+            out,
+            tracker,
+            timeout,
+            client,
+        } => {
+            content::fetch(
+                cli.data_dir.as_deref(),
+                client,
+                &target,
+                out.as_deref(),
+                tracker,
+                timeout,
+            )
+            .await
+        }
+        Command::Content {
+            command: ContentCommand::List(client),
+        } => content::list(cli.data_dir.as_deref(), client).await,
+        Command::Content {
+            command: ContentCommand::Rm { id, client },
+        } => content::remove(cli.data_dir.as_deref(), client, &id).await,
         Command::Peers(args) => peers(cli.data_dir.as_deref(), args).await,
         Command::Tracker {
             command:

@@ -493,3 +493,97 @@ fn wallet_commands_send_confirm_and_explain_refusals() -> Result<()> {
     ensure!(json(&dir, &["chain", "--json"])?["height"].as_u64() >= Some(1));
     Ok(())
 }
+
+#[test]
+fn share_fetch_list_and_remove_through_the_binary() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    for d in [&a_dir, &b_dir] {
+        ensure!(run(d, &["init", "--network", "test-share"])?
+            .status
+            .success());
+    }
+    let file = tmp.path().join("photo.bin");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    std::fs::write(&file, &bytes)?;
+    let mut a = NodeProc::start(&a_dir, &[])?;
+    let _b = NodeProc::start(&b_dir, &[])?;
+
+    let shared = run(&a_dir, &["share", file.to_str().context("path")?])?;
+    ensure!(shared.status.success(), "share: {}", stderr(&shared));
+    let text = stdout(&shared);
+    let ticket = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ticket"))
+        .map(|t| t.trim().to_owned())
+        .context("no ticket line")?;
+    ensure!(
+        text.contains(&format!("meshwork fetch {ticket}")),
+        "share prints the command to run elsewhere: {text}"
+    );
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content"))
+        .map(|t| t.trim().to_owned())
+        .context("no content line")?;
+
+    // Bad input is refused with a sentence, not a panic.
+    let bad = run(&b_dir, &["fetch", "not-a-ticket"])?;
+    ensure!(!bad.status.success());
+    ensure!(
+        stderr(&bad).contains("neither a ticket nor a content id"),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = run(
+        &b_dir,
+        &["fetch", &format!("{}x", &ticket[..ticket.len() - 3])],
+    )?;
+    ensure!(
+        !bad.status.success() && stderr(&bad).contains("ticket"),
+        "{}",
+        stderr(&bad)
+    );
+
+    let out = tmp.path().join("copy.bin");
+    let fetched = run(
+        &b_dir,
+        &[
+            "fetch",
+            &ticket,
+            "-o",
+            out.to_str().context("path")?,
+            "--timeout",
+            "120",
+        ],
+    )?;
+    ensure!(fetched.status.success(), "fetch: {}", stderr(&fetched));
+    ensure!(std::fs::read(&out)? == bytes, "the fetched file differs");
+    // Not a terminal: no progress line.
+    ensure!(!stderr(&fetched).contains('\r'), "progress on a pipe");
+
+    let list = json(&b_dir, &["content", "list", "--json"])?;
+    let entry = &list.as_array().context("array")?[0];
+    ensure!(
+        entry["state"] == "seeding" && entry["id"] == id.as_str(),
+        "{list}"
+    );
+    ensure!(
+        entry["downloaded"].as_u64() >= Some(bytes.len() as u64),
+        "{list}"
+    );
+
+    // The shared content survives a restart of its node.
+    ensure!(a.terminate()?.success());
+    let _a = NodeProc::start(&a_dir, &[])?;
+    let list = json(&a_dir, &["content", "list", "--json"])?;
+    ensure!(list[0]["state"] == "seeding", "after restart: {list}");
+
+    let rm = run(&b_dir, &["content", "rm", &id])?;
+    ensure!(rm.status.success(), "{}", stderr(&rm));
+    ensure!(json(&b_dir, &["content", "list", "--json"])? == serde_json::json!([]));
+    ensure!(out.exists(), "a finished download stays on disk");
+    let again = run(&b_dir, &["content", "rm", &id])?;
+    ensure!(!again.status.success() && stderr(&again).contains("not on this node"));
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! `meshwork share`, `fetch` and `content`: the content swarm through a running node's API.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use meshwork_node::content::{ContentInfo, FetchRequest, ShareRequest, State};
+
+use crate::{api_base, get, ClientArgs};
+
+/// POSTs (or DELETEs, with no body) JSON and returns the answer's JSON; an error status
+/// becomes the API's error sentence.
+async fn send<B: serde::Serialize>(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&B>,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let client = reqwest::Client::builder().timeout(timeout).build()?;
+    let mut req = client.request(method, url);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {url}"))?;
+    let code = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let json: serde_json::Value = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{url}: the answer is not JSON"))?
+    };
+    if !code.is_success() {
+        bail!(
+            "{}",
+            json.get("error")
+                .and_then(|e| e.as_str())
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("{url}: {code}"))
+        );
+    }
+    Ok(json)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_owned());
+    }
+    Ok(std::env::current_dir()
+        .context("cannot read the current directory")?
+        .join(p))
+}
+
+pub async fn share(
+    data_dir: Option<&Path>,
+    client: ClientArgs,
+    path: &Path,
+    tracker: Option<String>,
+    super_seed: bool,
+) -> Result<()> {
+    let path = absolute(path)?;
+    if !path.is_file() {
+        bail!("{}: not a readable file", path.display());
+    }
+    let base = api_base(data_dir, client.api)?;
+    let req = ShareRequest {
+        path,
+        super_seed,
+        tracker,
+        piece_size: None,
+    };
+    let json = send(
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/content"),
+        Some(&req),
+        Duration::from_secs(600),
+    )
+    .await?;
+    if client.json {
+        println!("{json}");
+        return Ok(());
+    }
+    let info: ContentInfo = serde_json::from_value(json)?;
+    println!("content  {}", info.id);
+    println!("size     {} bytes", info.size.unwrap_or(0));
+    println!("ticket   {}", info.ticket);
+    println!();
+    println!("On another machine (with a node running), fetch it with:");
+    println!("  meshwork fetch {}", info.ticket);
+    Ok(())
+}
+
+fn human(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn progress_line(c: &ContentInfo) -> String {
+    let size = c.size.unwrap_or(0);
+    let pct = if size > 0 {
+        c.bytes_have as f64 * 100.0 / size as f64
+    } else {
+        0.0
+    };
+    let eta = if c.down_rate > 1.0 && size > c.bytes_have {
+        let s = ((size - c.bytes_have) as f64 / c.down_rate) as u64;
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        "--".into()
+    };
+    match c.state {
+        State::FetchingManifest => format!("looking for providers ({} known)", c.candidates),
+        _ => format!(
+            "{pct:5.1}%  {} / {}  down {}/s  up {}/s  peers {}  eta {eta}",
+            human(c.bytes_have as f64),
+            human(size as f64),
+            human(c.down_rate),
+            human(c.up_rate),
+            c.peers
+        ),
+    }
+}
+
+pub async fn fetch(
+    data_dir: Option<&Path>,
+    client: ClientArgs,
+    target: &str,
+    out: Option<&Path>,
+    tracker: Option<String>,
+    timeout: Option<u64>,
+) -> Result<()> {
+    let base = api_base(data_dir, client.api)?;
+    let req = FetchRequest {
+        target: target.to_string(),
+        out: out.map(absolute).transpose()?,
+        tracker,
+    };
+    let json = send(
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/fetch"),
+        Some(&req),
+        Duration::from_secs(15),
+    )
+    .await?;
+    let started: ContentInfo = serde_json::from_value(json)?;
+    let tty = std::io::stderr().is_terminal() && !client.json;
+    let begun = Instant::now();
+    loop {
+        let (c, raw): (ContentInfo, _) =
+            get(&base, &format!("/api/v1/content/{}", started.id)).await?;
+        if tty {
+            eprint!("\r\x1b[2K{}", progress_line(&c));
+            let _ = std::io::stderr().flush();
+        }
+        match c.state {
+            State::Seeding => {
+                if tty {
+                    eprintln!();
+                }
+                if client.json {
+                    println!("{raw}");
+                } else {
+                    let path = c.path.map(|p| p.display().to_string()).unwrap_or_default();
+                    println!("{path}");
+                    println!(
+                        "verified {} bytes in {:.1} s; seeding it now",
+                        c.size.unwrap_or(0),
+                        begun.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(());
+            }
+            State::Failed => {
+                if tty {
+                    eprintln!();
+                }
+                bail!(
+                    "the download of {} failed: {}",
+                    c.id,
+                    c.error.unwrap_or_default()
+                );
+            }
+            _ => {}
+        }
+        if timeout.is_some_and(|t| begun.elapsed() >= Duration::from_secs(t)) {
+            if tty {
+                eprintln!();
+            }
+            bail!(
+                "no complete file after {} s ({} of {} bytes verified; the node keeps fetching)",
+                timeout.unwrap_or(0),
+                c.bytes_have,
+                c.size.unwrap_or(0)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn list(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
+    let base = api_base(data_dir, client.api)?;
+    let (all, raw): (Vec<ContentInfo>, _) = get(&base, "/api/v1/content").await?;
+    if client.json {
+        println!("{raw}");
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no content");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<12} {:>7} {:>10} {:>10} {:>5}  name",
+        "id", "state", "done", "down", "up", "peers"
+    );
+    for c in all {
+        let state = serde_json::to_value(c.state)?
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        let pct = match c.size {
+            Some(s) if s > 0 => format!("{:.1}%", c.bytes_have as f64 * 100.0 / s as f64),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<16} {:<12} {:>7} {:>10} {:>10} {:>5}  {}",
+            &c.id[..16],
+            state,
+            pct,
+            human(c.downloaded as f64),
+            human(c.uploaded as f64),
+            c.peers,
+            c.name.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub async fn remove(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Result<()> {
+    let base = api_base(data_dir, client.api)?;
+    send::<()>(
+        reqwest::Method::DELETE,
+        &format!("{base}/api/v1/content/{id}"),
+        None,
+        Duration::from_secs(15),
+    )
+    .await?;
+    println!("removed {id}");
+    Ok(())
+}
