@@ -112,3 +112,239 @@ async fn ten_leechers_get_byte_identical_files_and_the_super_seeder_uploads_abou
     h.shutdown().await;
     Ok(())
 }
+
+/// A ticket naming every given provider of one content.
+fn merged_ticket(infos: &[&ContentInfo]) -> Result<String> {
+    let mut t = meshwork_swarm::ticket::Ticket::decode(&infos[0].ticket)?;
+    for i in &infos[1..] {
+        t.providers
+            .extend(meshwork_swarm::ticket::Ticket::decode(&i.ticket)?.providers);
+    }
+    Ok(t.encode())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serving_corrupt_pieces_is_banned_and_the_download_completes() -> Result<()> {
+    common::init_logs();
+    let dir = tempfile::tempdir()?;
+    let size = 4 << 20;
+    let origin = random_file(dir.path(), "origin.bin", size, 2)?;
+    // Node 1 serves every block with one byte flipped; it serves fast (no cap), the honest
+    // seeder slowly, so the leecher certainly asks the liar.
+    let h = HarnessBuilder::new("test-content-corrupt")?
+        .topology(Topology::Star)
+        .tweak(|i, cfg| match i {
+            0 => cfg.content.upload_limit = Some(2 << 20),
+            1 => cfg.content.corrupt_uploads = true,
+            _ => {}
+        })
+        .spawn(3)
+        .await?;
+    let honest = share(&h.running(0)?.handle, &origin, false, None).await?;
+    let liar = share(&h.running(1)?.handle, &origin, false, None).await?;
+    let ticket = merged_ticket(&[&liar, &honest])?;
+    let out = dir.path().join("victim.bin");
+    let victim = &h.running(2)?.handle;
+    fetch(victim, &ticket, &out).await?;
+    all_seeding(&h, &[2], &honest.id, Duration::from_secs(120)).await?;
+    ensure!(
+        std::fs::read(&out)? == std::fs::read(&origin)?,
+        "the file differs"
+    );
+    let c = info(victim, &honest.id).await?;
+    eprintln!("bad pieces {}, banned {}", c.bad_pieces, c.banned);
+    ensure!(c.banned == 1, "the liar is banned: {c:?}");
+    ensure!(
+        (2..=3).contains(&c.bad_pieces),
+        "banned after its second bad piece, with at most one more in flight: {} bad",
+        c.bad_pieces
+    );
+    // The liar is also penalized by the node (misbehaviour points), and no longer a peer of
+    // this content.
+    ensure!(c.peers == 1, "only the honest seeder remains: {c:?}");
+    h.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_half_the_leechers_killed_and_the_seeder_gone_every_survivor_completes() -> Result<()>
+{
+    common::init_logs();
+    let dir = tempfile::tempdir()?;
+    let size = 8 << 20;
+    let origin = random_file(dir.path(), "origin.bin", size, 3)?;
+    // The seeder's upload is capped so that the swarm is mid-transfer when the churn hits.
+    let mut h = HarnessBuilder::new("test-content-churn")?
+        .topology(Topology::Star)
+        .tweak(|i, cfg| {
+            if i == 0 {
+                cfg.content.upload_limit = Some(4 << 20);
+            }
+        })
+        .spawn(9)
+        .await?;
+    let shared = share(&h.running(0)?.handle, &origin, false, None).await?;
+    let id: ContentId = shared.id.parse()?;
+    for i in 1..=8 {
+        let out = dir.path().join(format!("leech{i}.bin"));
+        fetch(&h.running(i)?.handle, &shared.ticket, &out).await?;
+    }
+    // Mid-transfer: the leechers hold about a third of a copy between them.
+    wait_for(
+        "a third of a copy downloaded",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || async {
+            let mut total = 0;
+            for i in 1..=8 {
+                total += info(&h.running(i)?.handle, &shared.id).await?.bytes_have;
+            }
+            Ok(total >= size as u64 / 3)
+        },
+    )
+    .await?;
+    for i in 1..=4 {
+        h.stop(i).await?;
+    }
+    let survivors: Vec<usize> = (5..=8).collect();
+    // The seeder leaves once the survivors hold a full copy between them.
+    wait_for(
+        "a full copy among the survivors",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || async {
+            let mut union: Option<meshwork_swarm::Bitfield> = None;
+            for &i in &survivors {
+                let have = h
+                    .running(i)?
+                    .handle
+                    .content
+                    .pieces(id)
+                    .await?
+                    .context("content")?;
+                union = Some(match union {
+                    None => have,
+                    Some(mut u) => {
+                        for p in have.ones() {
+                            u.set(p);
+                        }
+                        u
+                    }
+                });
+            }
+            Ok(union.is_some_and(|u| u.is_full()))
+        },
+    )
+    .await?;
+    let before = info(&h.running(5)?.handle, &shared.id).await?;
+    ensure!(before.state == State::Downloading || before.state == State::Seeding);
+    h.stop(0).await?;
+    all_seeding(&h, &survivors, &shared.id, Duration::from_secs(120)).await?;
+    let want = std::fs::read(&origin)?;
+    for i in survivors {
+        ensure!(
+            std::fs::read(dir.path().join(format!("leech{i}.bin")))? == want,
+            "leecher {i} differs"
+        );
+    }
+    h.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_stopped_half_way_resumes_and_downloads_only_the_missing_pieces() -> Result<()> {
+    common::init_logs();
+    let dir = tempfile::tempdir()?;
+    let size = 8 << 20;
+    let origin = random_file(dir.path(), "origin.bin", size, 4)?;
+    let mut h = HarnessBuilder::new("test-content-resume")?
+        .topology(Topology::Star)
+        .persistent(true)
+        .tweak(|i, cfg| {
+            if i == 0 {
+                cfg.content.upload_limit = Some(4 << 20);
+            }
+        })
+        .spawn(2)
+        .await?;
+    let shared = share(&h.running(0)?.handle, &origin, false, None).await?;
+    let out = dir.path().join("resumed.bin");
+    fetch(&h.running(1)?.handle, &shared.ticket, &out).await?;
+    wait_for(
+        "about half downloaded",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || async {
+            Ok(info(&h.running(1)?.handle, &shared.id).await?.bytes_have >= size as u64 * 4 / 10)
+        },
+    )
+    .await?;
+    h.stop(1).await?;
+    let seeder = h.dial_addr(0)?;
+    h.restart(1, vec![seeder], |_| {}).await?;
+    let resumed = info(&h.running(1)?.handle, &shared.id).await?;
+    let had = resumed.bytes_have;
+    ensure!(
+        had >= size as u64 * 3 / 10 && had < size as u64,
+        "the journal kept the verified pieces: {had} of {size}"
+    );
+    ensure!(resumed.downloaded == 0);
+    all_seeding(&h, &[1], &shared.id, Duration::from_secs(120)).await?;
+    let done = info(&h.running(1)?.handle, &shared.id).await?;
+    let missing = size as u64 - had;
+    eprintln!(
+        "had {had}, missing {missing}, downloaded after restart {}",
+        done.downloaded
+    );
+    ensure!(
+        done.downloaded >= missing && done.downloaded - done.wasted <= missing,
+        "downloaded {} (wasted {}) for {missing} missing bytes",
+        done.downloaded,
+        done.wasted
+    );
+    ensure!(
+        std::fs::read(&out)? == std::fs::read(&origin)?,
+        "the resumed file differs"
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leecher_with_only_the_content_id_finds_providers_in_the_dht() -> Result<()> {
+    common::init_logs();
+    let dir = tempfile::tempdir()?;
+    let size = 2 << 20;
+    let origin = random_file(dir.path(), "origin.bin", size, 5)?;
+    let h = HarnessBuilder::new("test-content-dht")?
+        .topology(Topology::Chain)
+        .spawn(6)
+        .await?;
+    // Let the DHT's routing tables fill before the record goes in.
+    wait_for(
+        "routing tables",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            for (_, n) in h.running_nodes() {
+                if n.handle.peers().await?.len() < 2 {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await?;
+    let shared = share(&h.running(0)?.handle, &origin, false, None).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the provider record spreads
+    let out = dir.path().join("from-dht.bin");
+    // No ticket, no tracker: just the id.
+    fetch(&h.running(5)?.handle, &shared.id, &out).await?;
+    all_seeding(&h, &[5], &shared.id, Duration::from_secs(120)).await?;
+    ensure!(
+        std::fs::read(&out)? == std::fs::read(&origin)?,
+        "the file differs"
+    );
+    h.shutdown().await;
+    Ok(())
+}

@@ -399,6 +399,18 @@ pub struct NodeConfig {
     pub chain: meshwork_ledger::ChainSpec,
     /// Mine blocks, when set.
     pub mining: Option<crate::ledger_service::MinerConfig>,
+    /// The content service's options.
+    pub content: ContentConfig,
+}
+
+/// Options of the content service.
+#[derive(Clone, Debug, Default)]
+pub struct ContentConfig {
+    /// Piece data sent per second, across all contents, at most (`None`: no cap).
+    pub upload_limit: Option<u64>,
+    /// Lab fault injection: flip a byte in every block this node serves (a peer that serves
+    /// corrupt pieces). Never set outside tests and the lab.
+    pub corrupt_uploads: bool,
 }
 
 impl NodeConfig {
@@ -423,6 +435,7 @@ impl NodeConfig {
             addrbook: AddrBookConfig::default(),
             chain: meshwork_ledger::ChainSpec::for_network(&network.to_string()),
             mining: None,
+            content: ContentConfig::default(),
             network,
         }
     }
@@ -493,6 +506,7 @@ impl NodeConfig {
             addrbook: AddrBookConfig::default(),
             chain,
             mining: None,
+            content: ContentConfig::default(),
         })
     }
 }

@@ -187,6 +187,7 @@ pub(crate) enum Request {
         oneshot::Sender<Result<ContentInfo, ContentError>>,
     ),
     List(oneshot::Sender<Vec<ContentInfo>>),
+    Pieces(ContentId, oneshot::Sender<Option<meshwork_swarm::Bitfield>>),
     Get(ContentId, oneshot::Sender<Option<ContentInfo>>),
     Remove(ContentId, oneshot::Sender<Result<(), ContentError>>),
     Shutdown(oneshot::Sender<()>),
@@ -225,6 +226,14 @@ impl ContentClient {
 
     pub async fn get(&self, id: ContentId) -> Result<Option<ContentInfo>, ContentError> {
         self.ask(|tx| Request::Get(id, tx)).await
+    }
+
+    /// The verified pieces of a content (for the lab: who holds what).
+    pub async fn pieces(
+        &self,
+        id: ContentId,
+    ) -> Result<Option<meshwork_swarm::Bitfield>, ContentError> {
+        self.ask(|tx| Request::Pieces(id, tx)).await
     }
 
     pub async fn remove(&self, id: ContentId) -> Result<(), ContentError> {
@@ -412,6 +421,9 @@ pub(crate) struct Service {
     writable: Arc<Writable>,
     http: reqwest::Client,
     next_link: u64,
+    cfg: crate::config::ContentConfig,
+    /// Piece bytes that may still be sent before the next refill (with an upload limit).
+    upload_tokens: i64,
 }
 
 /// The client and the request queue of a content service to be spawned.
@@ -429,6 +441,7 @@ pub(crate) fn spawn(
     node: mpsc::Sender<Command>,
     listen: Vec<Multiaddr>,
     data_dir: Option<PathBuf>,
+    cfg: crate::config::ContentConfig,
 ) -> Result<(), String> {
     let incoming = control
         .accept(protocol.clone())
@@ -450,6 +463,8 @@ pub(crate) fn spawn(
         writable: Arc::new(Writable::default()),
         http,
         next_link: 0,
+        upload_tokens: cfg.upload_limit.map_or(0, |l| (l / 2) as i64),
+        cfg,
     };
     svc.load();
     tokio::spawn(accept_loop(incoming, ev_tx));
@@ -869,6 +884,13 @@ impl Service {
                     self.contents.values().map(|c| self.info(c)).collect();
                 all.sort_by(|a, b| a.id.cmp(&b.id));
                 let _ = reply.send(all);
+            }
+            Request::Pieces(id, reply) => {
+                let have = match self.contents.get(&id).map(|c| &c.phase) {
+                    Some(Phase::Active(e)) => Some(e.store().have().clone()),
+                    _ => None,
+                };
+                let _ = reply.send(have);
             }
             Request::Get(id, reply) => {
                 let _ = reply.send(self.contents.get(&id).map(|c| self.info(c)));
@@ -1446,15 +1468,24 @@ impl Service {
             return;
         };
         e.rechoke_if_due(std::time::Instant::now());
+        let limited = self.cfg.upload_limit.is_some();
         for (peer, l) in c.links.iter() {
             while l.tx.capacity() > 0 {
-                match e.poll_send(peer) {
-                    Some(m) => {
-                        if l.tx.try_send(m).is_err() {
-                            break;
-                        }
+                // Out of upload budget: control messages only, data after the next refill.
+                let next = if limited && self.upload_tokens <= 0 {
+                    e.poll_control(peer)
+                } else {
+                    e.poll_send(peer)
+                };
+                let Some(mut m) = next else { break };
+                if let Msg::Piece { data, .. } = &mut m {
+                    self.upload_tokens -= data.len() as i64;
+                    if self.cfg.corrupt_uploads {
+                        data[0] ^= 0xff;
                     }
-                    None => break,
+                }
+                if l.tx.try_send(m).is_err() {
+                    break;
                 }
             }
         }
@@ -1614,6 +1645,11 @@ impl Service {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if let Some(limit) = self.cfg.upload_limit {
+            // Refill half a second's worth (the tick), holding at most that much: no bursts.
+            let half = (limit / 2) as i64;
+            self.upload_tokens = (self.upload_tokens + half).min(half);
+        }
         let ids: Vec<ContentId> = self.contents.keys().copied().collect();
         for id in ids {
             // Engine timers.

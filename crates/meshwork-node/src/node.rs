@@ -800,6 +800,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         handle.tx.clone(),
         listen_addrs.clone(),
         cfg.data_dir.clone(),
+        cfg.content.clone(),
     )
     .map_err(NodeError::Swarm)?;
 
