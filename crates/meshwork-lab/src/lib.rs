@@ -6,11 +6,13 @@
 //! - [`rogue`]: peers that misbehave on purpose, for the tests of the node's defences.
 //! - [`demo`]: the README's first command.
 //! - [`resources`]: memory and CPU readings of this process.
+//! - [`transfer`]: one file over one connection, the swarm against a raw stream copy.
 
 pub mod demo;
 pub mod harness;
 pub mod propagation;
 pub mod resources;
 pub mod rogue;
+pub mod transfer;
 
 pub use harness::{wait_for, Harness, HarnessBuilder, Topology};

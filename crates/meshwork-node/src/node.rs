@@ -249,6 +249,7 @@ pub struct NodeHandle {
     registry: Arc<Registry>,
     /// The content service (share, fetch, list, remove).
     pub content: crate::content::ContentClient,
+    stream_control: libp2p_stream::Control,
 }
 
 impl NodeHandle {
@@ -288,6 +289,12 @@ impl NodeHandle {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// A control for libp2p streams of any protocol on this node's connections (the lab
+    /// measures raw stream throughput with it).
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.stream_control.clone()
     }
 
     pub fn is_running(&self) -> bool {
@@ -716,7 +723,9 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
     let (content, content_rx) = crate::content::channel();
+    let stream_control = swarm.behaviour().stream.new_control();
     let handle = NodeHandle {
+        stream_control: stream_control.clone(),
         tx,
         jobs: jobs.clone(),
         peer_id: local,
@@ -726,7 +735,6 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     };
     let pieces_protocol = StreamProtocol::try_from_owned(network.protocol("pieces", 1))
         .map_err(|e| NodeError::Swarm(e.to_string()))?;
-    let stream_control = swarm.behaviour().stream.new_control();
     let mut actor = Actor {
         swarm,
         network,

@@ -188,6 +188,17 @@ enum LabCommand {
         #[arg(long, default_value_t = 10)]
         settle_secs: u64,
     },
+    /// One file over one loopback connection: the content swarm (shared, fetched, verified,
+    /// written) against a raw libp2p stream copy between the same two nodes. Prints JSON.
+    Transfer {
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        #[arg(long, default_value_t = 256)]
+        piece_kib: u32,
+        /// Where to write the two files (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -399,6 +410,23 @@ async fn run(cli: Cli) -> Result<()> {
                     settle: Duration::from_secs(settle_secs),
                 })
                 .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Lab {
+            command:
+                LabCommand::Transfer {
+                    size_mib,
+                    piece_kib,
+                    dir,
+                },
+        } => {
+            let report = meshwork_lab::transfer::run(meshwork_lab::transfer::TransferOptions {
+                size_mib,
+                piece_kib,
+                dir,
+            })
+            .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
