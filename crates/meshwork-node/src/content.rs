@@ -426,6 +426,19 @@ pub(crate) struct Service {
     upload_tokens: i64,
 }
 
+/// What the node hands the content service when it starts.
+pub(crate) struct Setup {
+    pub local: PeerId,
+    pub protocol: StreamProtocol,
+    pub control: libp2p_stream::Control,
+    /// The node actor's command queue (dials, DHT records, penalties).
+    pub node: mpsc::Sender<Command>,
+    /// The addresses put in tickets, announces and `Hello`.
+    pub listen: Vec<Multiaddr>,
+    pub data_dir: Option<PathBuf>,
+    pub cfg: crate::config::ContentConfig,
+}
+
 /// The client and the request queue of a content service to be spawned.
 pub(crate) fn channel() -> (ContentClient, mpsc::Receiver<Request>) {
     let (tx, rx) = mpsc::channel(64);
@@ -433,16 +446,16 @@ pub(crate) fn channel() -> (ContentClient, mpsc::Receiver<Request>) {
 }
 
 /// Starts the content service on the requests of [`channel`].
-pub(crate) fn spawn(
-    req_rx: mpsc::Receiver<Request>,
-    local: PeerId,
-    protocol: StreamProtocol,
-    mut control: libp2p_stream::Control,
-    node: mpsc::Sender<Command>,
-    listen: Vec<Multiaddr>,
-    data_dir: Option<PathBuf>,
-    cfg: crate::config::ContentConfig,
-) -> Result<(), String> {
+pub(crate) fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Result<(), String> {
+    let Setup {
+        local,
+        protocol,
+        mut control,
+        node,
+        listen,
+        data_dir,
+        cfg,
+    } = setup;
     let incoming = control
         .accept(protocol.clone())
         .map_err(|e| format!("piece protocol: {e}"))?;

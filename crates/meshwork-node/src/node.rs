@@ -802,13 +802,15 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let listen_addrs = actor.listen_addrs.clone();
     crate::content::spawn(
         content_rx,
-        local,
-        pieces_protocol,
-        stream_control,
-        handle.tx.clone(),
-        listen_addrs.clone(),
-        cfg.data_dir.clone(),
-        cfg.content.clone(),
+        crate::content::Setup {
+            local,
+            protocol: pieces_protocol,
+            control: stream_control,
+            node: handle.tx.clone(),
+            listen: listen_addrs.clone(),
+            data_dir: cfg.data_dir.clone(),
+            cfg: cfg.content.clone(),
+        },
     )
     .map_err(NodeError::Swarm)?;
 

@@ -193,6 +193,9 @@ impl Peer {
     }
 }
 
+/// A block of a failed piece, kept for blame: its sender, its index and its bytes.
+type SuspectBlock<P> = (P, u32, Vec<u8>);
+
 /// A piece being assembled: its bytes and who sent each block.
 struct Assembly<P> {
     data: Vec<u8>,
@@ -209,7 +212,7 @@ pub struct Engine<P> {
     peers: HashMap<P, Peer>,
     assembling: HashMap<u32, Assembly<P>>,
     /// Failed multi-source pieces: (piece, its blocks with their senders), oldest first.
-    suspects: VecDeque<(u32, Vec<(P, u32, Vec<u8>)>)>,
+    suspects: VecDeque<(u32, Vec<SuspectBlock<P>>)>,
     suspect_bytes: usize,
     events: VecDeque<EngineEvent<P>>,
     last_tick: Instant,
@@ -518,7 +521,7 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
         peer.down.add(len);
         self.down.add(len);
         self.downloaded += len as u64;
-        if offset % BLOCK_SIZE != 0 || peer.requested.remove(&b).is_none() {
+        if !offset.is_multiple_of(BLOCK_SIZE) || peer.requested.remove(&b).is_none() {
             self.wasted += len as u64;
             peer.unsolicited += 1;
             if peer.unsolicited > MAX_UNSOLICITED {
@@ -598,7 +601,7 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
                     let culprit = *senders.iter().next().expect("one");
                     self.strike(culprit, piece);
                 } else {
-                    let blocks: Vec<(P, u32, Vec<u8>)> = a
+                    let blocks: Vec<SuspectBlock<P>> = a
                         .from
                         .iter()
                         .enumerate()

@@ -100,32 +100,30 @@ impl Sim {
         }
         self.now += Duration::from_millis(50);
         let now = self.now;
+        let mut closes = vec![];
         for (i, e) in self.engines.iter_mut().enumerate() {
             let Some(e) = e.as_mut() else { continue };
             e.tick(now);
             e.check_invariants().unwrap();
             while let Some(ev) = e.poll_event() {
                 match ev {
-                    EngineEvent::Disconnect { peer, ban, .. } => {
-                        if ban {
-                            self.banned.push((i as u32, peer));
-                        }
-                    }
+                    EngineEvent::Disconnect { peer, ban, .. } => closes.push((i as u32, peer, ban)),
                     EngineEvent::StoreFailed(e) => panic!("store failed: {e}"),
                     _ => {}
                 }
             }
         }
-        // Disconnects close both ends.
-        for (i, p) in std::mem::take(&mut self.banned) {
+        // A disconnect closes both ends.
+        for (i, p, ban) in closes {
             self.links
                 .retain(|(x, y)| !((*x == i && *y == p) || (*x == p && *y == i)));
             if let Some(e) = self.engines[p as usize].as_mut() {
                 e.remove_peer(&i);
             }
-            self.banned.push((i, p));
+            if ban {
+                self.banned.push((i, p));
+            }
         }
-        self.banned.dedup();
     }
 
     fn complete(&self, ids: impl Iterator<Item = u32>) -> bool {

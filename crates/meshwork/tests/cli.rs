@@ -506,7 +506,7 @@ fn share_fetch_list_and_remove_through_the_binary() -> Result<()> {
     let file = tmp.path().join("photo.bin");
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
     std::fs::write(&file, &bytes)?;
-    let mut a = NodeProc::start(&a_dir, &[])?;
+    let a = NodeProc::start(&a_dir, &[])?;
     let _b = NodeProc::start(&b_dir, &[])?;
 
     let shared = run(&a_dir, &["share", file.to_str().context("path")?])?;
