@@ -348,3 +348,63 @@ async fn a_leecher_with_only_the_content_id_finds_providers_in_the_dht() -> Resu
     h.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_strangers_meet_through_the_tracker_and_the_leecher_completes() -> Result<()> {
+    common::init_logs();
+    let dir = tempfile::tempdir()?;
+    let size = 2 << 20;
+    let origin = random_file(dir.path(), "origin.bin", size, 6)?;
+    let tracker = meshwork_server::http::start(
+        "127.0.0.1:0".parse()?,
+        meshwork_server::tracker::TrackerConfig {
+            interval: Duration::from_secs(10),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let url = format!("http://{}", tracker.addr);
+    // Two one-node networks with no bootstrap between them: no DHT path, no ticket addresses.
+    let a = HarnessBuilder::new("test-content-tracker")?
+        .spawn(1)
+        .await?;
+    let b = HarnessBuilder::new("test-content-tracker")?
+        .first_index(10)
+        .spawn(1)
+        .await?;
+    let shared = share(&a.running(0)?.handle, &origin, false, Some(url.clone())).await?;
+    let out = dir.path().join("via-tracker.bin");
+    b.running(0)?
+        .handle
+        .content
+        .fetch(FetchRequest {
+            target: shared.id.clone(),
+            out: Some(out.clone()),
+            tracker: Some(url.clone()),
+        })
+        .await?;
+    all_seeding(&b, &[0], &shared.id, Duration::from_secs(60)).await?;
+    ensure!(
+        std::fs::read(&out)? == std::fs::read(&origin)?,
+        "the file differs"
+    );
+    // The completed announce makes the leecher a seeder at the tracker.
+    wait_for(
+        "two seeders at the tracker",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let s: meshwork_swarm::tracker_wire::Stats =
+                reqwest::get(format!("{url}/api/v1/stats"))
+                    .await?
+                    .json()
+                    .await?;
+            Ok(s.seeders == 2 && s.leechers == 0)
+        },
+    )
+    .await?;
+    a.shutdown().await;
+    b.shutdown().await;
+    tracker.stop();
+    Ok(())
+}
