@@ -215,13 +215,10 @@ async fn with_half_the_leechers_killed_and_the_seeder_gone_every_survivor_comple
         || async {
             let mut union: Option<meshwork_swarm::Bitfield> = None;
             for &i in &survivors {
-                let have = h
-                    .running(i)?
-                    .handle
-                    .content
-                    .pieces(id)
-                    .await?
-                    .context("content")?;
+                // `None` while the node still fetches the manifest: it holds nothing yet.
+                let Some(have) = h.running(i)?.handle.content.pieces(id).await? else {
+                    return Ok(false);
+                };
                 union = Some(match union {
                     None => have,
                     Some(mut u) => {
