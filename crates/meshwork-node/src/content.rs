@@ -1118,18 +1118,15 @@ impl Service {
             let content = *id;
             tokio::spawn(async move {
                 let result = async {
-                    connect(&node, peer, addrs).await?;
-                    let mut s = tokio::time::timeout(
-                        HANDSHAKE_TIMEOUT,
-                        control.open_stream(peer, protocol),
+                    let mut s = open_with(
+                        &node,
+                        &mut control,
+                        protocol,
+                        peer,
+                        addrs,
+                        &Msg::GetManifest(content),
                     )
-                    .await
-                    .map_err(|_| "timed out opening a stream".to_string())?
-                    .map_err(|e| e.to_string())?;
-                    write_msg(&mut s, &Msg::GetManifest(content))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    s.flush().await.map_err(|e| e.to_string())?;
+                    .await?;
                     let m = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut s, MAX_FRAME))
                         .await
                         .map_err(|_| "timed out waiting for the manifest".to_string())?
@@ -1579,16 +1576,8 @@ impl Service {
             let content = *id;
             tokio::spawn(async move {
                 let result = async {
-                    connect(&node, peer, addrs).await?;
-                    let mut s = tokio::time::timeout(
-                        HANDSHAKE_TIMEOUT,
-                        control.open_stream(peer, protocol),
-                    )
-                    .await
-                    .map_err(|_| "timed out opening a stream".to_string())?
-                    .map_err(|e| e.to_string())?;
-                    write_msg(&mut s, &hello).await.map_err(|e| e.to_string())?;
-                    s.flush().await.map_err(|e| e.to_string())?;
+                    let mut s =
+                        open_with(&node, &mut control, protocol, peer, addrs, &hello).await?;
                     let answer = tokio::time::timeout(
                         HANDSHAKE_TIMEOUT,
                         read_frame(&mut s, MAX_SMALL_FRAME),
@@ -1862,6 +1851,25 @@ async fn connect(
         .await
         .map_err(|_| "timed out connecting".to_string())?
         .map_err(|_| "the node stopped".to_string())?
+}
+
+/// Connects to `peer`, opens a piece stream and sends `first` on it.
+async fn open_with(
+    node: &mpsc::Sender<Command>,
+    control: &mut libp2p_stream::Control,
+    protocol: StreamProtocol,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    first: &Msg,
+) -> Result<Stream, String> {
+    connect(node, peer, addrs).await?;
+    let mut s = tokio::time::timeout(HANDSHAKE_TIMEOUT, control.open_stream(peer, protocol))
+        .await
+        .map_err(|_| "timed out opening a stream".to_string())?
+        .map_err(|e| e.to_string())?;
+    write_msg(&mut s, first).await.map_err(|e| e.to_string())?;
+    s.flush().await.map_err(|e| e.to_string())?;
+    Ok(s)
 }
 
 fn dht_key(id: &ContentId) -> kad::RecordKey {
