@@ -99,6 +99,10 @@ pub enum ContentError {
     NoOutput,
     #[error("this node holds its limit of {MAX_CONTENTS} contents")]
     Full,
+    #[error(
+        "{0} already exists and is not an interrupted download: remove it or choose another path"
+    )]
+    WouldOverwrite(PathBuf),
     #[error("the tracker URL {0:?} is not http(s)://")]
     BadTracker(String),
     #[error("the content service has stopped")]
@@ -1016,6 +1020,7 @@ impl Service {
             if !out.is_absolute() {
                 return Err(ContentError::RelativePath(out.clone()));
             }
+            refuse_to_overwrite(out)?;
         } else if self.data_dir.is_none() {
             return Err(ContentError::NoOutput);
         }
@@ -1175,11 +1180,14 @@ impl Service {
             (None, Some(d)) => d.join("downloads").join(&m.name),
             (None, None) => unreachable!("checked when the fetch began"),
         };
-        let opened = out
-            .parent()
-            .map(std::fs::create_dir_all)
-            .transpose()
+        let opened = refuse_to_overwrite(&out)
             .map_err(|e| e.to_string())
+            .and_then(|_| {
+                out.parent()
+                    .map(std::fs::create_dir_all)
+                    .transpose()
+                    .map_err(|e| e.to_string())
+            })
             .and_then(|_| PieceStore::open(&out, m).map_err(|e| e.to_string()));
         c.out = Some(out.clone());
         match opened {
@@ -1835,6 +1843,15 @@ impl Service {
             }
         }
     }
+}
+
+/// A download never writes over a file that is not its own: one without a journal next to it
+/// (an interrupted download of ours has one).
+fn refuse_to_overwrite(out: &Path) -> Result<(), ContentError> {
+    if out.exists() && !journal_path(out).exists() {
+        return Err(ContentError::WouldOverwrite(out.to_owned()));
+    }
+    Ok(())
 }
 
 /// Asks the node for a connection to `peer` and waits until it is open.

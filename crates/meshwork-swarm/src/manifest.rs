@@ -191,6 +191,8 @@ impl Manifest {
         if self.name.len() > MAX_NAME_BYTES
             || self.name.contains(['/', '\\', '\0'])
             || self.name == ".."
+            || self.name == "."
+            || self.name.is_empty()
         {
             return Err(ManifestError::Inconsistent(format!(
                 "unusable file name {:?}",

@@ -583,6 +583,20 @@ fn share_fetch_list_and_remove_through_the_binary() -> Result<()> {
     ensure!(rm.status.success(), "{}", stderr(&rm));
     ensure!(json(&b_dir, &["content", "list", "--json"])? == serde_json::json!([]));
     ensure!(out.exists(), "a finished download stays on disk");
+    // A fetch never writes over a file that is not its own download.
+    let clobber = run(
+        &b_dir,
+        &["fetch", &ticket, "-o", out.to_str().context("path")?],
+    )?;
+    ensure!(
+        !clobber.status.success() && stderr(&clobber).contains("already exists"),
+        "{}",
+        stderr(&clobber)
+    );
+    ensure!(
+        std::fs::read(&out)? == bytes,
+        "the existing file is untouched"
+    );
     let again = run(&b_dir, &["content", "rm", &id])?;
     ensure!(!again.status.success() && stderr(&again).contains("not on this node"));
     Ok(())
