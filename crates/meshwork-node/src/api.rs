@@ -186,37 +186,52 @@ async fn answer<T: Serialize>(
 }
 
 fn content_error(e: ContentError) -> Response {
-    match e {
-        ContentError::Stopped => unavailable(e),
-        ContentError::Unknown(_) => (
-            StatusCode::NOT_FOUND,
-            Json(ApiError {
-                error: e.to_string(),
-            }),
-        )
-            .into_response(),
-        ContentError::Exists(_) => (
-            StatusCode::CONFLICT,
-            Json(ApiError {
-                error: e.to_string(),
-            }),
-        )
-            .into_response(),
-        _ => bad_request(e),
-    }
+    let code = match e {
+        ContentError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        ContentError::Unknown(_) => StatusCode::NOT_FOUND,
+        ContentError::Exists(_) => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (
+        code,
+        Json(ApiError {
+            error: e.to_string(),
+        }),
+    )
+        .into_response()
 }
 
 /// Sharing hashes the whole file: a large one takes longer than other answers.
 const SHARE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Runs a content request with a deadline; `Err(response)` is already an HTTP error.
+async fn on_content<T>(
+    fut: impl std::future::Future<Output = Result<T, ContentError>>,
+    timeout: Duration,
+    late: &str,
+) -> Result<T, Response> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(content_error(e)),
+        Err(_) => Err(unavailable(late)),
+    }
+}
+
+const LATE: &str = "the node did not answer in time";
+
 async fn share(State(h): State<NodeHandle>, body: Option<Json<ShareRequest>>) -> Response {
     let Some(Json(req)) = body else {
         return bad_request("expected a JSON body {\"path\": \"/absolute/path\"}");
     };
-    match tokio::time::timeout(SHARE_TIMEOUT, h.content.share(req)).await {
-        Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
-        Ok(Err(e)) => content_error(e),
-        Err(_) => unavailable("the node did not finish hashing the file in time"),
+    match on_content(
+        h.content.share(req),
+        SHARE_TIMEOUT,
+        "the node did not finish hashing the file in time",
+    )
+    .await
+    {
+        Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
+        Err(r) => r,
     }
 }
 
@@ -224,45 +239,39 @@ async fn fetch(State(h): State<NodeHandle>, body: Option<Json<FetchRequest>>) ->
     let Some(Json(req)) = body else {
         return bad_request("expected a JSON body {\"target\": \"<ticket or content id>\"}");
     };
-    match tokio::time::timeout(ANSWER_TIMEOUT, h.content.fetch(req)).await {
-        Ok(Ok(info)) => (StatusCode::ACCEPTED, Json(info)).into_response(),
-        Ok(Err(e)) => content_error(e),
-        Err(_) => unavailable("the node did not answer in time"),
+    match on_content(h.content.fetch(req), ANSWER_TIMEOUT, LATE).await {
+        Ok(info) => (StatusCode::ACCEPTED, Json(info)).into_response(),
+        Err(r) => r,
     }
 }
 
 async fn content_list(State(h): State<NodeHandle>) -> Response {
-    match tokio::time::timeout(ANSWER_TIMEOUT, h.content.list()).await {
-        Ok(Ok(all)) => Json(all).into_response(),
-        Ok(Err(e)) => content_error(e),
-        Err(_) => unavailable("the node did not answer in time"),
+    match on_content(h.content.list(), ANSWER_TIMEOUT, LATE).await {
+        Ok(all) => Json(all).into_response(),
+        Err(r) => r,
     }
 }
 
 async fn content_get(State(h): State<NodeHandle>, Path(id): Path<String>) -> Response {
-    let Ok(id) = id.parse::<ContentId>() else {
-        return bad_request(format!(
-            "{id:?} is not a content id (64 hexadecimal digits)"
-        ));
+    let id = match id.parse::<ContentId>() {
+        Ok(id) => id,
+        Err(e) => return bad_request(e),
     };
-    match tokio::time::timeout(ANSWER_TIMEOUT, h.content.get(id)).await {
-        Ok(Ok(Some(info))) => Json(info).into_response(),
-        Ok(Ok(None)) => not_found(format!("content {id}")),
-        Ok(Err(e)) => content_error(e),
-        Err(_) => unavailable("the node did not answer in time"),
+    match on_content(h.content.get(id), ANSWER_TIMEOUT, LATE).await {
+        Ok(Some(info)) => Json(info).into_response(),
+        Ok(None) => not_found(format!("content {id}")),
+        Err(r) => r,
     }
 }
 
 async fn content_rm(State(h): State<NodeHandle>, Path(id): Path<String>) -> Response {
-    let Ok(id) = id.parse::<ContentId>() else {
-        return bad_request(format!(
-            "{id:?} is not a content id (64 hexadecimal digits)"
-        ));
+    let id = match id.parse::<ContentId>() {
+        Ok(id) => id,
+        Err(e) => return bad_request(e),
     };
-    match tokio::time::timeout(ANSWER_TIMEOUT, h.content.remove(id)).await {
-        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Err(e)) => content_error(e),
-        Err(_) => unavailable("the node did not answer in time"),
+    match on_content(h.content.remove(id), ANSWER_TIMEOUT, LATE).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
     }
 }
 

@@ -63,6 +63,8 @@ pub const MAX_BANNED: usize = 1024;
 pub const MAX_CONNECTING: usize = 8;
 /// A downloading content dials until it has this many peers.
 pub const WANT_PEERS: usize = 30;
+/// A seed dials until it has this many peers.
+pub const SEED_DIALS: usize = 8;
 /// How often each link is offered new peers (in-swarm PEX), and how often one is accepted.
 pub const PEX_INTERVAL: Duration = Duration::from_secs(5);
 /// A handshake, a manifest exchange or a stream open that takes longer fails.
@@ -85,8 +87,6 @@ pub enum ContentError {
     Store(#[from] meshwork_swarm::store::StoreError),
     #[error("{0}")]
     Ticket(#[from] meshwork_swarm::ticket::TicketError),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
     #[error("{0:?} is neither a ticket nor a content id (64 hexadecimal digits)")]
     BadTarget(String),
     #[error("content {0} is not on this node")]
@@ -347,7 +347,8 @@ struct Candidate {
 struct Content {
     id: ContentId,
     phase: Phase,
-    record: Option<Record>,
+    /// Shared from this node's own file (see [`Record::origin`]).
+    origin: bool,
     out: Option<PathBuf>,
     super_seed: bool,
     tracker: Option<String>,
@@ -405,6 +406,35 @@ impl Content {
         );
     }
 
+    fn new(
+        id: ContentId,
+        phase: Phase,
+        out: Option<PathBuf>,
+        super_seed: bool,
+        tracker: Option<String>,
+        origin: bool,
+    ) -> Content {
+        let now = Instant::now();
+        Content {
+            id,
+            phase,
+            origin,
+            out,
+            super_seed,
+            tracker,
+            links: HashMap::new(),
+            candidates: HashMap::new(),
+            connecting: HashSet::new(),
+            banned: VecDeque::new(),
+            next_announce: now,
+            announcing: false,
+            announced_started: false,
+            announced_completed: false,
+            next_dht: now,
+            provided: false,
+        }
+    }
+
     fn engine(&mut self) -> Option<&mut Engine<PeerId>> {
         match &mut self.phase {
             Phase::Active(e) => Some(e),
@@ -449,8 +479,9 @@ pub(crate) fn channel() -> (ContentClient, mpsc::Receiver<Request>) {
     (ContentClient { tx }, rx)
 }
 
-/// Starts the content service on the requests of [`channel`].
-pub(crate) fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Result<(), String> {
+/// Starts the content service on the requests of [`channel`], with the contents of an earlier
+/// run loaded.
+pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Result<(), String> {
     let Setup {
         local,
         protocol,
@@ -483,7 +514,12 @@ pub(crate) fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Result<(),
         upload_tokens: cfg.upload_limit.map_or(0, |l| (l / 2) as i64),
         cfg,
     };
-    svc.load();
+    if let Some(dir) = svc.content_dir() {
+        let loaded = tokio::task::spawn_blocking(move || load_contents(&dir))
+            .await
+            .map_err(|e| format!("loading contents: {e}"))?;
+        svc.contents = loaded.into_iter().map(|c| (c.id, c)).collect();
+    }
     tokio::spawn(accept_loop(incoming, ev_tx));
     tokio::spawn(svc.run(req_rx, ev_rx));
     Ok(())
@@ -643,95 +679,17 @@ impl Service {
         self.data_dir.as_ref().map(|d| d.join("content"))
     }
 
-    /// Reloads the contents persisted by an earlier run: shared files are re-hashed, downloads
-    /// resume from their journals.
-    fn load(&mut self) {
-        let Some(dir) = self.content_dir() else {
-            return;
-        };
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(hex) = name.strip_suffix(RECORD_SUFFIX) else {
-                continue;
-            };
-            let Ok(id) = hex.parse::<ContentId>() else {
-                continue;
-            };
-            let rec: Option<Record> = std::fs::read(e.path())
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            let manifest = std::fs::read(dir.join(format!("{hex}{MANIFEST_SUFFIX}")))
-                .ok()
-                .and_then(|b| Manifest::decode_verified(&b, &id).ok());
-            let (Some(rec), Some(m)) = (rec, manifest) else {
-                tracing::warn!("{}: unreadable content record, skipped", e.path().display());
-                continue;
-            };
-            let opened = if rec.origin {
-                PieceStore::open_complete(&rec.path, m)
-            } else {
-                PieceStore::open(&rec.path, m)
-            };
-            let phase = match opened {
-                Ok(store) => Phase::Active(Box::new(Engine::new(
-                    store,
-                    EngineConfig {
-                        super_seed: rec.super_seed,
-                        ..Default::default()
-                    },
-                    std::time::Instant::now(),
-                ))),
-                Err(e) => Phase::Failed(e.to_string()),
-            };
-            let c = self.new_content(
-                id,
-                phase,
-                Some(rec.path.clone()),
-                rec.super_seed,
-                rec.tracker.clone(),
-                Some(rec),
-            );
-            self.contents.insert(id, c);
-        }
-    }
-
-    fn new_content(
-        &self,
-        id: ContentId,
-        phase: Phase,
-        out: Option<PathBuf>,
-        super_seed: bool,
-        tracker: Option<String>,
-        record: Option<Record>,
-    ) -> Content {
-        let now = Instant::now();
-        Content {
-            id,
-            phase,
-            record,
-            out,
-            super_seed,
-            tracker,
-            links: HashMap::new(),
-            candidates: HashMap::new(),
-            connecting: HashSet::new(),
-            banned: VecDeque::new(),
-            next_announce: now,
-            announcing: false,
-            announced_started: false,
-            announced_completed: false,
-            next_dht: now,
-            provided: false,
-        }
-    }
-
+    /// Writes the content's record and manifest (once it has a manifest and a file).
     fn persist(&self, c: &Content) {
-        let (Some(dir), Some(rec), Phase::Active(e)) = (self.content_dir(), &c.record, &c.phase)
+        let (Some(dir), Some(path), Phase::Active(e)) = (self.content_dir(), &c.out, &c.phase)
         else {
             return;
+        };
+        let rec = Record {
+            path: path.clone(),
+            origin: c.origin,
+            super_seed: c.super_seed,
+            tracker: c.tracker.clone(),
         };
         let write = || -> io::Result<()> {
             std::fs::create_dir_all(&dir)?;
@@ -740,7 +698,7 @@ impl Service {
             if !m.exists() {
                 write_atomic(&m, &e.manifest().encode())?;
             }
-            let json = serde_json::to_vec_pretty(rec).expect("a record encodes");
+            let json = serde_json::to_vec_pretty(&rec).expect("a record encodes");
             write_atomic(&dir.join(format!("{hex}{RECORD_SUFFIX}")), &json)
         };
         if let Err(err) = write() {
@@ -952,12 +910,8 @@ impl Service {
         }
         let events = self.events.clone();
         tokio::task::spawn_blocking(move || {
-            let opened =
-                Manifest::from_file(&req.path, req.piece_size.unwrap_or(DEFAULT_PIECE_SIZE))
-                    .map_err(ContentError::from)
-                    .and_then(|m| {
-                        PieceStore::open_complete(&req.path, m).map_err(ContentError::from)
-                    });
+            let opened = PieceStore::share(&req.path, req.piece_size.unwrap_or(DEFAULT_PIECE_SIZE))
+                .map_err(ContentError::from);
             let _ = events.blocking_send(Event::Shared { req, opened, reply });
         });
     }
@@ -980,19 +934,13 @@ impl Service {
             },
             std::time::Instant::now(),
         );
-        let rec = Record {
-            path: req.path.clone(),
-            origin: true,
-            super_seed: req.super_seed,
-            tracker: req.tracker.clone(),
-        };
-        let c = self.new_content(
+        let c = Content::new(
             id,
             Phase::Active(Box::new(engine)),
             Some(req.path),
             req.super_seed,
             req.tracker,
-            Some(rec),
+            true,
         );
         self.persist(&c);
         let info = self.info(&c);
@@ -1034,7 +982,7 @@ impl Service {
         if self.contents.len() >= MAX_CONTENTS {
             return Err(ContentError::Full);
         }
-        let mut c = self.new_content(
+        let mut c = Content::new(
             id,
             Phase::FetchingManifest {
                 asking: HashSet::new(),
@@ -1042,7 +990,7 @@ impl Service {
             req.out,
             false,
             tracker,
-            None,
+            false,
         );
         for p in providers {
             if let Ok(peer) = p.peer.parse::<PeerId>() {
@@ -1075,12 +1023,12 @@ impl Service {
             let _ = self.node.try_send(Command::Provide(dht_key(&id), false));
         }
         let complete = c.engine().is_some_and(|e| e.is_complete());
-        let origin = c.record.as_ref().is_some_and(|r| r.origin);
         if let Some(path) = &c.out {
-            let _ = std::fs::remove_file(journal_path(path));
-            // An unfinished download is ours to delete; a shared file or a finished download
-            // belongs to the user.
-            if !origin && !complete {
+            // An unfinished download is ours to delete: one with a journal (the same rule as
+            // `refuse_to_overwrite`). A shared file, a finished download, or a file a failed
+            // fetch refused to overwrite belongs to the user.
+            let ours = std::fs::remove_file(journal_path(path)).is_ok();
+            if ours && !c.origin && !complete {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -1197,12 +1145,6 @@ impl Service {
                     EngineConfig::default(),
                     std::time::Instant::now(),
                 )));
-                c.record = Some(Record {
-                    path: out,
-                    origin: false,
-                    super_seed: false,
-                    tracker: c.tracker.clone(),
-                });
                 // Everyone tried for the manifest is worth a piece stream now.
                 for cand in c.candidates.values_mut() {
                     cand.failed_at = None;
@@ -1254,7 +1196,7 @@ impl Service {
                 listen,
             } => {
                 touched.insert(content);
-                self.on_incoming(peer, stream, content, pieces, listen);
+                self.on_stream(peer, stream, content, pieces, listen, false);
             }
             Event::ManifestWanted {
                 peer,
@@ -1285,10 +1227,15 @@ impl Service {
                 listen,
             } => {
                 touched.insert(content);
-                if let Some(c) = self.contents.get_mut(&content) {
-                    c.connecting.remove(&peer);
-                }
-                self.on_opened(peer, stream, content, listen);
+                let Some(c) = self.contents.get_mut(&content) else {
+                    return;
+                };
+                c.connecting.remove(&peer);
+                // The handshake checked the peer's `Hello` against ours.
+                let Some(pieces) = c.engine().map(|e| e.manifest().piece_count() as u32) else {
+                    return;
+                };
+                self.on_stream(peer, stream, content, pieces, listen, true);
             }
             Event::OpenFailed {
                 peer,
@@ -1338,13 +1285,16 @@ impl Service {
         existing.opener != smaller && opener == smaller
     }
 
-    fn on_incoming(
+    /// A piece stream whose handshake came in (`outbound`: we opened it and have its
+    /// `Hello`; otherwise it is the peer's, and we answer with ours).
+    fn on_stream(
         &mut self,
         peer: PeerId,
         stream: Stream,
         content: ContentId,
         pieces: u32,
         listen: Vec<Multiaddr>,
+        outbound: bool,
     ) {
         let Some(c) = self.contents.get(&content) else {
             return;
@@ -1355,38 +1305,18 @@ impl Service {
         if c.is_banned(&peer) || pieces as usize != e.manifest().piece_count() {
             return;
         }
+        let opener = if outbound { self.local } else { peer };
         if let Some(existing) = c.links.get(&peer) {
-            if !self.keep_new(existing, peer, peer) {
+            if !self.keep_new(existing, opener, peer) {
                 return;
             }
         }
-        let hello = Msg::Hello {
+        let hello = (!outbound).then(|| Msg::Hello {
             content,
             pieces,
             listen: pex_addrs(&self.listen),
-        };
-        self.start_link(content, peer, stream, Some(hello), peer, listen);
-    }
-
-    fn on_opened(
-        &mut self,
-        peer: PeerId,
-        stream: Stream,
-        content: ContentId,
-        listen: Vec<Multiaddr>,
-    ) {
-        let Some(c) = self.contents.get(&content) else {
-            return;
-        };
-        if !matches!(c.phase, Phase::Active(_)) || c.is_banned(&peer) {
-            return;
-        }
-        if let Some(existing) = c.links.get(&peer) {
-            if !self.keep_new(existing, self.local, peer) {
-                return;
-            }
-        }
-        self.start_link(content, peer, stream, None, self.local, listen);
+        });
+        self.start_link(content, peer, stream, hello, opener, listen);
     }
 
     fn start_link(
@@ -1524,7 +1454,6 @@ impl Service {
                         let _ = self.node.try_send(Command::ContentOffence(peer, reason));
                     }
                 }
-                EngineEvent::PieceVerified(_) => {}
                 EngineEvent::Completed => completed = true,
                 EngineEvent::StoreFailed(why) => {
                     tracing::error!("content {id}: {why}");
@@ -1547,10 +1476,13 @@ impl Service {
         let Phase::Active(e) = &c.phase else {
             return;
         };
-        let want = if e.is_complete() { 0 } else { WANT_PEERS };
         // A seed dials the leechers it learns of too (the tracker names only leechers to a
         // seed), but fewer.
-        let want = want.max(if e.is_complete() { 8 } else { 0 });
+        let want = if e.is_complete() {
+            SEED_DIALS
+        } else {
+            WANT_PEERS
+        };
         let now = Instant::now();
         let mut chosen = vec![];
         for (p, cand) in &c.candidates {
@@ -1795,54 +1727,101 @@ impl Service {
         let Some(c) = self.contents.get_mut(id) else {
             return;
         };
-        let linked: Vec<PeerId> = c.links.keys().copied().collect();
-        let entries: HashMap<PeerId, PexEntry> = linked
-            .iter()
+        // Our linked peers with an address to share.
+        let entries: HashMap<PeerId, PexEntry> = c
+            .links
+            .keys()
             .filter_map(|p| {
-                let cand = c.candidates.get(p)?;
-                let addrs = pex_addrs(&cand.addrs);
+                let addrs = pex_addrs(&c.candidates.get(p)?.addrs);
                 (!addrs.is_empty()).then(|| {
-                    (
-                        *p,
-                        PexEntry {
-                            peer: p.to_bytes(),
-                            addrs,
-                        },
-                    )
+                    let entry = PexEntry {
+                        peer: p.to_bytes(),
+                        addrs,
+                    };
+                    (*p, entry)
                 })
             })
             .collect();
         for (peer, l) in c.links.iter_mut() {
+            // Forget peers that left: `pex_sent` stays within the current links (bounded),
+            // and a peer that comes back is announced again.
+            l.pex_sent.retain(|p| entries.contains_key(p));
             if l.last_pex_out
                 .is_some_and(|t| now.duration_since(t) < PEX_INTERVAL)
             {
                 continue;
             }
-            let fresh: Vec<PexEntry> = entries
+            let fresh: Vec<(PeerId, PexEntry)> = entries
                 .iter()
                 .filter(|(p, _)| *p != peer && !l.pex_sent.contains(p))
                 .take(MAX_PEX_PEERS)
-                .map(|(_, e)| e.clone())
+                .map(|(p, e)| (*p, e.clone()))
                 .collect();
-            for e in &fresh {
-                if let Ok(p) = PeerId::from_bytes(&e.peer) {
-                    l.pex_sent.insert(p);
-                }
-            }
             if fresh.is_empty() {
                 continue;
             }
             l.last_pex_out = Some(now);
+            let (ids, list): (Vec<PeerId>, Vec<PexEntry>) = fresh.into_iter().unzip();
             // A full writer skips this round; the peers stay unsent for the next.
-            if l.tx.try_send(Msg::Peers(fresh.clone())).is_err() {
-                for e in fresh {
-                    if let Ok(p) = PeerId::from_bytes(&e.peer) {
-                        l.pex_sent.remove(&p);
-                    }
-                }
+            if l.tx.try_send(Msg::Peers(list)).is_ok() {
+                l.pex_sent.extend(ids);
             }
         }
     }
+}
+
+/// Reloads the contents persisted by an earlier run in `dir`: shared files are re-hashed,
+/// downloads resume from their journals. Blocking (it reads whole files): the caller runs it
+/// on a blocking thread.
+fn load_contents(dir: &Path) -> Vec<Content> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(hex) = name.strip_suffix(RECORD_SUFFIX) else {
+            continue;
+        };
+        let Ok(id) = hex.parse::<ContentId>() else {
+            continue;
+        };
+        let rec: Option<Record> = std::fs::read(e.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let manifest = std::fs::read(dir.join(format!("{hex}{MANIFEST_SUFFIX}")))
+            .ok()
+            .and_then(|b| Manifest::decode_verified(&b, &id).ok());
+        let (Some(rec), Some(m)) = (rec, manifest) else {
+            tracing::warn!("{}: unreadable content record, skipped", e.path().display());
+            continue;
+        };
+        let opened = if rec.origin {
+            PieceStore::open_complete(&rec.path, m)
+        } else {
+            PieceStore::open(&rec.path, m)
+        };
+        let phase = match opened {
+            Ok(store) => Phase::Active(Box::new(Engine::new(
+                store,
+                EngineConfig {
+                    super_seed: rec.super_seed,
+                    ..Default::default()
+                },
+                std::time::Instant::now(),
+            ))),
+            Err(e) => Phase::Failed(e.to_string()),
+        };
+        out.push(Content::new(
+            id,
+            phase,
+            Some(rec.path),
+            rec.super_seed,
+            rec.tracker,
+            rec.origin,
+        ));
+    }
+    out
 }
 
 /// A download never writes over a file that is not its own: one without a journal next to it

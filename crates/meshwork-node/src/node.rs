@@ -427,8 +427,8 @@ struct Actor {
     /// Content-service dials waiting for a connection, per peer (at most `MAX_LOOKUPS` peers,
     /// 8 waiters each).
     content_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
-    /// Provider lookups in flight: providers found so far, and where the answer goes.
-    provider_lookups: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    /// Provider lookups in flight, and where the answer goes.
+    provider_lookups: HashMap<QueryId, oneshot::Sender<Vec<PeerId>>>,
     listen_addrs: Vec<Multiaddr>,
     kad_protocol: StreamProtocol,
     kad_bootstrapped: bool,
@@ -812,6 +812,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             cfg: cfg.content.clone(),
         },
     )
+    .await
     .map_err(NodeError::Swarm)?;
 
     // The API, if asked for.
@@ -1277,6 +1278,11 @@ impl Actor {
                     let _ = tx.send(Ok(()));
                     return;
                 }
+                // Waiters that gave up (their dial never resolved) leave no trace.
+                self.content_waiters.retain(|_, ws| {
+                    ws.retain(|w| !w.is_closed());
+                    !ws.is_empty()
+                });
                 if self.content_waiters.len() >= MAX_LOOKUPS
                     && !self.content_waiters.contains_key(&peer)
                 {
@@ -1293,9 +1299,12 @@ impl Actor {
                 if !dialing {
                     let mut addrs = addrs;
                     if let Some(e) = self.book.get(&peer) {
-                        addrs.extend(e.addrs.iter().cloned());
+                        for a in &e.addrs {
+                            if !addrs.contains(a) {
+                                addrs.push(a.clone());
+                            }
+                        }
                     }
-                    addrs.dedup();
                     let group = addrs.first().and_then(AddrGroup::of_addr);
                     if addrs.is_empty() {
                         // Nothing to dial: Kademlia may know the peer (its routing table
@@ -1321,7 +1330,7 @@ impl Actor {
                     return;
                 }
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
-                self.provider_lookups.insert(id, (HashSet::new(), tx));
+                self.provider_lookups.insert(id, tx);
             }
             Command::ContentOffence(peer, why) => self.penalize(peer, Offence::CorruptPieces(why)),
             Command::FindPeer(peer, tx) => {
@@ -1865,11 +1874,13 @@ impl Actor {
                 error,
             } => {
                 let dial = self.dials.remove(&connection_id);
-                let ours = dial.is_some_and(|d| d.1 == Class::Content);
                 if let Some(peer) = peer_id.or(dial.and_then(|d| d.0)) {
-                    // Our content dial failed, and no other dial of this peer is in flight.
-                    let other = self.dials.values().any(|d| d.0 == Some(peer));
-                    if ours && !other && !self.swarm.is_connected(&peer) {
+                    // A dial of this peer failed (ours or another class's that a content dial
+                    // waited on) and none is left in flight: the content service hears now.
+                    // ("Condition false" means another dial is under way or a connection is up.)
+                    let other = self.dials.values().any(|d| d.0 == Some(peer))
+                        || matches!(error, libp2p::swarm::DialError::DialPeerConditionFalse(_));
+                    if !other && !self.swarm.is_connected(&peer) {
                         for w in self.content_waiters.remove(&peer).unwrap_or_default() {
                             let _ = w.send(Err(format!("dial failed: {error}")));
                         }
@@ -1990,20 +2001,20 @@ impl Actor {
                 ..
             } => {
                 let local = *self.swarm.local_peer_id();
-                if let Some((found, _)) = self.provider_lookups.get_mut(&id) {
-                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = res {
-                        found.extend(providers.into_iter().filter(|p| *p != local));
+                let found: Vec<PeerId> = match res {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        providers.into_iter().filter(|p| *p != local).collect()
                     }
-                }
-                // Answer with the first providers found (a download can start), or at the end.
-                let answer = step.last
-                    || self
-                        .provider_lookups
-                        .get(&id)
-                        .is_some_and(|(f, _)| !f.is_empty());
-                if answer {
-                    if let Some((found, tx)) = self.provider_lookups.remove(&id) {
-                        let _ = tx.send(found.into_iter().collect());
+                    _ => vec![],
+                };
+                // Answer with the first providers found (a download can start; the lookup
+                // stops there), or empty at the end.
+                if step.last || !found.is_empty() {
+                    if let Some(tx) = self.provider_lookups.remove(&id) {
+                        let _ = tx.send(found);
+                        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                            q.finish();
+                        }
                     }
                 }
             }

@@ -39,7 +39,7 @@ use rand::SeedableRng;
 
 use crate::bitfield::Bitfield;
 use crate::choker::{Choker, ChokerConfig, RECHOKE_INTERVAL};
-use crate::manifest::{ContentId, Manifest};
+use crate::manifest::Manifest;
 use crate::picker::{BlockRef, Picker, BLOCK_SIZE};
 use crate::store::PieceStore;
 use crate::superseed::SuperSeeder;
@@ -94,8 +94,6 @@ impl Default for EngineConfig {
 pub enum EngineEvent<P> {
     /// Close the stream with `peer`; with `ban`, refuse it for this content from now on.
     Disconnect { peer: P, reason: String, ban: bool },
-    /// A piece passed its hash and is on disk.
-    PieceVerified(u32),
     /// Every piece is verified (the file is complete; the store has flushed).
     Completed,
     /// The disk failed; the session cannot go on.
@@ -115,8 +113,6 @@ pub struct Progress {
     pub wasted: u64,
     pub down_rate: f64,
     pub up_rate: f64,
-    pub peers: usize,
-    pub seeding: bool,
     pub bad_pieces: u32,
 }
 
@@ -203,7 +199,6 @@ struct Assembly<P> {
 }
 
 pub struct Engine<P> {
-    id: ContentId,
     store: PieceStore,
     picker: Picker<P>,
     choker: Choker<P>,
@@ -225,7 +220,6 @@ pub struct Engine<P> {
     bad_pieces: u32,
     down: Rate,
     up: Rate,
-    completed_sent: bool,
 }
 
 impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
@@ -241,7 +235,6 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
             cfg.choker.slots = cfg.max_peers;
         }
         Engine {
-            id: m.id(),
             picker,
             choker: Choker::new(cfg.choker.clone()),
             superseed,
@@ -262,12 +255,7 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
             bad_pieces: 0,
             down: Rate::default(),
             up: Rate::default(),
-            completed_sent: false,
         }
-    }
-
-    pub fn id(&self) -> ContentId {
-        self.id
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -282,20 +270,8 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
         self.store.is_complete()
     }
 
-    pub fn peer_count(&self) -> usize {
-        self.peers.len()
-    }
-
     pub fn has_peer(&self, p: &P) -> bool {
         self.peers.contains_key(p)
-    }
-
-    pub fn peer_ids(&self) -> impl Iterator<Item = &P> {
-        self.peers.keys()
-    }
-
-    pub fn is_super_seeding(&self) -> bool {
-        self.superseed.is_some()
     }
 
     pub fn progress(&self) -> Progress {
@@ -309,8 +285,6 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
             wasted: self.wasted,
             down_rate: self.down.per_s,
             up_rate: self.up.per_s,
-            peers: self.peers.len(),
-            seeding: self.store.is_complete(),
             bad_pieces: self.bad_pieces,
         }
     }
@@ -571,7 +545,6 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
             Ok(true) => {
                 self.picker.piece_verified(piece as usize);
                 self.blame_suspects(piece, &a.data);
-                self.events.push_back(EngineEvent::PieceVerified(piece));
                 let ids: Vec<P> = self.peers.keys().copied().collect();
                 for q in ids {
                     let qp = self.peers.get_mut(&q).expect("listed");
@@ -581,8 +554,8 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
                     qp.outbox.push_back(Msg::Have(piece));
                     self.update_interest(q, now);
                 }
-                if self.store.is_complete() && !self.completed_sent {
-                    self.completed_sent = true;
+                // Only a newly verified piece gets here, so completion is seen exactly once.
+                if self.store.is_complete() {
                     if let Err(e) = self.store.flush() {
                         self.events
                             .push_back(EngineEvent::StoreFailed(e.to_string()));
@@ -717,13 +690,6 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
         self.peers.get_mut(p)?.outbox.pop_front()
     }
 
-    /// Whether `p` has something to send right now.
-    pub fn wants_to_send(&self, p: &P) -> bool {
-        self.peers
-            .get(p)
-            .is_some_and(|peer| !peer.outbox.is_empty() || !peer.their_requests.is_empty())
-    }
-
     pub fn poll_event(&mut self) -> Option<EngineEvent<P>> {
         self.events.pop_front()
     }
@@ -747,13 +713,11 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
                 let s = self.choker.stats(p);
                 s.down_rate = peer.down.per_s;
                 s.up_rate = peer.up.per_s;
-                let late: Vec<BlockRef> = peer
+                let late = peer
                     .requested
-                    .iter()
-                    .filter(|(_, t)| now.saturating_duration_since(**t) >= REQUEST_TIMEOUT)
-                    .map(|(b, _)| *b)
-                    .collect();
-                if !late.is_empty() {
+                    .values()
+                    .any(|t| now.saturating_duration_since(*t) >= REQUEST_TIMEOUT);
+                if late {
                     // Withdraw everything asked of a stalled peer, not just the late blocks:
                     // the rest is queued behind them.
                     let all: Vec<BlockRef> = peer.requested.drain().map(|(b, _)| b).collect();

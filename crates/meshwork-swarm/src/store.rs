@@ -45,6 +45,8 @@ pub enum StoreError {
     BadRange { index: usize, offset: u32, len: u32 },
     #[error("{0}: the file does not match its manifest (piece {1} differs)")]
     NotTheContent(PathBuf, usize),
+    #[error("{0}")]
+    Manifest(#[from] crate::manifest::ManifestError),
 }
 
 pub struct PieceStore {
@@ -107,6 +109,25 @@ impl PieceStore {
             file,
             journal: Some((jpath, journal)),
             have,
+            unflushed: vec![],
+        })
+    }
+
+    /// Hashes `path` into its manifest and opens it to seed, reading the file once: the pieces
+    /// are verified by the same hashing that made the manifest (invariant 1).
+    pub fn share(path: &Path, piece_size: u32) -> Result<PieceStore, StoreError> {
+        let manifest = Manifest::from_file(path, piece_size)?;
+        let file = File::open(path).map_err(io(path))?;
+        if file.metadata().map_err(io(path))?.len() != manifest.size {
+            // It changed while we hashed it.
+            return Err(StoreError::NotTheContent(path.to_path_buf(), 0));
+        }
+        Ok(PieceStore {
+            have: Bitfield::full(manifest.piece_count()),
+            manifest,
+            path: path.to_path_buf(),
+            file,
+            journal: None,
             unflushed: vec![],
         })
     }

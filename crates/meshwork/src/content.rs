@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use meshwork_node::content::{ContentInfo, FetchRequest, ShareRequest, State};
 
-use crate::{api_base, get, ClientArgs};
+use crate::{api_base, api_error, get, request, ClientArgs};
 
 /// POSTs (or DELETEs, with no body) JSON and returns the answer's JSON; an error status
 /// becomes the API's error sentence.
@@ -17,27 +17,11 @@ async fn send<B: serde::Serialize>(
     body: Option<&B>,
     timeout: Duration,
 ) -> Result<serde_json::Value> {
-    let client = reqwest::Client::builder().timeout(timeout).build()?;
-    let mut req = client.request(method, url);
-    if let Some(b) = body {
-        req = req.json(b);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the node at {url}"))?;
-    let code = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let json: serde_json::Value = if text.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(&text).with_context(|| format!("{url}: the answer is not JSON"))?
-    };
+    let (code, json) = request(method, url, body, timeout).await?;
     if !code.is_success() {
         bail!(
             "{}",
-            json.get("error")
-                .and_then(|e| e.as_str())
+            api_error(&json)
                 .map(str::to_owned)
                 .unwrap_or_else(|| format!("{url}: {code}"))
         );

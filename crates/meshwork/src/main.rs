@@ -598,31 +598,46 @@ pub(crate) fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<S
     )
 }
 
-pub(crate) async fn get<T: serde::de::DeserializeOwned>(
-    base: &str,
-    path: &str,
-) -> Result<(T, serde_json::Value)> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .build()?;
-    let url = format!("{base}{path}");
-    let resp = client
-        .get(&url)
+/// One request to the node's API: the status and the JSON answer (`null` for an empty body).
+pub(crate) async fn request<B: serde::Serialize>(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&B>,
+    timeout: Duration,
+) -> Result<(reqwest::StatusCode, serde_json::Value)> {
+    let client = reqwest::Client::builder().timeout(timeout).build()?;
+    let mut req = client.request(method, url);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req
         .send()
         .await
         .with_context(|| format!("cannot reach the node at {url}"))?;
     let code = resp.status();
-    let body: serde_json::Value = resp
-        .json()
-        .await
-        .with_context(|| format!("{url}: the answer is not JSON"))?;
+    let text = resp.text().await.unwrap_or_default();
+    let json = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{url}: the answer is not JSON"))?
+    };
+    Ok((code, json))
+}
+
+/// The API's error sentence in an answer, if it has one.
+pub(crate) fn api_error(body: &serde_json::Value) -> Option<&str> {
+    body.get("error").and_then(|e| e.as_str())
+}
+
+pub(crate) async fn get<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+) -> Result<(T, serde_json::Value)> {
+    let url = format!("{base}{path}");
+    let (code, body) =
+        request::<()>(reqwest::Method::GET, &url, None, Duration::from_secs(15)).await?;
     if !code.is_success() {
-        bail!(
-            "{url}: {code}: {}",
-            body.get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("error")
-        );
+        bail!("{url}: {code}: {}", api_error(&body).unwrap_or("error"));
     }
     let typed = serde_json::from_value(body.clone())
         .with_context(|| format!("{url}: unexpected answer"))?;
