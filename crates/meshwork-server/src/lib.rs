@@ -1,10 +1,15 @@
 //! The centralized parts of Meshwork.
 //!
 //! - [`tracker`]: the content tracker's state (sans-IO): announces, bounded peer samples,
-//!   expiry, statistics.
-//! - [`http`]: the tracker served over HTTP (`meshwork tracker start`).
-//!
-//! The client-server counterpart of the ledger and content services comes with the lab issue.
+//!   expiry, statistics; [`http`] serves it (`meshwork tracker start`).
+//! - The client-server counterpart of the node's services (`meshwork server start`):
+//!   [`ledger`] orders the same signed transfers without proof of work, [`content`] stores
+//!   files by the same content id as the swarm, and [`server`] serves both over HTTP, and [`client`] uploads and downloads with every piece
+//!   verified.
 
+pub mod client;
+pub mod content;
 pub mod http;
+pub mod ledger;
+pub mod server;
 pub mod tracker;

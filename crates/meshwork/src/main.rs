@@ -14,6 +14,7 @@ use meshwork_node::node::{PeerInfo, Status};
 use meshwork_node::NodeConfig;
 use meshwork_proto::NetworkName;
 
+mod central;
 mod content;
 mod wallet;
 
@@ -27,12 +28,16 @@ struct Cli {
     /// The data directory (identity, config, address book).
     #[arg(long, global = true, env = "MESHWORK_HOME", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Use a client-server counterpart (`meshwork server start`) at this URL instead of a
+    /// node: `tx send`, `tx status`, `balance`, `share` and `fetch` then talk to it.
+    #[arg(long, global = true, env = "MESHWORK_SERVER", value_name = "URL")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// Create the data directory, an identity and a commented config.toml.
     Init {
         /// The network to join.
@@ -118,6 +123,11 @@ enum Command {
         #[command(subcommand)]
         command: TrackerCommand,
     },
+    /// The client-server counterpart: the ledger and content services on one HTTP server.
+    Server {
+        #[command(subcommand)]
+        command: ServerCommand,
+    },
     /// Lab measurements.
     Lab {
         #[command(subcommand)]
@@ -169,6 +179,22 @@ enum TrackerCommand {
 }
 
 #[derive(Subcommand)]
+enum ServerCommand {
+    /// Serve transfers, balances and content on HOST:PORT until Ctrl-C or SIGTERM. Its store
+    /// is `--data-dir` (default: <meshwork home>/server).
+    Start {
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
+        listen: SocketAddr,
+        /// The network whose chain spec (and so chain id) transfers are signed for.
+        #[arg(long, default_value = config::DEFAULT_NETWORK)]
+        network: String,
+        /// A JSON chain spec file instead of the network's built-in spec.
+        #[arg(long, value_name = "FILE")]
+        spec: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum LabCommand {
     /// Transactions and blocks through N in-process nodes: time to reach every node (p50,
     /// p99) and copies received per node per message. Prints JSON.
@@ -216,7 +242,7 @@ enum KeyCommand {
 }
 
 #[derive(Subcommand)]
-enum TxCommand {
+pub(crate) enum TxCommand {
     /// Sign a transfer locally and submit it to the node; prints the transaction id.
     Send {
         /// The sender's key file (from `meshwork key new`).
@@ -324,7 +350,10 @@ fn main() {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(mut cli: Cli) -> Result<()> {
+    if let Some(url) = cli.server.take() {
+        return central::run(cli.command, cli.data_dir.as_deref(), &url).await;
+    }
     match cli.command {
         Command::Init { network } => init(cli.data_dir.as_deref(), &network),
         Command::Node {
@@ -388,6 +417,16 @@ async fn run(cli: Cli) -> Result<()> {
             wait_for_signal().await?;
             t.stop();
             Ok(())
+        }
+        Command::Server {
+            command:
+                ServerCommand::Start {
+                    listen,
+                    network,
+                    spec,
+                },
+        } => {
+            central::server_start(cli.data_dir.as_deref(), listen, &network, spec.as_deref()).await
         }
         Command::Lab {
             command:
@@ -557,7 +596,7 @@ async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
+pub(crate) async fn wait_for_signal() -> Result<()> {
     #[cfg(unix)]
     {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

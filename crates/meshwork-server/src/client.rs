@@ -1,0 +1,271 @@
+//! The client side of the content server: upload a file, download one with every piece
+//! verified against the manifest the content id names.
+//!
+//! A download writes `<out>.part`. When it is cut short, the verified whole pieces stay there,
+//! and the next download re-hashes them and asks for the rest with a `Range` request. The file
+//! gets its final name only once every piece has verified, so a file at `out` is always a
+//! verified copy.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshwork_swarm::manifest::MAX_MANIFEST_BYTES;
+use meshwork_swarm::{ContentId, Digest, Manifest};
+
+use crate::server::ContentSummary;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the server at {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("{url}: {status}: {reason}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+        reason: String,
+    },
+    #[error("the server's manifest does not match the content id: {0}")]
+    Manifest(#[from] meshwork_swarm::manifest::ManifestError),
+    #[error("piece {piece} failed verification: the server sent corrupt data (the {verified} bytes before it are kept)")]
+    Corrupt { piece: usize, verified: u64 },
+    #[error("the server's answer ended after {got} of {want} bytes")]
+    Short { got: u64, want: u64 },
+    #[error("{0} already exists")]
+    Exists(PathBuf),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |e| ClientError::Io(p.display().to_string(), e)
+}
+
+fn client(timeout: Option<Duration>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    if let Some(t) = timeout {
+        b = b.timeout(t);
+    }
+    b.build().expect("a default reqwest client builds")
+}
+
+async fn check(url: &str, r: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    if r.status().is_success() {
+        return Ok(r);
+    }
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    let reason = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or(text);
+    Err(ClientError::Status {
+        url: url.to_string(),
+        status,
+        reason,
+    })
+}
+
+/// Uploads `path` under its file name; the answer names the content id.
+pub async fn upload(base: &str, path: &Path) -> Result<ContentSummary, ClientError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "content".into());
+    let file = tokio::fs::File::open(path).await.map_err(io(path))?;
+    let url = format!("{base}/api/v1/upload/{}", urlencode(&name));
+    let r = client(None)
+        .post(&url)
+        .body(reqwest::Body::from(file))
+        .send()
+        .await
+        .map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })?;
+    let r = check(&url, r).await?;
+    r.json()
+        .await
+        .map_err(|source| ClientError::Http { url, source })
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The manifest of `id`, checked against the id.
+pub async fn manifest(base: &str, id: &ContentId) -> Result<Manifest, ClientError> {
+    let url = format!("{base}/content/{id}/manifest");
+    let r = client(Some(Duration::from_secs(30)))
+        .get(&url)
+        .send()
+        .await
+        .map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })?;
+    let r = check(&url, r).await?;
+    let bytes = r.bytes().await.map_err(|source| ClientError::Http {
+        url: url.clone(),
+        source,
+    })?;
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(meshwork_swarm::manifest::ManifestError::TooLarge(bytes.len()).into());
+    }
+    Ok(Manifest::decode_verified(&bytes, id)?)
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Downloaded {
+    /// Bytes received in this download (a resumed one skips what it had).
+    pub received: u64,
+    /// Bytes already verified in `<out>.part` when it started.
+    pub resumed: u64,
+    pub size: u64,
+}
+
+/// The partial file of a download to `out`.
+pub fn part_path(out: &Path) -> PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(".part");
+    PathBuf::from(p)
+}
+
+/// How many leading whole pieces of `part` verify against `m`.
+fn verified_prefix(part: &Path, m: &Manifest) -> Result<usize, ClientError> {
+    let Ok(mut f) = std::fs::File::open(part) else {
+        return Ok(0);
+    };
+    let mut buf = vec![0u8; m.piece_size as usize];
+    for i in 0..m.piece_count() {
+        let len = m.piece_len(i) as usize;
+        if f.read_exact(&mut buf[..len]).is_err() || Digest::of(&buf[..len]) != m.pieces[i] {
+            return Ok(i);
+        }
+    }
+    Ok(m.piece_count())
+}
+
+/// Downloads `id` to `out`, verifying every piece; resumes from `<out>.part`.
+/// `progress(bytes_verified)` is called after each piece.
+pub async fn download(
+    base: &str,
+    id: &ContentId,
+    out: &Path,
+    mut progress: impl FnMut(u64, &Manifest),
+) -> Result<Downloaded, ClientError> {
+    if out.exists() {
+        return Err(ClientError::Exists(out.to_path_buf()));
+    }
+    let m = manifest(base, id).await?;
+    let part = part_path(out);
+    let (m2, part2) = (m.clone(), part.clone());
+    let have = tokio::task::spawn_blocking(move || verified_prefix(&part2, &m2))
+        .await
+        .expect("hashing does not panic")?;
+    let start = m.piece_offset(have).min(m.size);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&part)
+        .map_err(io(&part))?;
+    f.set_len(start).map_err(io(&part))?;
+    f.seek(SeekFrom::Start(start)).map_err(io(&part))?;
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
+    let mut stats = Downloaded {
+        received: 0,
+        resumed: start,
+        size: m.size,
+    };
+    progress(start, &m);
+    if start < m.size {
+        let url = format!("{base}/content/{id}");
+        let r = client(None)
+            .get(&url)
+            .header(reqwest::header::RANGE, format!("bytes={start}-"))
+            .send()
+            .await
+            .map_err(|source| ClientError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        let mut r = check(&url, r).await?;
+        if start > 0 && r.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(ClientError::Status {
+                url,
+                status: r.status(),
+                reason: "the server ignored the range request".into(),
+            });
+        }
+        // Invariant: `piece` is the next piece to verify; `hasher` holds `in_piece` of its
+        // bytes; every byte before it is written and verified.
+        let mut piece = have;
+        let mut hasher = blake3::Hasher::new();
+        let mut in_piece = 0u32;
+        while piece < m.piece_count() {
+            let chunk = match r.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(source) => {
+                    return Err(ClientError::Http {
+                        url: url.clone(),
+                        source,
+                    })
+                }
+            };
+            stats.received += chunk.len() as u64;
+            let mut rest = &chunk[..];
+            while !rest.is_empty() && piece < m.piece_count() {
+                let want = m.piece_len(piece) - in_piece;
+                let n = (want as usize).min(rest.len());
+                hasher.update(&rest[..n]);
+                f.write_all(&rest[..n]).map_err(io(&part))?;
+                in_piece += n as u32;
+                rest = &rest[n..];
+                if in_piece == m.piece_len(piece) {
+                    if Digest(*hasher.finalize().as_bytes()) != m.pieces[piece] {
+                        let verified = m.piece_offset(piece);
+                        drop(f);
+                        // Keep only the verified prefix, so a retry resumes from it.
+                        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&part) {
+                            let _ = file.set_len(verified);
+                        }
+                        return Err(ClientError::Corrupt { piece, verified });
+                    }
+                    hasher.reset();
+                    in_piece = 0;
+                    piece += 1;
+                    progress(m.piece_offset(piece).min(m.size), &m);
+                }
+            }
+            if !rest.is_empty() {
+                return Err(ClientError::Short {
+                    got: m.size + rest.len() as u64,
+                    want: m.size,
+                });
+            }
+        }
+        if piece < m.piece_count() {
+            return Err(ClientError::Short {
+                got: m.piece_offset(piece) + in_piece as u64,
+                want: m.size,
+            });
+        }
+    }
+    let f = f
+        .into_inner()
+        .map_err(|e| ClientError::Io(part.display().to_string(), e.into_error()))?;
+    f.sync_all().map_err(io(&part))?;
+    drop(f);
+    std::fs::rename(&part, out).map_err(io(out))?;
+    Ok(stats)
+}

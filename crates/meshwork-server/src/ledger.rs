@@ -1,0 +1,433 @@
+//! The client-server ledger: the same signed transfers as the peer-to-peer chain, ordered by
+//! the server alone.
+//!
+//! A transfer is checked exactly as a node checks it (chain id, fields, signature, nonce and
+//! balance through [`meshwork_ledger::chain::apply_transfer`]), and is then *final* the moment
+//! it is committed: there are no blocks, no proof of work and no forks, because the server is
+//! the authority. Transfers signed for a network are valid here when the server runs that
+//! network's spec, since the chain id is the same genesis hash.
+//!
+//! Invariants, kept by [`CentralLedger::submit`] (one redb write transaction per transfer,
+//! durable on commit):
+//! - the log is dense: sequence numbers 1..=count, each a transfer that applied;
+//! - `accounts` equals genesis plus the log replayed in order ([`CentralLedger::verify`]);
+//! - `head(s) = H(head(s-1) ‖ id(s))`, `head(0)` the chain id: a client holding a head can
+//!   check that the server did not rewrite the log before it;
+//! - every logged transfer is in the id index, so a replay is refused as already confirmed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use meshwork_ledger::chain::{apply_transfer, check_transfer_fields, genesis_block, Accounts};
+use meshwork_ledger::{Account, Address, BlockError, ChainSpec, Hash, SignedTransfer, TxError};
+use redb::{Database, ReadableTable, TableDefinition};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_meta");
+/// sequence → encoded transfer.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_log");
+/// transfer id → (sequence, log head after it).
+const TXIDX: TableDefinition<&[u8; 32], (u64, &[u8; 32])> = TableDefinition::new("ledger_txs");
+/// address → (balance, nonce).
+const ACCOUNTS: TableDefinition<&[u8; 32], (u64, u64)> = TableDefinition::new("ledger_accounts");
+/// (address, sequence) of every transfer that debits or credits the address.
+const HISTORY: TableDefinition<(&[u8; 32], u64), ()> = TableDefinition::new("ledger_history");
+
+const SPEC_KEY: &str = "spec";
+const HEAD_KEY: &str = "head";
+const COUNT_KEY: &str = "count";
+
+/// At most this many entries in one history or log page.
+pub const MAX_PAGE: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("transaction refused: {0}")]
+    Refused(#[from] TxError),
+    #[error("the store was created for another chain spec (network {stored:?}); use its spec or another data directory")]
+    OtherSpec { stored: String },
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl From<redb::Error> for LedgerError {
+    fn from(e: redb::Error) -> Self {
+        LedgerError::Store(e.to_string())
+    }
+}
+
+macro_rules! store_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for LedgerError {
+            fn from(e: $t) -> Self {
+                LedgerError::Store(e.to_string())
+            }
+        }
+    )*};
+}
+store_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    meshwork_ledger::StoreError
+);
+
+/// Where a transfer sits in the server's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub id: Hash,
+    pub seq: u64,
+    /// The log head after this transfer.
+    pub head: Hash,
+}
+
+pub struct CentralLedger {
+    db: Arc<Database>,
+    spec: ChainSpec,
+    chain_id: Hash,
+}
+
+/// `Accounts` over an open write transaction's table.
+struct TableAccounts<'a, 't>(&'a mut redb::Table<'t, &'static [u8; 32], (u64, u64)>);
+
+impl Accounts for TableAccounts<'_, '_> {
+    fn get(&mut self, addr: &Address) -> Result<Account, meshwork_ledger::StoreError> {
+        let v = self
+            .0
+            .get(&addr.0)
+            .map_err(|e| meshwork_ledger::StoreError(e.to_string()))?;
+        Ok(v.map(|g| {
+            let (balance, nonce) = g.value();
+            Account { balance, nonce }
+        })
+        .unwrap_or_default())
+    }
+    fn set(&mut self, addr: Address, a: Account) -> Result<(), meshwork_ledger::StoreError> {
+        self.0
+            .insert(&addr.0, (a.balance, a.nonce))
+            .map_err(|e| meshwork_ledger::StoreError(e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn next_head(head: &Hash, id: &Hash) -> Hash {
+    let mut buf = [0u8; 64];
+    buf[..32].copy_from_slice(&head.0);
+    buf[32..].copy_from_slice(&id.0);
+    Hash::of(&buf)
+}
+
+impl CentralLedger {
+    /// Opens (or creates, with the spec's genesis allocations) the ledger in `db`.
+    pub fn open(db: Arc<Database>, spec: ChainSpec) -> Result<CentralLedger, LedgerError> {
+        let chain_id = genesis_block(&spec).hash();
+        let spec_hash = spec.hash();
+        let w = db.begin_write()?;
+        {
+            let mut meta = w.open_table(META)?;
+            let stored = meta.get(SPEC_KEY)?.map(|v| v.value().to_vec());
+            match stored {
+                Some(h) if h != spec_hash.0 => {
+                    return Err(LedgerError::OtherSpec {
+                        stored: meta
+                            .get("network")?
+                            .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+                            .unwrap_or_default(),
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(SPEC_KEY, spec_hash.0.as_slice())?;
+                    meta.insert("network", spec.name.as_bytes())?;
+                    meta.insert(HEAD_KEY, chain_id.0.as_slice())?;
+                    meta.insert(COUNT_KEY, 0u64.to_le_bytes().as_slice())?;
+                    let mut accounts = w.open_table(ACCOUNTS)?;
+                    for (addr, acct) in meshwork_ledger::chain::genesis_state(&spec) {
+                        accounts.insert(&addr.0, (acct.balance, acct.nonce))?;
+                    }
+                }
+            }
+            w.open_table(LOG)?;
+            w.open_table(TXIDX)?;
+            w.open_table(HISTORY)?;
+        }
+        w.commit()?;
+        Ok(CentralLedger { db, spec, chain_id })
+    }
+
+    pub fn spec(&self) -> &ChainSpec {
+        &self.spec
+    }
+
+    pub fn chain_id(&self) -> Hash {
+        self.chain_id
+    }
+
+    /// Checks and orders one transfer. Callers serialize submits (the HTTP layer holds a
+    /// mutex), so the nonce checked is the nonce committed.
+    pub fn submit(&self, t: &SignedTransfer) -> Result<Receipt, LedgerError> {
+        check_transfer_fields(t, &self.spec, &self.chain_id)?;
+        if !t.verify() {
+            return Err(TxError::BadSignature.into());
+        }
+        let id = t.id();
+        let w = self.db.begin_write()?;
+        let receipt;
+        {
+            let mut txidx = w.open_table(TXIDX)?;
+            if let Some(g) = txidx.get(&id.0)? {
+                let height = g.value().0;
+                return Err(TxError::AlreadyConfirmed { height }.into());
+            }
+            let mut accounts = w.open_table(ACCOUNTS)?;
+            match apply_transfer(&mut TableAccounts(&mut accounts), t) {
+                Ok(()) => {}
+                Err(BlockError::Tx { error, .. }) => return Err(error.into()),
+                Err(e) => return Err(LedgerError::Store(e.to_string())),
+            }
+            let mut meta = w.open_table(META)?;
+            let (head, count) = read_head(&meta)?;
+            let seq = count + 1;
+            let head = next_head(&head, &id);
+            meta.insert(HEAD_KEY, head.0.as_slice())?;
+            meta.insert(COUNT_KEY, seq.to_le_bytes().as_slice())?;
+            w.open_table(LOG)?.insert(seq, t.encode().as_slice())?;
+            txidx.insert(&id.0, (seq, &head.0))?;
+            let mut hist = w.open_table(HISTORY)?;
+            hist.insert((&t.transfer.from.0, seq), ())?;
+            hist.insert((&t.transfer.to.0, seq), ())?;
+            receipt = Receipt { id, seq, head };
+        }
+        // Durable before the client hears "accepted": redb's default durability fsyncs.
+        w.commit()?;
+        Ok(receipt)
+    }
+
+    /// (log head, number of transfers).
+    pub fn head(&self) -> Result<(Hash, u64), LedgerError> {
+        let r = self.db.begin_read()?;
+        let meta = r.open_table(META)?;
+        read_head(&meta)
+    }
+
+    pub fn account(&self, addr: &Address) -> Result<Account, LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(ACCOUNTS)?;
+        Ok(t.get(&addr.0)?
+            .map(|g| {
+                let (balance, nonce) = g.value();
+                Account { balance, nonce }
+            })
+            .unwrap_or_default())
+    }
+
+    pub fn receipt(&self, id: &Hash) -> Result<Option<Receipt>, LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(TXIDX)?;
+        Ok(t.get(&id.0)?.map(|g| {
+            let (seq, head) = g.value();
+            Receipt {
+                id: *id,
+                seq,
+                head: Hash(*head),
+            }
+        }))
+    }
+
+    /// Log entries with sequence numbers after `after`, at most `limit` (≤ [`MAX_PAGE`]).
+    pub fn log_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, SignedTransfer)>, LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(LOG)?;
+        let mut out = vec![];
+        for e in t
+            .range(after.saturating_add(1)..)?
+            .take(limit.min(MAX_PAGE))
+        {
+            let (k, v) = e?;
+            let tx = SignedTransfer::decode(v.value())
+                .map_err(|e| LedgerError::Store(format!("log entry {}: {e}", k.value())))?;
+            out.push((k.value(), tx));
+        }
+        Ok(out)
+    }
+
+    /// The transfers touching `addr`, newest first, at most `limit` (≤ [`MAX_PAGE`]).
+    pub fn history(
+        &self,
+        addr: &Address,
+        limit: usize,
+    ) -> Result<Vec<(u64, SignedTransfer)>, LedgerError> {
+        let r = self.db.begin_read()?;
+        let hist = r.open_table(HISTORY)?;
+        let log = r.open_table(LOG)?;
+        let mut out = vec![];
+        for e in hist
+            .range((&addr.0, 0u64)..=(&addr.0, u64::MAX))?
+            .rev()
+            .take(limit.min(MAX_PAGE))
+        {
+            let (k, _) = e?;
+            let seq = k.value().1;
+            let bytes = log
+                .get(seq)?
+                .ok_or_else(|| LedgerError::Store(format!("history names missing entry {seq}")))?;
+            let tx = SignedTransfer::decode(bytes.value())
+                .map_err(|e| LedgerError::Store(format!("log entry {seq}: {e}")))?;
+            out.push((seq, tx));
+        }
+        Ok(out)
+    }
+
+    /// Replays the log from genesis and compares balances, nonces and the head.
+    pub fn verify(&self) -> Result<(), String> {
+        let mut state: HashMap<Address, Account> =
+            meshwork_ledger::chain::genesis_state(&self.spec);
+        let mut head = self.chain_id;
+        let (stored_head, count) = self.head().map_err(|e| e.to_string())?;
+        let mut seq = 0;
+        loop {
+            let page = self.log_after(seq, MAX_PAGE).map_err(|e| e.to_string())?;
+            if page.is_empty() {
+                break;
+            }
+            for (s, t) in page {
+                if s != seq + 1 {
+                    return Err(format!("log gap before {s}"));
+                }
+                apply_transfer(&mut state, &t).map_err(|e| format!("entry {s}: {e}"))?;
+                head = next_head(&head, &t.id());
+                seq = s;
+            }
+        }
+        if seq != count || head != stored_head {
+            return Err(format!(
+                "log of {seq} entries does not match the stored head"
+            ));
+        }
+        let r = self.db.begin_read().map_err(|e| e.to_string())?;
+        let t = r.open_table(ACCOUNTS).map_err(|e| e.to_string())?;
+        let mut stored = HashMap::new();
+        for e in t.iter().map_err(|e| e.to_string())? {
+            let (k, v) = e.map_err(|e| e.to_string())?;
+            let (balance, nonce) = v.value();
+            let a = Account { balance, nonce };
+            if a != Account::default() {
+                stored.insert(Address(*k.value()), a);
+            }
+        }
+        state.retain(|_, a| *a != Account::default());
+        if stored != state {
+            return Err("stored accounts differ from the replayed log".into());
+        }
+        Ok(())
+    }
+}
+
+fn read_head(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<(Hash, u64), LedgerError> {
+    let head = meta
+        .get(HEAD_KEY)?
+        .ok_or_else(|| LedgerError::Store("no log head".into()))?;
+    let count = meta
+        .get(COUNT_KEY)?
+        .ok_or_else(|| LedgerError::Store("no log count".into()))?;
+    let h: [u8; 32] = head
+        .value()
+        .try_into()
+        .map_err(|_| LedgerError::Store("bad log head".into()))?;
+    let c: [u8; 8] = count
+        .value()
+        .try_into()
+        .map_err(|_| LedgerError::Store("bad log count".into()))?;
+    Ok((Hash(h), u64::from_le_bytes(c)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwork_ledger::spec::DEV_FAUCET_SECRET;
+    use meshwork_ledger::Wallet;
+    use std::path::Path;
+
+    fn open(dir: &Path) -> CentralLedger {
+        let db = Arc::new(Database::create(dir.join("s.redb")).unwrap());
+        CentralLedger::open(db, ChainSpec::test("test-central")).unwrap()
+    }
+
+    #[test]
+    fn transfers_apply_in_order_survive_reopen_and_replays_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let faucet = Wallet::from_secret(&DEV_FAUCET_SECRET);
+        let bob = Wallet::generate();
+        let (first, second);
+        {
+            let l = open(dir.path());
+            let id = l.chain_id();
+            let t0 = faucet.transfer(id, bob.address(), 100, 1, 0);
+            first = l.submit(&t0).unwrap();
+            assert_eq!(first.seq, 1);
+            // Replay: same bytes.
+            assert!(matches!(
+                l.submit(&t0),
+                Err(LedgerError::Refused(TxError::AlreadyConfirmed {
+                    height: 1
+                }))
+            ));
+            // A gap in nonces is refused, not queued: the server orders, it does not wait.
+            let t2 = faucet.transfer(id, bob.address(), 5, 1, 2);
+            assert!(matches!(
+                l.submit(&t2),
+                Err(LedgerError::Refused(TxError::BadNonce { .. }))
+            ));
+            // Overspending.
+            let t_bob = bob.transfer(id, faucet.address(), 100, 1, 0);
+            assert!(matches!(
+                l.submit(&t_bob),
+                Err(LedgerError::Refused(TxError::InsufficientBalance { .. }))
+            ));
+            // A bit flipped in the signature.
+            let mut bad = faucet.transfer(id, bob.address(), 7, 1, 1);
+            bad.signature[3] ^= 1;
+            assert!(matches!(
+                l.submit(&bad),
+                Err(LedgerError::Refused(TxError::BadSignature))
+            ));
+            // Another chain's transfer.
+            let other = genesis_block(&ChainSpec::test("test-other")).hash();
+            let foreign = faucet.transfer(other, bob.address(), 7, 1, 1);
+            assert!(matches!(
+                l.submit(&foreign),
+                Err(LedgerError::Refused(TxError::WrongChain { .. }))
+            ));
+            second = l
+                .submit(&faucet.transfer(id, bob.address(), 7, 1, 1))
+                .unwrap();
+            assert_eq!(second.seq, 2);
+        }
+        let l = open(dir.path());
+        assert_eq!(l.account(&bob.address()).unwrap().balance, 107);
+        assert_eq!(l.account(&faucet.address()).unwrap().nonce, 2);
+        assert_eq!(l.receipt(&second.id).unwrap(), Some(second));
+        assert_eq!(l.head().unwrap(), (second.head, 2));
+        let h = l.history(&bob.address(), 10).unwrap();
+        assert_eq!(
+            h.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![2, 1],
+            "newest first"
+        );
+        assert_eq!(l.log_after(1, 10).unwrap().len(), 1);
+        l.verify().unwrap();
+        drop(l);
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        assert!(matches!(
+            CentralLedger::open(db, ChainSpec::test("test-another")),
+            Err(LedgerError::OtherSpec { .. })
+        ));
+        let _ = first;
+    }
+}

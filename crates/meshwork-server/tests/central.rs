@@ -1,0 +1,165 @@
+//! The client-server counterpart end to end over HTTP on loopback: transfers, balances,
+//! history, long polls, content with ranges and verification, and a restart with nothing lost.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use meshwork_ledger::spec::DEV_FAUCET_SECRET;
+use meshwork_ledger::{chain::genesis_block, ChainSpec, Wallet};
+use meshwork_server::client;
+use meshwork_server::server::{self, ServerConfig};
+use serde_json::Value;
+
+async fn post_tx(base: &str, t: &meshwork_ledger::SignedTransfer) -> Result<(u16, Value)> {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/v1/tx"))
+        .json(&serde_json::json!({ "tx": hex::encode(t.encode()) }))
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await?))
+}
+
+async fn get(url: &str) -> Result<Value> {
+    Ok(reqwest::get(url).await?.error_for_status()?.json().await?)
+}
+
+#[tokio::test]
+async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = ChainSpec::test("test-central-http");
+    let chain_id = genesis_block(&spec).hash();
+    let cfg = ServerConfig {
+        piece_size: 16 << 10,
+        ..ServerConfig::new(&dir.path().join("server"), spec.clone())
+    };
+    let srv = server::start("127.0.0.1:0".parse()?, cfg.clone()).await?;
+    let base = format!("http://{}", srv.addr);
+
+    let chain = get(&format!("{base}/api/v1/chain")).await?;
+    assert_eq!(chain["chain_id"], chain_id.to_string());
+
+    // A subscriber waiting for the first entry.
+    let waiter = {
+        let url = format!("{base}/api/v1/log?after=0&wait_ms=10000");
+        tokio::spawn(async move { get(&url).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let faucet = Wallet::from_secret(&DEV_FAUCET_SECRET);
+    let bob = Wallet::generate();
+    let t0 = faucet.transfer(chain_id, bob.address(), 1000, 1, 0);
+    let (code, body) = post_tx(&base, &t0).await?;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["seq"], 1);
+    let page = waiter.await??;
+    assert_eq!(page["entries"][0]["id"], t0.id().to_string());
+
+    // Refusals carry the reason.
+    let (code, body) = post_tx(&base, &t0).await?;
+    assert_eq!(code, 400);
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("already confirmed"));
+    let mut bad = faucet.transfer(chain_id, bob.address(), 5, 1, 1);
+    bad.signature[0] ^= 1;
+    let (code, body) = post_tx(&base, &bad).await?;
+    assert_eq!(code, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("signature"),
+        "{body}"
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/v1/tx"))
+        .json(&serde_json::json!({ "tx": "zz" }))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 400);
+
+    let t1 = bob.transfer(chain_id, faucet.address(), 100, 1, 0);
+    assert_eq!(post_tx(&base, &t1).await?.0, 201);
+    let acct = get(&format!("{base}/api/v1/accounts/{}", bob.address())).await?;
+    assert_eq!(acct["balance"], 899);
+    assert_eq!(acct["next_nonce"], 1);
+    let hist = get(&format!("{base}/api/v1/accounts/{}/history", bob.address())).await?;
+    assert_eq!(hist.as_array().unwrap().len(), 2);
+    let st = get(&format!("{base}/api/v1/tx/{}", t1.id())).await?;
+    assert_eq!(st["state"], "confirmed");
+    assert_eq!(st["height"], 2);
+
+    // Content: upload, full and ranged reads, a verified download.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 253) as u8).collect();
+    let src = dir.path().join("report.bin");
+    std::fs::write(&src, &data)?;
+    let sum = client::upload(&base, &src).await?;
+    let want = meshwork_swarm::Manifest::from_file(&src, 16 << 10)?;
+    assert_eq!(
+        sum.id,
+        want.id().to_string(),
+        "same content id as the swarm"
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{base}/content/{}", sum.id))
+        .header("Range", "bytes=100-199")
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(
+        r.headers()["content-range"].to_str()?,
+        format!("bytes 100-199/{}", data.len())
+    );
+    assert_eq!(&r.bytes().await?[..], &data[100..200]);
+    let r = reqwest::Client::new()
+        .get(format!("{base}/content/{}", sum.id))
+        .header("Range", "bytes=999999-")
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 416);
+
+    let out = dir.path().join("copy.bin");
+    let got = client::download(&base, &want.id(), &out, |_, _| {}).await?;
+    assert_eq!(std::fs::read(&out)?, data);
+    assert_eq!(got.received, data.len() as u64);
+
+    // A resumed download asks only for what is missing.
+    let out2 = dir.path().join("copy2.bin");
+    std::fs::write(client::part_path(&out2), &data[..50_000])?;
+    let got = client::download(&base, &want.id(), &out2, |_, _| {}).await?;
+    assert_eq!(
+        got.resumed,
+        3 * (16 << 10),
+        "three whole verified pieces kept"
+    );
+    assert_eq!(got.received, data.len() as u64 - got.resumed);
+    assert_eq!(std::fs::read(&out2)?, data);
+
+    // Restart: everything is still there.
+    srv.stop().await;
+    let srv = server::start("127.0.0.1:0".parse()?, cfg.clone()).await?;
+    let base = format!("http://{}", srv.addr);
+    let acct = get(&format!("{base}/api/v1/accounts/{}", bob.address())).await?;
+    assert_eq!(acct["balance"], 899);
+    let status = get(&format!("{base}/api/v1/status")).await?;
+    assert_eq!(status["transactions"], 2);
+    assert_eq!(status["contents"], 1);
+
+    // Corruption on the server's disk is caught by the client, which keeps what verified.
+    srv.stop().await;
+    let stored = dir.path().join("server/content").join(&sum.id);
+    let mut bytes = std::fs::read(&stored)?;
+    bytes[40_000] ^= 0xff;
+    std::fs::write(&stored, &bytes)?;
+    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let base = format!("http://{}", srv.addr);
+    let out3 = dir.path().join("copy3.bin");
+    let e = client::download(&base, &want.id(), &out3, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, client::ClientError::Corrupt { piece: 2, verified } if verified == 2 * (16 << 10)),
+        "{e}"
+    );
+    assert!(!out3.exists(), "no unverified file under the final name");
+    srv.stop().await;
+    Ok(())
+}

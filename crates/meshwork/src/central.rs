@@ -1,0 +1,168 @@
+//! The same commands against the client-server counterpart (`--server URL`), and
+//! `meshwork server start`.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use meshwork_node::config;
+use meshwork_server::client;
+use meshwork_server::server::{self, ServerConfig};
+
+use crate::{wallet, ClientArgs, Command, TxCommand};
+
+pub async fn server_start(
+    data_dir: Option<&Path>,
+    listen: SocketAddr,
+    network: &str,
+    spec: Option<&Path>,
+) -> Result<()> {
+    let dir = match data_dir {
+        Some(d) => d.to_path_buf(),
+        None => config::data_dir(None)?.join("server"),
+    };
+    let spec = match spec {
+        Some(p) => config::load_spec(p)?,
+        None => {
+            meshwork_proto::NetworkName::new(network)?;
+            meshwork_ledger::ChainSpec::for_network(network)
+        }
+    };
+    let srv = server::start(listen, ServerConfig::new(&dir, spec))
+        .await
+        .with_context(|| format!("cannot start the server on {listen}"))?;
+    println!("data dir    {}", dir.display());
+    println!("api         http://{}/api/v1/status", srv.addr);
+    println!("server is ready");
+    crate::wait_for_signal().await?;
+    srv.stop().await;
+    println!("server stopped");
+    Ok(())
+}
+
+fn base(url: &str) -> String {
+    let url = url.trim_end_matches('/');
+    if url.starts_with("http://") || url.starts_with("https://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+/// Runs a client command against the server at `url`.
+pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()> {
+    let base = base(url);
+    let with_api = |mut c: ClientArgs| {
+        c.api = Some(base.clone());
+        c
+    };
+    match cmd {
+        Command::Tx {
+            command:
+                TxCommand::Send {
+                    key,
+                    to,
+                    amount,
+                    fee,
+                    client,
+                },
+        } => {
+            let a = wallet::SendArgs {
+                key: &key,
+                to: &to,
+                amount,
+                fee,
+            };
+            wallet::tx_send(data_dir, with_api(client), a).await
+        }
+        Command::Tx {
+            command: TxCommand::Status { id, client },
+        } => wallet::tx_status(data_dir, with_api(client), &id).await,
+        Command::Balance { address, client } => {
+            wallet::balance(data_dir, with_api(client), &address).await
+        }
+        Command::Share {
+            path,
+            tracker,
+            super_seed,
+            client,
+        } => {
+            if tracker.is_some() || super_seed {
+                bail!(
+                    "--tracker and --super-seed are swarm options; a server serves the file itself"
+                );
+            }
+            let s = client::upload(&base, &path).await?;
+            if client.json {
+                println!("{}", serde_json::to_string(&s)?);
+                return Ok(());
+            }
+            println!("content  {}", s.id);
+            println!("size     {} bytes", s.size);
+            println!();
+            println!("Fetch it with:");
+            println!("  meshwork --server {base} fetch {}", s.id);
+            Ok(())
+        }
+        Command::Fetch {
+            target,
+            out,
+            client,
+            ..
+        } => fetch(&base, &target, out, client.json).await,
+        _ => bail!(
+            "--server works with tx send, tx status, balance, share and fetch; \
+             for the other commands, leave it out"
+        ),
+    }
+}
+
+async fn fetch(base: &str, target: &str, out: Option<PathBuf>, json: bool) -> Result<()> {
+    let id: meshwork_swarm::ContentId = target
+        .parse()
+        .context("with --server, fetch takes a content id (64 hex digits)")?;
+    let out = match out {
+        Some(p) => p,
+        None => {
+            let m = client::manifest(base, &id).await?;
+            std::env::current_dir()?.join(m.name)
+        }
+    };
+    let tty = std::io::stderr().is_terminal() && !json;
+    let begun = Instant::now();
+    let got = client::download(base, &id, &out, |done, m| {
+        if tty {
+            let pct = if m.size == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / m.size as f64
+            };
+            let rate = done as f64 / begun.elapsed().as_secs_f64().max(1e-3) / 1e6;
+            eprint!(
+                "\r\x1b[2K{pct:5.1}%  {done}/{} bytes  {rate:.1} MB/s",
+                m.size
+            );
+            let _ = std::io::stderr().flush();
+        }
+    })
+    .await?;
+    if tty {
+        eprintln!();
+    }
+    let secs = begun.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "path": out, "size": got.size, "received": got.received,
+                "resumed": got.resumed, "secs": secs
+            })
+        );
+    } else {
+        println!("{}", out.display());
+        println!("verified {} bytes in {secs:.1} s", got.size);
+    }
+    Ok(())
+}
