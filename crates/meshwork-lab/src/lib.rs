@@ -7,12 +7,19 @@
 //! - [`demo`]: the README's first command.
 //! - [`resources`]: memory and CPU readings of this process.
 //! - [`transfer`]: one file over one connection, the swarm against a raw stream copy.
+//! - [`netns`]: hosts in network namespaces with capped links, running real processes.
+//! - [`scenario`], [`distribution`], [`report`]: `meshwork lab run` and `meshwork lab report`.
 
 pub mod demo;
+pub mod distribution;
 pub mod harness;
+pub mod netns;
 pub mod propagation;
+pub mod report;
 pub mod resources;
 pub mod rogue;
+pub mod scenario;
+pub mod svg;
 pub mod transfer;
 
 pub use harness::{wait_for, Harness, HarnessBuilder, Topology};

@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub piece_size: u32,
     /// The largest upload accepted.
     pub max_upload_bytes: u64,
+    /// Caps the bytes per second of all content downloads together (the in-process lab's
+    /// stand-in for a capped uplink; the netns lab caps the link with `tc` instead).
+    pub upload_limit: Option<u64>,
 }
 
 impl ServerConfig {
@@ -67,6 +70,7 @@ impl ServerConfig {
             spec,
             piece_size: meshwork_swarm::manifest::DEFAULT_PIECE_SIZE,
             max_upload_bytes: 64 << 30,
+            upload_limit: None,
         }
     }
 }
@@ -91,6 +95,32 @@ struct Inner {
     /// The log length, for long polls.
     count: tokio::sync::watch::Sender<u64>,
     uploads: tokio::sync::Semaphore,
+    limiter: Option<Limiter>,
+}
+
+/// A token bucket shared by every download. Each chunk reserves its bytes and sleeps until
+/// the bucket has paid for them, so the aggregate rate never exceeds `rate` (after a burst of
+/// at most `rate / 20` bytes).
+struct Limiter {
+    rate: f64,
+    /// (tokens, when) — tokens go negative while chunks wait.
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl Limiter {
+    fn delay(&self, n: usize) -> Duration {
+        let mut st = self.state.lock().expect("limiter lock");
+        let now = Instant::now();
+        let burst = self.rate / 20.0;
+        st.0 = (st.0 + now.duration_since(st.1).as_secs_f64() * self.rate).min(burst);
+        st.1 = now;
+        st.0 -= n as f64;
+        if st.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-st.0 / self.rate)
+        }
+    }
 }
 
 type Shared = Arc<Inner>;
@@ -192,6 +222,10 @@ fn open(cfg: &ServerConfig) -> Result<Shared, ServerError> {
         bytes_served: AtomicU64::new(0),
         count: tokio::sync::watch::channel(count).0,
         uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
+        limiter: cfg.upload_limit.filter(|r| *r > 0).map(|r| Limiter {
+            rate: r as f64,
+            state: std::sync::Mutex::new((0.0, Instant::now())),
+        }),
     }))
 }
 
@@ -568,15 +602,25 @@ async fn content_bytes(
         }
     }
     let counter = s.clone();
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK).map(move |chunk| {
-            if let Ok(c) = &chunk {
-                counter
-                    .bytes_served
-                    .fetch_add(c.len() as u64, Ordering::Relaxed);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK).then(
+        move |chunk| {
+            let counter = counter.clone();
+            async move {
+                if let Ok(c) = &chunk {
+                    if let Some(l) = &counter.limiter {
+                        let d = l.delay(c.len());
+                        if !d.is_zero() {
+                            tokio::time::sleep(d).await;
+                        }
+                    }
+                    counter
+                        .bytes_served
+                        .fetch_add(c.len() as u64, Ordering::Relaxed);
+                }
+                chunk
             }
-            chunk
-        });
+        },
+    );
     let mut resp = Response::builder()
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_LENGTH, len)

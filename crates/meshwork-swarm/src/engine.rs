@@ -415,7 +415,7 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
         peer.pieces = bits.clone();
         self.picker.add_peer(&bits);
         if let Some(s) = &mut self.superseed {
-            if let Some(offer) = s.add_peer(p, bits) {
+            for offer in s.add_peer(p, bits) {
                 peer.outbox.push_back(Msg::Have(offer));
             }
         }
@@ -432,13 +432,17 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
             }
         }
         if let Some(s) = &mut self.superseed {
-            if s.offer(&p) == Some(i) {
-                peer.offer_done = Some(now);
-            }
             for (q, next) in s.peer_has(p, i) {
                 if let Some(qp) = self.peers.get_mut(&q) {
                     qp.offer_done = None;
                     qp.outbox.push_back(Msg::Have(next));
+                }
+            }
+            // Out of offers (its credit is spent): the patience clock starts.
+            let no_offer = s.has_no_offer(&p);
+            if let Some(peer) = self.peers.get_mut(&p) {
+                if no_offer && peer.offer_done.is_none() {
+                    peer.offer_done = Some(now);
                 }
             }
         }
@@ -731,10 +735,14 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
                     let patience_over = peer.offer_done.is_some_and(|done| {
                         alone || now.saturating_duration_since(done) >= SUPERSEED_PATIENCE
                     });
-                    let idle = peer.bitfield_seen && s.offer(&p).is_none();
-                    if patience_over || idle {
+                    if patience_over {
                         peer.offer_done = None;
-                        if let Some(next) = s.advance(p) {
+                        for next in s.advance(p) {
+                            peer.outbox.push_back(Msg::Have(next));
+                        }
+                    } else if peer.bitfield_seen && s.has_no_offer(&p) {
+                        for next in s.refill(p) {
+                            peer.offer_done = None;
                             peer.outbox.push_back(Msg::Have(next));
                         }
                     }

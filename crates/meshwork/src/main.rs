@@ -196,6 +196,16 @@ enum ServerCommand {
 
 #[derive(Subcommand)]
 enum LabCommand {
+    /// Run a scenario; writes SCENARIO.json, SCENARIO.md and SVG plots to --out.
+    Run(LabRunArgs),
+    /// The comparison table of client-server and peer-to-peer, from scenario results.
+    Report {
+        /// Directories holding scenario results (SCENARIO.json files).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
+    /// Remove namespaces and links left by netns runners that were killed (SIGKILL).
+    Clean,
     /// Transactions and blocks through N in-process nodes: time to reach every node (p50,
     /// p99) and copies received per node per message. Prints JSON.
     Propagation {
@@ -225,6 +235,89 @@ enum LabCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct LabRunArgs {
+    /// distribution
+    scenario: String,
+    /// netns: real processes in network namespaces (needs root); inproc: one process.
+    #[arg(long, default_value = "netns")]
+    runner: meshwork_lab::scenario::RunnerKind,
+    /// The largest N; the scenario runs 1, 2, 4, ... up to it.
+    #[arg(long, default_value_t = 16)]
+    nodes: usize,
+    /// distribution: an explicit list of N instead of the doubling up to --nodes.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    ns: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value = "lab-results", value_name = "DIR")]
+    out: PathBuf,
+    /// distribution: the file's size.
+    #[arg(long, default_value_t = 64)]
+    file_mib: u64,
+    /// distribution: every host's upload cap.
+    #[arg(long, default_value_t = 20.0)]
+    upload_mbps: f64,
+    /// distribution: every host's download cap (none by default).
+    #[arg(long)]
+    download_mbps: Option<f64>,
+}
+
+/// 1, 2, 4, ... up to `max`, and `max` itself.
+fn doubling(max: usize) -> Vec<usize> {
+    let mut v = vec![];
+    let mut n = 1;
+    while n < max {
+        v.push(n);
+        n *= 2;
+    }
+    v.push(max.max(1));
+    v
+}
+
+async fn lab_run(a: LabRunArgs) -> Result<()> {
+    if a.runner == meshwork_lab::scenario::RunnerKind::Netns {
+        if let Some(why) = meshwork_lab::netns::unavailable() {
+            bail!("{why}");
+        }
+    }
+    let out = a.out.clone();
+    let scenario = a.scenario.clone();
+    let job = async {
+        match a.scenario.as_str() {
+            "distribution" => {
+                let mut o = meshwork_lab::distribution::DistOptions::new(a.runner, &a.out);
+                o.ns = if a.ns.is_empty() {
+                    doubling(a.nodes)
+                } else {
+                    a.ns.clone()
+                };
+                o.seed = a.seed;
+                o.file_mib = a.file_mib;
+                o.upload_mbps = a.upload_mbps;
+                o.download_mbps = a.download_mbps;
+                o.bin = Some(std::env::current_exe().context("cannot find this binary")?);
+                let (_, outputs) = meshwork_lab::distribution::run(o).await?;
+                Ok(outputs)
+            }
+            other => bail!("unknown scenario {other:?}; scenarios: distribution"),
+        }
+    };
+    // Dropping `job` on a signal drops its runners, whose teardown removes every namespace,
+    // link and process.
+    let outputs = tokio::select! {
+        r = job => r?,
+        r = wait_for_signal() => {
+            r?;
+            bail!("interrupted; the runner's namespaces, links and processes are removed");
+        }
+    };
+    let json = outputs.write(&out, &scenario)?;
+    println!("{}", outputs.markdown);
+    eprintln!("results in {}", json.display());
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -427,6 +520,24 @@ async fn run(mut cli: Cli) -> Result<()> {
                 },
         } => {
             central::server_start(cli.data_dir.as_deref(), listen, &network, spec.as_deref()).await
+        }
+        Command::Lab {
+            command: LabCommand::Run(args),
+        } => lab_run(args).await,
+        Command::Lab {
+            command: LabCommand::Report { dirs },
+        } => {
+            let r = meshwork_lab::report::build(&dirs)?;
+            println!("{}", r.markdown());
+            Ok(())
+        }
+        Command::Lab {
+            command: LabCommand::Clean,
+        } => {
+            for p in meshwork_lab::netns::clean_stale() {
+                println!("removed what runner {p} left");
+            }
+            Ok(())
         }
         Command::Lab {
             command:

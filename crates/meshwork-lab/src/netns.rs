@@ -1,0 +1,511 @@
+//! The network-namespace runner: N hosts on one bridge, each a Linux network namespace with
+//! its own address, an upload cap (`tc tbf` on its side of the veth) and optionally a download
+//! cap (`tbf` on the bridge side), running real `meshwork` processes.
+//!
+//! Layout of a runner with prefix `P` (unique per runner: `mwl` + 4 hex digits of the pid +
+//! a counter, so that every name fits Linux's 15-byte interface names):
+//! - bridge `Pbr` in the root namespace, address 10.S.255.254/16 (the runner's control path);
+//! - host i: namespace `Phi`, veth `Pai` (bridge side) ↔ `Pbi` (host side, 10.S.x.y/16).
+//!
+//! `S` (100..=227) differs between the runners of one process, and usually between processes,
+//! because the root namespace routes to each runner's subnet through that runner's bridge.
+//!
+//! Cleanup invariant: everything the runner creates is named with its prefix and recorded in
+//! `/run/meshwork-lab/P.pid`. [`NetnsRunner::teardown`] (also run by `Drop`, so on errors,
+//! panics and a dropped future after Ctrl-C) kills every process it started and every process
+//! still inside its namespaces, deletes the veths, namespaces and bridge, then the record.
+//! A runner that was itself SIGKILLed leaves a record whose pid is dead; the next runner (or
+//! `meshwork lab clean`) removes what it names.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+const STATE_DIR: &str = "/run/meshwork-lab";
+/// Every resource name starts with this.
+pub const NAME_PREFIX: &str = "mwl";
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Upload and download caps of one host, in bits per second.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caps {
+    pub up_bps: Option<u64>,
+    pub down_bps: Option<u64>,
+}
+
+struct Host {
+    ns: String,
+    veth_bridge: String,
+    veth_host: String,
+    ip: Ipv4Addr,
+}
+
+struct Proc {
+    host: usize,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+pub type ProcId = usize;
+
+pub struct NetnsRunner {
+    prefix: String,
+    bin: PathBuf,
+    dir: PathBuf,
+    hosts: Vec<Host>,
+    procs: Vec<Proc>,
+    bridge: String,
+    /// The second octet of every address of this runner.
+    subnet: u8,
+    torn_down: bool,
+    /// How long building the hosts took.
+    pub setup_time: Duration,
+}
+
+/// Why the runner cannot run here, or `None` when it can.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(
+            "the netns runner needs root (network namespaces, veth, tc); run as root or use \
+             --runner inproc"
+                .into(),
+        );
+    }
+    for tool in ["ip", "tc"] {
+        let ok = Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return Some(format!(
+                "the netns runner needs `{tool}` (iproute2), which is not installed"
+            ));
+        }
+    }
+    None
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+fn host_ip(subnet: u8, i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, subnet, (i / 250) as u8, (i % 250 + 2) as u8)
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+/// Names of the namespaces and links that start with `prefix`.
+fn resources(prefix: &str) -> (Vec<String>, Vec<String>) {
+    let ns = ip(&["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect();
+    let links = ip(&["-o", "link", "show"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    (ns, links)
+}
+
+/// What a runner's prefix has left: namespaces, links, and processes inside the namespaces.
+pub fn leftovers(prefix: &str) -> Vec<String> {
+    let (ns, links) = resources(prefix);
+    let mut out: Vec<String> = vec![];
+    for n in &ns {
+        for pid in ip(&["netns", "pids", n])
+            .unwrap_or_default()
+            .split_whitespace()
+        {
+            out.push(format!("process {pid} in {n}"));
+        }
+        out.push(format!("namespace {n}"));
+    }
+    out.extend(links.into_iter().map(|l| format!("link {l}")));
+    out
+}
+
+/// Kills the processes in, and deletes, every namespace and link named with `prefix`.
+fn remove_prefix(prefix: &str) {
+    let (ns, links) = resources(prefix);
+    for n in &ns {
+        for pid in ip(&["netns", "pids", n])
+            .unwrap_or_default()
+            .split_whitespace()
+        {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: plain kill(2) of a process inside our own namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    // Deleting a veth removes both ends at once; deleting a namespace alone frees its links
+    // only later, asynchronously, so the links go first.
+    for l in &links {
+        let _ = ip(&["link", "del", l]);
+    }
+    for n in &ns {
+        let _ = ip(&["netns", "del", n]);
+    }
+}
+
+/// Removes what runners that died without cleaning up (SIGKILL) left behind.
+pub fn clean_stale() -> Vec<String> {
+    let mut cleaned = vec![];
+    let Ok(entries) = std::fs::read_dir(STATE_DIR) else {
+        return cleaned;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(prefix) = name.strip_suffix(".pid") else {
+            continue;
+        };
+        let pid: i32 = std::fs::read_to_string(e.path())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if pid > 0 && pid_alive(pid) {
+            continue;
+        }
+        remove_prefix(prefix);
+        let _ = std::fs::remove_file(e.path());
+        cleaned.push(prefix.to_string());
+    }
+    cleaned
+}
+
+impl NetnsRunner {
+    /// Builds `caps.len()` hosts. `bin` is the `meshwork` binary; logs and data go in `dir`.
+    pub fn new(bin: &Path, dir: &Path, caps: &[Caps]) -> Result<NetnsRunner> {
+        if let Some(why) = unavailable() {
+            bail!("{why}");
+        }
+        if caps.len() > 250 * 250 {
+            bail!("at most {} hosts", 250 * 250);
+        }
+        clean_stale();
+        let started = Instant::now();
+        let k = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!(
+            "{NAME_PREFIX}{:04x}{:x}",
+            std::process::id() & 0xffff,
+            k & 0xf
+        );
+        let subnet = 100 + ((std::process::id() * 16 + k) % 128) as u8;
+        // A stale runner with the same pid bits could have left these.
+        remove_prefix(&prefix);
+        std::fs::create_dir_all(STATE_DIR).context(STATE_DIR)?;
+        std::fs::write(
+            Path::new(STATE_DIR).join(format!("{prefix}.pid")),
+            std::process::id().to_string(),
+        )
+        .context("cannot record the runner")?;
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        let mut r = NetnsRunner {
+            bridge: format!("{prefix}br"),
+            prefix,
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            hosts: vec![],
+            procs: vec![],
+            subnet,
+            torn_down: false,
+            setup_time: Duration::ZERO,
+        };
+        // On any error below, dropping `r` removes what was built.
+        r.build(caps)?;
+        r.setup_time = started.elapsed();
+        Ok(r)
+    }
+
+    fn build(&mut self, caps: &[Caps]) -> Result<()> {
+        let br = self.bridge.clone();
+        ip(&["link", "add", &br, "type", "bridge"])?;
+        let control = Ipv4Addr::new(10, self.subnet, 255, 254);
+        ip(&["addr", "add", &format!("{control}/16"), "dev", &br])?;
+        ip(&["link", "set", &br, "up"])?;
+        for (i, c) in caps.iter().enumerate() {
+            let h = Host {
+                ns: format!("{}h{i}", self.prefix),
+                veth_bridge: format!("{}a{i}", self.prefix),
+                veth_host: format!("{}b{i}", self.prefix),
+                ip: host_ip(self.subnet, i),
+            };
+            ip(&["netns", "add", &h.ns])?;
+            self.hosts.push(h);
+            let h = &self.hosts[i];
+            ip(&[
+                "link",
+                "add",
+                &h.veth_bridge,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &h.veth_host,
+            ])?;
+            ip(&["link", "set", &h.veth_host, "netns", &h.ns])?;
+            ip(&["link", "set", &h.veth_bridge, "master", &br])?;
+            ip(&["link", "set", &h.veth_bridge, "up"])?;
+            ip(&[
+                "-n",
+                &h.ns,
+                "addr",
+                "add",
+                &format!("{}/16", h.ip),
+                "dev",
+                &h.veth_host,
+            ])?;
+            ip(&["-n", &h.ns, "link", "set", &h.veth_host, "up"])?;
+            ip(&["-n", &h.ns, "link", "set", "lo", "up"])?;
+            if let Some(up) = c.up_bps {
+                tbf(Some(&h.ns), &h.veth_host, up)?;
+            }
+            if let Some(down) = c.down_bps {
+                tbf(None, &h.veth_bridge, down)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn hosts(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn ip(&self, host: usize) -> Ipv4Addr {
+        self.hosts[host].ip
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts `meshwork ARGS` inside host `host`; its output goes to `<dir>/logs/`.
+    pub fn spawn(&mut self, host: usize, name: &str, args: &[String]) -> Result<ProcId> {
+        let logs = self.dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let id = self.procs.len();
+        self.procs.push(Proc {
+            host,
+            args: args.to_vec(),
+            log: logs.join(format!("{id:03}-{name}.log")),
+            child: None,
+        });
+        self.start(id)?;
+        Ok(id)
+    }
+
+    fn start(&mut self, id: ProcId) -> Result<()> {
+        let p = &mut self.procs[id];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p.log)
+            .with_context(|| p.log.display().to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.hosts[p.host].ns])
+            .arg(&self.bin)
+            .args(&p.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("RUST_LOG", "warn,meshwork_node=info")
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        p.child = Some(child);
+        Ok(())
+    }
+
+    /// The output of a process so far.
+    pub fn log(&self, id: ProcId) -> String {
+        std::fs::read_to_string(&self.procs[id].log).unwrap_or_default()
+    }
+
+    /// Waits for a process to exit (polling: the runner is not on a hot path).
+    pub async fn wait(&mut self, id: ProcId, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.procs[id]
+                .child
+                .as_mut()
+                .ok_or_else(|| anyhow!("process {id} is not running"))?;
+            if let Some(st) = child.try_wait()? {
+                self.procs[id].child = None;
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "process {id} ({}) did not exit within {timeout:?}",
+                    self.procs[id].args.join(" ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether a process has exited; reaps it.
+    pub fn exited(&mut self, id: ProcId) -> Result<Option<ExitStatus>> {
+        let Some(child) = self.procs[id].child.as_mut() else {
+            return Ok(None);
+        };
+        let st = child.try_wait()?;
+        if st.is_some() {
+            self.procs[id].child = None;
+        }
+        Ok(st)
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&mut self, id: ProcId, grace: Duration) {
+        let Some(mut child) = self.procs[id].child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) of our own child, which is not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// A crash: SIGKILL at once.
+    pub fn kill(&mut self, id: ProcId) {
+        if let Some(mut child) = self.procs[id].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped process again with the same arguments (and data directory).
+    pub fn restart(&mut self, id: ProcId) -> Result<()> {
+        if self.procs[id].child.is_some() {
+            bail!("process {id} is still running");
+        }
+        self.start(id)
+    }
+
+    /// Cuts host `host` off the bridge (a partition).
+    pub fn cut(&self, host: usize) -> Result<()> {
+        ip(&["link", "set", &self.hosts[host].veth_bridge, "down"]).map(drop)
+    }
+
+    pub fn restore(&self, host: usize) -> Result<()> {
+        ip(&["link", "set", &self.hosts[host].veth_bridge, "up"]).map(drop)
+    }
+
+    /// Bytes host `host` has sent on its link (headers included).
+    pub fn tx_bytes(&self, host: usize) -> Result<u64> {
+        let h = &self.hosts[host];
+        let out = ip(&["-n", &h.ns, "-s", "-j", "link", "show", "dev", &h.veth_host])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v[0]["stats64"]["tx"]["bytes"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no tx statistics for {}", h.veth_host))
+    }
+
+    /// Kills every process, removes every link and namespace. Idempotent.
+    pub fn teardown(&mut self) -> Duration {
+        let started = Instant::now();
+        if self.torn_down {
+            return Duration::ZERO;
+        }
+        self.torn_down = true;
+        for p in &mut self.procs {
+            if let Some(c) = p.child.as_mut() {
+                // SAFETY: kill(2) of our own unreaped child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for p in &mut self.procs {
+            if let Some(mut c) = p.child.take() {
+                loop {
+                    if !matches!(c.try_wait(), Ok(None)) {
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        remove_prefix(&self.prefix);
+        let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.pid", self.prefix)));
+        started.elapsed()
+    }
+}
+
+impl Drop for NetnsRunner {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// A token bucket on `dev`'s egress. Burst: 10 ms of the rate, at least 32 KiB, so that
+/// TCP sees a smooth link rather than bursts and drops.
+fn tbf(ns: Option<&str>, dev: &str, bps: u64) -> Result<()> {
+    let burst = (bps / 8 / 100).max(32 << 10);
+    let mut cmd = Command::new("tc");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    cmd.args([
+        "qdisc",
+        "replace",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        &format!("{bps}bit"),
+        "burst",
+        &burst.to_string(),
+        "latency",
+        "100ms",
+    ]);
+    run(&mut cmd).map(drop)
+}

@@ -1,0 +1,203 @@
+//! `meshwork lab run`, `lab report` and the client-server commands, from the built binary.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+fn meshwork() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_meshwork"));
+    c.env_remove("MESHWORK_HOME")
+        .env_remove("MESHWORK_SERVER")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+fn ok(o: &Output) -> Result<String> {
+    ensure!(
+        o.status.success(),
+        "exit {}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn check_svg(path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let doc = roxmltree::Document::parse(&text)
+        .with_context(|| format!("{}: not well-formed XML", path.display()))?;
+    ensure!(doc.root_element().tag_name().name() == "svg");
+    ensure!(
+        doc.descendants()
+            .filter(|n| n.has_tag_name("polyline"))
+            .count()
+            == 4,
+        "two measured series and two bounds"
+    );
+    Ok(())
+}
+
+/// The in-process distribution scenario writes JSON, Markdown and a valid SVG; the report's
+/// cost cell carries the numbers of that JSON.
+#[test]
+fn lab_report_reads_its_numbers_from_the_scenario_json() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("results");
+    let o = meshwork()
+        .args(["lab", "run", "distribution", "--runner", "inproc"])
+        .args([
+            "--ns",
+            "1,3",
+            "--file-mib",
+            "2",
+            "--upload-mbps",
+            "80",
+            "--out",
+        ])
+        .arg(&out)
+        .output()?;
+    let md = ok(&o)?;
+    ensure!(md.contains("| 3 |"), "{md}");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("distribution.json"))?)?;
+    let rows = json["rows"].as_array().context("rows")?;
+    ensure!(rows.len() == 2);
+    for r in rows {
+        let n = r["n"].as_u64().unwrap();
+        ensure!(r["client_server"]["verified"].as_u64() == Some(n));
+        ensure!(r["swarm"]["verified"].as_u64() == Some(n));
+    }
+    check_svg(&out.join("distribution.svg"))?;
+
+    let report = ok(&meshwork().args(["lab", "report"]).arg(&out).output()?)?;
+    let cost = report
+        .lines()
+        .find(|l| l.starts_with("| cost |"))
+        .context("no cost line")?;
+    let last = &rows[1];
+    let want_cs = format!(
+        "the server uploads {:.2} copies at N=3",
+        last["cs_origin_copies"].as_f64().unwrap()
+    );
+    let want_p2p = format!(
+        "the origin uploads {:.2} copies at N=3",
+        last["swarm_origin_copies"].as_f64().unwrap()
+    );
+    ensure!(cost.contains(&want_cs), "{cost} lacks {want_cs}");
+    ensure!(cost.contains(&want_p2p), "{cost} lacks {want_p2p}");
+    ensure!(report.contains("distribution.svg"));
+
+    // The report refuses what is not a result.
+    let o = meshwork()
+        .args(["lab", "report"])
+        .arg(dir.path().join("missing"))
+        .output()?;
+    ensure!(!o.status.success());
+    Ok(())
+}
+
+/// Names of namespaces and links of runners started by process `pid`, and processes whose
+/// command line mentions `marker`.
+fn leftovers(pid: u32, marker: &str) -> Vec<String> {
+    let prefix = format!("mwl{:04x}", pid & 0xffff);
+    let mut out = meshwork_lab::netns::leftovers(&prefix);
+    let qdiscs = Command::new("tc")
+        .args(["qdisc", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.extend(
+        qdiscs
+            .lines()
+            .filter(|l| l.contains(&prefix))
+            .map(|l| format!("qdisc {l}")),
+    );
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) && !cmd.contains("lab run") {
+                out.push(format!(
+                    "process {}: {cmd}",
+                    e.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_netns_runner_leaves_nothing_after_a_run_or_an_interrupt() -> Result<()> {
+    if let Some(why) = meshwork_lab::netns::unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let marker = dir.path().display().to_string();
+
+    // A normal run.
+    let out = dir.path().join("normal");
+    let child = meshwork()
+        .args(["lab", "run", "distribution", "--runner", "netns"])
+        .args([
+            "--ns",
+            "2",
+            "--file-mib",
+            "2",
+            "--upload-mbps",
+            "50",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let o = child.wait_with_output()?;
+    let md = ok(&o)?;
+    ensure!(md.contains("| 2 |"), "{md}");
+    let left = leftovers(pid, &marker);
+    ensure!(left.is_empty(), "left after a normal run: {left:?}");
+
+    // Interrupted (Ctrl-C) while its processes run.
+    let out = dir.path().join("interrupted");
+    let mut child = meshwork()
+        .args(["lab", "run", "distribution", "--runner", "netns"])
+        .args([
+            "--ns",
+            "4",
+            "--file-mib",
+            "64",
+            "--upload-mbps",
+            "5",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Wait until the runner has hosts with processes in them.
+    loop {
+        let left = leftovers(pid, &marker);
+        if left.iter().filter(|l| l.starts_with("process")).count() >= 3 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the runner never started: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let st = child.wait()?;
+    ensure!(!st.success(), "an interrupted run must not report success");
+    let left = leftovers(pid, &marker);
+    ensure!(left.is_empty(), "left after an interrupt: {left:?}");
+    Ok(())
+}
