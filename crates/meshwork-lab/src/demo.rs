@@ -171,6 +171,47 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<()>
     content_story(&h, out).await?;
     h.shutdown().await;
     writeln!(out, "All nodes stopped.")?;
+    comparison(out).await?;
+    Ok(())
+}
+
+/// The short, in-process version of `meshwork lab run distribution` and `lab report`.
+async fn comparison(out: &mut (impl Write + Send)) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut o =
+        crate::distribution::DistOptions::new(crate::scenario::RunnerKind::Inproc, dir.path());
+    o.ns = vec![1, 2, 4];
+    o.file_mib = 8;
+    o.upload_mbps = 40.0;
+    writeln!(
+        out,
+        "\nClient-server against the swarm: {} MiB to N = 1, 2, 4 downloaders, every upload capped at {} Mbit/s (in process; `meshwork lab run distribution` does it with real processes and kernel links)...",
+        o.file_mib, o.upload_mbps
+    )?;
+    let (_, outputs) = crate::distribution::run(o).await?;
+    outputs.write(dir.path(), "distribution")?;
+    let table: String = outputs
+        .markdown
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    writeln!(out, "{table}")?;
+    let report = crate::report::build(&[dir.path().to_path_buf()])?;
+    writeln!(
+        out,
+        "The comparison (cells not measured here name the scenario that measures them):\n"
+    )?;
+    let md: String = report
+        .markdown()
+        .lines()
+        .map(|l| {
+            // Drop the last column (links into a temporary directory).
+            let cells: Vec<&str> = l.split('|').collect();
+            cells[..cells.len().saturating_sub(2)].join("|") + "|\n"
+        })
+        .collect();
+    writeln!(out, "{md}")?;
     Ok(())
 }
 

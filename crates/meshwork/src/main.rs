@@ -277,6 +277,17 @@ fn doubling(max: usize) -> Vec<usize> {
     v
 }
 
+/// This program's path, for the processes the netns runner starts. Linux names a binary
+/// replaced on disk while it runs (a rebuild) "PATH (deleted)"; the new one is at PATH.
+fn this_binary() -> Result<PathBuf> {
+    let p = std::env::current_exe().context("cannot find this binary")?;
+    let s = p.to_string_lossy();
+    Ok(match s.strip_suffix(" (deleted)") {
+        Some(orig) => PathBuf::from(orig),
+        None => p,
+    })
+}
+
 async fn lab_run(a: LabRunArgs) -> Result<()> {
     if a.runner == meshwork_lab::scenario::RunnerKind::Netns {
         if let Some(why) = meshwork_lab::netns::unavailable() {
@@ -298,7 +309,7 @@ async fn lab_run(a: LabRunArgs) -> Result<()> {
                 o.file_mib = a.file_mib;
                 o.upload_mbps = a.upload_mbps;
                 o.download_mbps = a.download_mbps;
-                o.bin = Some(std::env::current_exe().context("cannot find this binary")?);
+                o.bin = Some(this_binary()?);
                 let (_, outputs) = meshwork_lab::distribution::run(o).await?;
                 Ok(outputs)
             }
