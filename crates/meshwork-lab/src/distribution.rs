@@ -48,6 +48,8 @@ pub struct DistOptions {
     pub out: PathBuf,
     /// The `meshwork` binary the netns runner starts.
     pub bin: Option<PathBuf>,
+    /// inproc: the loopback index of the first case's first host.
+    pub first_index: usize,
 }
 
 impl DistOptions {
@@ -62,6 +64,7 @@ impl DistOptions {
             seed: 1,
             out: out.to_path_buf(),
             bin: None,
+            first_index: 0,
         }
     }
 }
@@ -125,8 +128,8 @@ fn bounds(n: usize, f: f64, u: f64, d: Option<f64>) -> (f64, f64) {
     (cs, p2p)
 }
 
-/// Writes the seeded random file of the scenario.
-fn make_file(path: &Path, bytes: u64, seed: u64) -> Result<blake3::Hash> {
+/// Writes a seeded random file of `bytes`; returns its hash.
+pub fn make_file(path: &Path, bytes: u64, seed: u64) -> Result<blake3::Hash> {
     use std::io::Write;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -641,7 +644,7 @@ async fn inproc_all(
     let mut swarm = vec![];
     // Each case's nodes get loopback addresses of their own: a case that reused the last
     // one's addresses and ports met its dying connections and stalled.
-    let mut first = 0;
+    let mut first = o.first_index;
     for &n in &o.ns {
         cs.push(cs_inproc(o, n, file, want).await?);
         swarm.push(swarm_inproc(o, n, first, file, want).await?);

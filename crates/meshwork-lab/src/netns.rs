@@ -10,6 +10,14 @@
 //! `S` (100..=227) differs between the runners of one process, and usually between processes,
 //! because the root namespace routes to each runner's subnet through that runner's bridge.
 //!
+//! Faults: [`NetnsRunner::cut`] takes a host's link down (the host is alone); a
+//! [`NetnsRunner::partition`] splits the hosts into groups with blackhole routes inside each
+//! host (`10.S.x.y/32` for every host of the other groups), so that each group still talks
+//! within itself and the runner's control path (the bridge's address) reaches every host. (The
+//! kernel here has no `tc` actions and no netfilter tools, so routes do the dropping.) A
+//! blackhole drops silently: open connections stall as they would behind a dead link, and new
+//! dials fail at once.
+//!
 //! Cleanup invariant: everything the runner creates is named with its prefix and recorded in
 //! `/run/meshwork-lab/P.pid`. [`NetnsRunner::teardown`] (also run by `Drop`, so on errors,
 //! panics and a dropped future after Ctrl-C) kills every process it started and every process
@@ -63,6 +71,8 @@ pub struct NetnsRunner {
     /// The second octet of every address of this runner.
     subnet: u8,
     torn_down: bool,
+    /// (host, blocked host) pairs of the current partition.
+    blackholes: Vec<(usize, usize)>,
     /// How long building the hosts took.
     pub setup_time: Duration,
 }
@@ -242,6 +252,7 @@ impl NetnsRunner {
             procs: vec![],
             subnet,
             torn_down: false,
+            blackholes: vec![],
             setup_time: Duration::ZERO,
         };
         // On any error below, dropping `r` removes what was built.
@@ -432,6 +443,73 @@ impl NetnsRunner {
 
     pub fn restore(&self, host: usize) -> Result<()> {
         ip(&["link", "set", &self.hosts[host].veth_bridge, "up"]).map(drop)
+    }
+
+    /// Splits the hosts into `groups` that cannot reach each other (see the module docs); hosts
+    /// in no group reach everyone. Replaces the current partition.
+    pub fn partition(&mut self, groups: &[Vec<usize>]) -> Result<()> {
+        self.heal()?;
+        for (gi, group) in groups.iter().enumerate() {
+            for &h in group {
+                let blocked: Vec<usize> = groups
+                    .iter()
+                    .enumerate()
+                    .filter(|(gj, _)| *gj != gi)
+                    .flat_map(|(_, g)| g.iter().copied())
+                    .collect();
+                self.routes(h, "add", &blocked)?;
+                self.blackholes.extend(blocked.into_iter().map(|b| (h, b)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a partition: every blackhole route goes.
+    pub fn heal(&mut self) -> Result<()> {
+        let pairs = std::mem::take(&mut self.blackholes);
+        for h in 0..self.hosts.len() {
+            let blocked: Vec<usize> = pairs
+                .iter()
+                .filter(|(a, _)| *a == h)
+                .map(|(_, b)| *b)
+                .collect();
+            self.routes(h, "del", &blocked)?;
+        }
+        Ok(())
+    }
+
+    /// Adds or deletes blackhole routes in host `h` to `to`, in one `ip -batch`.
+    fn routes(&self, h: usize, verb: &str, to: &[usize]) -> Result<()> {
+        use std::io::Write;
+        if to.is_empty() {
+            return Ok(());
+        }
+        let script: String = to
+            .iter()
+            .map(|&o| format!("route {verb} blackhole {}/32\n", self.hosts[o].ip))
+            .collect();
+        let mut child = Command::new("ip")
+            .args(["-n", &self.hosts[h].ns, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run ip")?;
+        child
+            .stdin
+            .take()
+            .context("ip's stdin")?
+            .write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "ip -n {} -batch ({verb} {} routes) failed: {}",
+                self.hosts[h].ns,
+                to.len(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// Bytes host `host` has sent on its link (headers included).

@@ -79,6 +79,32 @@ pub async fn cpu_share_over(window: Duration) -> Option<f64> {
     Some((c1 - c0).as_secs_f64() / (t1 - t0).as_secs_f64())
 }
 
+/// (busy, total) CPU time of the whole machine in clock ticks, all cores together, from the
+/// first line of `/proc/stat`: busy is everything but idle and iowait.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+/// How many cores the whole machine kept busy over `window` (the nodes of a netns runner are
+/// other processes, which [`cpu_share_over`] does not see).
+pub async fn machine_cores_busy_over(window: Duration) -> Option<f64> {
+    let (b0, t0) = machine_ticks()?;
+    tokio::time::sleep(window).await;
+    let (b1, t1) = machine_ticks()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    Some((b1 - b0) as f64 / (t1 - t0).max(1) as f64 * cores)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -248,6 +248,40 @@ async fn with_half_the_leechers_killed_and_the_seeder_gone_every_survivor_comple
     Ok(())
 }
 
+/// A fetch the node acknowledged is not forgotten by a restart, even one that comes before
+/// any provider answered with the manifest (the node persists the request itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_acknowledged_before_its_manifest_arrived_survives_a_restart() -> Result<()> {
+    common::init_logs();
+    let dir = tempfile::tempdir()?;
+    let origin = random_file(dir.path(), "origin.bin", 1 << 20, 5)?;
+    let mut h = HarnessBuilder::new("test-content-pending")?
+        .topology(Topology::Star)
+        .persistent(true)
+        .spawn(2)
+        .await?;
+    let shared = share(&h.running(0)?.handle, &origin, false, None).await?;
+    let provider_addr = h.running(0)?.listen_addrs[0].clone();
+    // The only provider is away: the fetch waits for a manifest.
+    h.stop(0).await?;
+    let out = dir.path().join("pending.bin");
+    let asked = fetch(&h.running(1)?.handle, &shared.ticket, &out).await?;
+    ensure!(asked.state == State::FetchingManifest, "{:?}", asked.state);
+    h.stop(1).await?;
+    // The provider comes back where the ticket says it is, then the fetcher restarts.
+    h.restart(0, vec![], move |cfg| cfg.listen = vec![provider_addr])
+        .await?;
+    let provider = h.dial_addr(0)?;
+    h.restart(1, vec![provider], |_| {}).await?;
+    all_seeding(&h, &[1], &shared.id, Duration::from_secs(60)).await?;
+    ensure!(
+        std::fs::read(&out)? == std::fs::read(&origin)?,
+        "the file differs"
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_stopped_half_way_resumes_and_downloads_only_the_missing_pieces() -> Result<()> {
     common::init_logs();

@@ -4,21 +4,17 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use meshwork_lab::harness::{wait_for, HarnessBuilder, Topology};
+use meshwork_lab::harness::{wait_for, HarnessBuilder};
 use meshwork_lab::rogue::{constant, encode_records, RawAnswer, Rogue};
-use meshwork_node::addrbook::{AddrBookConfig, Table};
-use meshwork_node::node::Class;
+use meshwork_lab::scenario::RunnerKind;
+use meshwork_lab::sybil::SybilOptions;
 use meshwork_proto::pex::WireRecord;
-
-const ATTACKER_GROUP: &str = "127.250.0.0/16";
-const FLOOD: usize = 5000;
 
 fn record(peer: PeerId, addr: &Multiaddr) -> WireRecord {
     WireRecord {
@@ -29,162 +25,34 @@ fn record(peer: PeerId, addr: &Multiaddr) -> WireRecord {
 }
 
 /// Eclipse flood: a node that knows 50 honest peers in 50 address groups is sent 5000
-/// addresses from one /16 through PEX answers. Its new table holds no more of them than one
-/// bucket, and when it picks its 8 outbound peers afresh, at most one is the attacker's.
+/// addresses from one /16 through PEX answers (the `sybil` scenario's flood). Its new table
+/// holds no more of them than one bucket, and when it picks its 8 outbound peers afresh, at
+/// most one is the attacker's, every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_flood_from_one_group_cannot_eclipse_a_node() -> Result<()> {
     common::init_logs();
-    let honest = HarnessBuilder::new("eclipse")?
-        .topology(Topology::Chain)
-        .spawn(50)
-        .await?;
-    let honest_addrs: Vec<Multiaddr> = honest.running_nodes().map(|(_, n)| n.dial_addr()).collect();
-    let mut victim = HarnessBuilder::new("eclipse")?
-        .first_index(99)
-        .persistent(true)
-        .tweak(move |_, cfg| {
-            cfg.bootstrap = honest_addrs.clone();
-            // The victim asks one random peer every 50 ms (its maintenance tick too), so that
-            // the flood arrives in seconds.
-            cfg.timings.pex_interval = Duration::from_millis(50);
-            cfg.timings.maintenance = Duration::from_millis(50);
-        })
-        .spawn(1)
-        .await?;
-    let v = victim.running(0)?.handle.clone();
-    wait_for(
-        "the victim to fill its outbound slots",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || async { Ok(v.status().await?.connections.outbound >= 8) },
-    )
-    .await?;
-
-    // Sixteen attacker peers in 127.250.0.0/16 answer every PEX request with 32 records, until
-    // 5000 have been sent. One record in eight names a real, reachable attacker peer.
-    let sent = Arc::new(AtomicUsize::new(0));
-    let real: Arc<RwLock<Vec<(PeerId, Multiaddr)>>> = Arc::default();
-    let answer = {
-        let (sent, real) = (sent.clone(), real.clone());
-        Arc::new(move || {
-            let real = real.read().expect("not poisoned").clone();
-            let mut records = vec![];
-            for _ in 0..32 {
-                let i = sent.fetch_add(1, Ordering::SeqCst);
-                if i >= FLOOD {
-                    break;
-                }
-                let rec = match (i % 8, real.is_empty()) {
-                    (0, false) => {
-                        let (p, a) = &real[(i / 8) % real.len()];
-                        record(*p, a)
-                    }
-                    _ => {
-                        let addr: Multiaddr =
-                            format!("/ip4/127.250.{}.{}/tcp/4001", 1 + (i >> 8) % 250, i & 0xff)
-                                .parse()
-                                .expect("valid");
-                        record(PeerId::random(), &addr)
-                    }
-                };
-                records.push(rec);
-            }
-            RawAnswer::Body(encode_records(records))
-        })
-    };
-    let mut rogues = vec![];
-    for k in 0..16u8 {
-        let r = Rogue::spawn(
-            &v.network,
-            Keypair::generate_ed25519(),
-            Ipv4Addr::new(127, 250, 0, 1 + k),
-            vec![victim.dial_addr(0)?],
-            answer.clone(),
-        )
-        .await?;
-        real.write()
-            .expect("not poisoned")
-            .push((r.peer_id, r.listen_addr.clone()));
-        rogues.push(r);
-    }
-    wait_for(
-        "5000 flood addresses to be sent",
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || async { Ok(sent.load(Ordering::SeqCst) >= FLOOD) },
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let book = v.addrbook().await?;
-    let count = |table: Table, evil: bool| {
-        book.iter()
-            .filter(|e| e.table == table && (e.group == ATTACKER_GROUP) == evil)
-            .count()
-    };
-    let (evil_new, honest_new) = (count(Table::New, true), count(Table::New, false));
-    let (evil_tried, honest_tried) = (count(Table::Tried, true), count(Table::Tried, false));
-    let cfg = AddrBookConfig::default();
-    let total = book.len();
-    println!(
-        "after a flood of {FLOOD}: attacker holds {evil_new} of {} new entries ({:.1}%), {evil_tried} of {} tried entries ({:.1}%), {} of {total} in all ({:.1}%)",
-        evil_new + honest_new,
-        100.0 * evil_new as f64 / (evil_new + honest_new).max(1) as f64,
-        evil_tried + honest_tried,
-        100.0 * evil_tried as f64 / (evil_tried + honest_tried).max(1) as f64,
-        evil_new + evil_tried,
-        100.0 * (evil_new + evil_tried) as f64 / total.max(1) as f64,
-    );
-    // One (address group, source group) pair reaches exactly one new bucket.
+    let mut o = SybilOptions::new(RunnerKind::Inproc, std::path::Path::new("unused"));
+    o.restarts = 2;
+    let e = meshwork_lab::sybil::eclipse(&o).await?;
+    println!("{e:?}");
     ensure!(
-        evil_new <= cfg.bucket_size as usize,
-        "attacker holds {evil_new} new entries, more than one bucket"
+        e.new_attacker <= e.new_bound,
+        "attacker holds {} new entries, more than one bucket ({})",
+        e.new_attacker,
+        e.new_bound
     );
-    ensure!(evil_tried <= (cfg.tried_buckets_per_group * cfg.bucket_size) as usize);
+    ensure!(e.tried_attacker <= e.tried_bound);
+    ensure!(e.honest_known >= 50, "the honest peers must still be known");
+    ensure!(e.outbound.len() == 2 && e.outbound.iter().all(|(_, n)| *n >= 8));
     ensure!(
-        honest_new + honest_tried >= 50,
-        "the honest peers must still be known"
-    );
-
-    // The victim restarts from its address book (no bootstrap, no anchors) and picks its
-    // outbound peers afresh, with every attacker peer still up and reachable.
-    victim.stop(0).await?;
-    victim.restart(0, vec![], |cfg| cfg.anchors = false).await?;
-    let v = victim.running(0)?.handle.clone();
-    wait_for(
-        "the restarted victim to fill its outbound slots",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || async { Ok(v.status().await?.connections.outbound >= 8) },
-    )
-    .await?;
-    let outbound: Vec<_> = v
-        .peers()
-        .await?
-        .into_iter()
-        .filter(|p| p.direction == Class::Outbound)
-        .collect();
-    let evil_out = outbound
-        .iter()
-        .filter(|p| p.address_group.as_deref() == Some(ATTACKER_GROUP))
-        .count();
-    let groups: HashSet<_> = outbound.iter().map(|p| p.address_group.clone()).collect();
-    println!(
-        "outbound slots: attacker holds {evil_out} of {} ({:.1}%)",
-        outbound.len(),
-        100.0 * evil_out as f64 / outbound.len() as f64
-    );
-    ensure!(
-        groups.len() == outbound.len(),
+        e.distinct_groups,
         "two outbound peers share an address group"
     );
-    ensure!(evil_out <= 1, "attacker holds {evil_out} outbound slots");
-
-    for r in rogues {
-        r.stop().await;
-    }
-    victim.shutdown().await;
-    honest.shutdown().await;
+    ensure!(
+        e.max_outbound_attacker() <= 1,
+        "attacker holds {} outbound slots",
+        e.max_outbound_attacker()
+    );
     Ok(())
 }
 

@@ -44,6 +44,10 @@ pub enum TxError {
     Conflict { nonce: u64, fee_needed: Amount },
     #[error("the mempool is full: a fee of at least {min_fee} is needed")]
     MempoolFull { min_fee: Amount },
+    /// The operator does not accept this sender's transfers (a node then neither relays nor
+    /// mines them; it is a policy, not a rule: blocks that hold them are still valid).
+    #[error("transfers from {0} are refused by the operator's policy")]
+    Refused(crate::Address),
     #[error("storage: {0}")]
     Storage(#[from] StoreError),
 }

@@ -138,6 +138,8 @@ pub struct Ledger {
     mempool: Mempool,
     orphans: OrphanPool,
     changes: Vec<ChainChange>,
+    /// Senders whose transfers this node neither admits nor mines (see [`Ledger::set_refused`]).
+    refused: HashSet<Address>,
 }
 
 impl Ledger {
@@ -160,7 +162,16 @@ impl Ledger {
                 bytes: 0,
             },
             changes: vec![],
+            refused: HashSet::new(),
         }
+    }
+
+    /// An operator's policy: transfers from `senders` are refused by the mempool (submitted,
+    /// gossiped, or returned by a reorganization), so this node neither relays nor mines them.
+    /// Blocks that hold them stay valid: a policy is not a consensus rule. Bounded by what the
+    /// operator configures.
+    pub fn set_refused(&mut self, senders: HashSet<Address>) {
+        self.refused = senders;
     }
 
     pub fn chain(&self) -> &Chain {
@@ -220,6 +231,9 @@ impl Ledger {
     }
 
     fn admit_verified(&mut self, t: SignedTransfer, id: Hash) -> Result<Hash, TxError> {
+        if self.refused.contains(&t.transfer.from) {
+            return Err(TxError::Refused(t.transfer.from));
+        }
         if self.mempool.contains(&id) {
             return Err(TxError::Duplicate);
         }

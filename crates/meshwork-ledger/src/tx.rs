@@ -177,6 +177,7 @@ impl Transaction {
 }
 
 /// A key pair for a wallet, stored as its 32-byte secret in hex.
+#[derive(Clone)]
 pub struct Wallet {
     key: SigningKey,
 }

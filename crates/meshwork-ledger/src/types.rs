@@ -6,8 +6,35 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A BLAKE3 digest: block hashes, transaction ids, Merkle roots, chain ids.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+///
+/// Serialized as 64 hex digits in human-readable formats (JSON: the APIs), and as the newtype
+/// of 32 bytes otherwise (postcard: blocks, the store, the wire), exactly as a derive would.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Hash(pub [u8; 32]);
+
+impl Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_newtype_struct("Hash", &self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            #[derive(Deserialize)]
+            #[serde(rename = "Hash")]
+            struct Raw([u8; 32]);
+            Raw::deserialize(d).map(|r| Hash(r.0))
+        }
+    }
+}
 
 impl Hash {
     pub const ZERO: Hash = Hash([0; 32]);
@@ -101,6 +128,18 @@ pub type Millis = u64;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hash_is_hex_in_json_and_32_bytes_in_postcard() {
+        let h = Hash::of(b"x");
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(json, format!("\"{h}\""));
+        assert_eq!(serde_json::from_str::<Hash>(&json).unwrap(), h);
+        assert!(serde_json::from_str::<Hash>("\"zz\"").is_err());
+        let bytes = postcard::to_stdvec(&h).unwrap();
+        assert_eq!(bytes, h.0.to_vec(), "postcard keeps the derive's layout");
+        assert_eq!(postcard::from_bytes::<Hash>(&bytes).unwrap(), h);
+    }
 
     #[test]
     fn hashes_round_trip_through_hex() {

@@ -189,6 +189,38 @@ fn reorganization_returns_transfers_to_the_mempool() {
     ledger.chain().verify_consistency().unwrap();
 }
 
+/// An operator's refusal list is mempool policy, not a rule: the sender's transfers are
+/// refused (without blaming whoever relayed them) and never mined here, but a block that holds
+/// one is valid, and a reorganization does not sneak them back into the mempool.
+#[test]
+fn refused_senders_stay_out_of_the_mempool_but_not_out_of_blocks() {
+    let mut ledger = Ledger::in_memory(spec()).unwrap();
+    let chain_id = ledger.chain().chain_id();
+    let f = faucet();
+    let w = wallets(1).remove(0);
+    ledger.set_refused([f.address()].into_iter().collect());
+    let t = f.transfer(chain_id, w.address(), 10, 1, 0);
+    let e = ledger.submit(t).unwrap_err();
+    assert_eq!(e, TxError::Refused(f.address()));
+    assert!(!e.punishable(), "relaying a refused sender is no offence");
+    assert!(ledger.mempool().is_empty());
+    let g = ledger.chain().header(&ledger.tip().hash).unwrap();
+    let a1 = block_on(ledger.chain(), &g, w.address(), vec![t], 0);
+    ledger.import(a1, NOW).unwrap();
+    assert!(matches!(
+        ledger.tx_status(&t.id()).unwrap(),
+        TxStatus::Confirmed { .. }
+    ));
+    // A heavier branch without it: the transfer is not returned to this mempool.
+    let b1 = block_on(ledger.chain(), &g, w.address(), vec![], 3);
+    let b2 = block_on(ledger.chain(), &b1.header, w.address(), vec![], 0);
+    ledger.import(b1, NOW).unwrap();
+    ledger.import(b2, NOW).unwrap();
+    assert_eq!(ledger.tx_status(&t.id()).unwrap(), TxStatus::Unknown);
+    assert!(ledger.mempool().is_empty());
+    assert_eq!(ledger.template(w.address(), NOW).unwrap().txs.len(), 1);
+}
+
 #[test]
 fn the_store_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use meshwork_ledger::{Address, Block, Hash, Ledger, SignedTransfer, Transaction, TxStatus};
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,8 @@ pub fn router(handle: NodeHandle) -> Router {
         .route("/api/v1/content", post(share).get(content_list))
         .route("/api/v1/content/{id}", get(content_get).delete(content_rm))
         .route("/api/v1/fetch", post(fetch))
+        .route("/api/v1/gossip/recent", get(gossip_recent))
+        .route("/api/v1/mining", put(set_mining))
         .route("/metrics", get(metrics))
         .with_state(handle)
 }
@@ -439,6 +441,37 @@ async fn mempool(State(h): State<NodeHandle>) -> Response {
         Ok(v) => Json(v).into_response(),
         Err(r) => r,
     }
+}
+
+async fn gossip_recent(State(h): State<NodeHandle>) -> Response {
+    answer(h.gossip_seen()).await
+}
+
+/// `PUT /api/v1/mining` body: `{"address": "<addr>", "pace_ms": 500}` starts (or replaces) the
+/// miner; `{"address": null}` stops it. `pace_ms` is the lab's stand-in for hash rate on the
+/// `test` chain (see `MinerConfig::pace`).
+#[derive(Serialize, Deserialize)]
+pub struct MiningRequest {
+    pub address: Option<String>,
+    #[serde(default)]
+    pub pace_ms: Option<u64>,
+}
+
+async fn set_mining(State(h): State<NodeHandle>, body: Option<Json<MiningRequest>>) -> Response {
+    let Some(Json(req)) = body else {
+        return bad_request("expected a JSON body {\"address\": \"<addr>\" or null}");
+    };
+    let cfg = match req.address {
+        None => None,
+        Some(a) => match a.parse::<Address>() {
+            Ok(address) => Some(crate::ledger_service::MinerConfig {
+                address,
+                pace: req.pace_ms.map(Duration::from_millis),
+            }),
+            Err(e) => return bad_request(e),
+        },
+    };
+    answer(h.set_mining(cfg)).await
 }
 
 async fn metrics(State(h): State<NodeHandle>) -> Response {

@@ -90,6 +90,8 @@ pub struct FileConfig {
 pub struct ChainSection {
     /// A JSON chain spec; empty means the built-in spec of the network.
     pub spec_file: String,
+    /// Senders (addresses) whose transfers this node neither relays nor mines.
+    pub refuse_senders: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -232,6 +234,9 @@ feeler_interval_s = {feeler}
 # A chain spec (JSON: genesis allocations, block interval, difficulty, limits). Empty: the
 # built-in spec of the network (`dev` rules; networks named test-* get difficulty 1).
 spec_file = ""
+# Addresses whose transfers this node neither accepts into its mempool, relays nor mines (an
+# operator's policy; blocks that hold them are still valid). Most at 10 000.
+refuse_senders = []
 "#,
         network = network,
         allow_private = d.network.allow_private_addrs,
@@ -399,6 +404,8 @@ pub struct NodeConfig {
     pub chain: meshwork_ledger::ChainSpec,
     /// Mine blocks, when set.
     pub mining: Option<crate::ledger_service::MinerConfig>,
+    /// Senders whose transfers the mempool refuses (`[chain] refuse_senders`).
+    pub refuse_senders: std::collections::HashSet<meshwork_ledger::Address>,
     /// The content service's options.
     pub content: ContentConfig,
 }
@@ -435,6 +442,7 @@ impl NodeConfig {
             addrbook: AddrBookConfig::default(),
             chain: meshwork_ledger::ChainSpec::for_network(&network.to_string()),
             mining: None,
+            refuse_senders: Default::default(),
             content: ContentConfig::default(),
             network,
         }
@@ -487,6 +495,20 @@ impl NodeConfig {
             ..Timings::default()
         };
         let chain = chain_spec(file, &data_dir)?;
+        if file.chain.refuse_senders.len() > MAX_REFUSED {
+            return Err(invalid(format!(
+                "refuse_senders holds more than {MAX_REFUSED} addresses"
+            )));
+        }
+        let refuse_senders = file
+            .chain
+            .refuse_senders
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| invalid(format!("refuse_senders: {a:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             network,
             keypair,
@@ -506,10 +528,14 @@ impl NodeConfig {
             addrbook: AddrBookConfig::default(),
             chain,
             mining: None,
+            refuse_senders,
             content: ContentConfig::default(),
         })
     }
 }
+
+/// Most senders `[chain] refuse_senders` may name.
+pub const MAX_REFUSED: usize = 10_000;
 
 /// The chain spec a data directory's config names: its `[chain] spec_file` (relative to the
 /// data directory), or the network's built-in spec.
@@ -600,5 +626,20 @@ mod tests {
         )
         .unwrap();
         assert!(load_file_config(dir.path()).is_err());
+    }
+
+    #[test]
+    fn refused_senders_parse_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = init(dir.path(), &NetworkName::new("dev").unwrap()).unwrap();
+        let mut file = load_file_config(dir.path()).unwrap();
+        assert!(file.chain.refuse_senders.is_empty(), "none by default");
+        let a = meshwork_ledger::Wallet::from_secret(&[9; 32]).address();
+        file.chain.refuse_senders = vec![a.to_string()];
+        let cfg = NodeConfig::from_file(&file, key.clone(), dir.path().into()).unwrap();
+        assert_eq!(cfg.refuse_senders, [a].into_iter().collect());
+        file.chain.refuse_senders = vec!["not-an-address".into()];
+        let err = NodeConfig::from_file(&file, key, dir.path().into()).unwrap_err();
+        assert!(err.to_string().contains("not-an-address"), "{err}");
     }
 }

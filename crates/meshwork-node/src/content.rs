@@ -78,6 +78,9 @@ const MAX_ANNOUNCE: Duration = Duration::from_secs(1800);
 const REDIAL_AFTER: Duration = Duration::from_secs(30);
 const RECORD_SUFFIX: &str = ".json";
 const MANIFEST_SUFFIX: &str = ".manifest";
+/// A fetch accepted but without a manifest yet: the request itself, so that a crash before
+/// the manifest arrives does not forget a fetch the API acknowledged. The record replaces it.
+const FETCH_SUFFIX: &str = ".fetch";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContentError {
@@ -515,10 +518,17 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
         cfg,
     };
     if let Some(dir) = svc.content_dir() {
-        let loaded = tokio::task::spawn_blocking(move || load_contents(&dir))
+        let (loaded, pending) = tokio::task::spawn_blocking(move || load_contents(&dir))
             .await
             .map_err(|e| format!("loading contents: {e}"))?;
         svc.contents = loaded.into_iter().map(|c| (c.id, c)).collect();
+        // Fetches acknowledged before a crash that had no manifest yet start over.
+        for req in pending {
+            let target = req.target.clone();
+            if let Err(e) = svc.fetch(req) {
+                tracing::warn!("cannot resume the fetch of {target}: {e}");
+            }
+        }
     }
     tokio::spawn(accept_loop(incoming, ev_tx));
     tokio::spawn(svc.run(req_rx, ev_rx));
@@ -699,7 +709,11 @@ impl Service {
                 write_atomic(&m, &e.manifest().encode())?;
             }
             let json = serde_json::to_vec_pretty(&rec).expect("a record encodes");
-            write_atomic(&dir.join(format!("{hex}{RECORD_SUFFIX}")), &json)
+            write_atomic(&dir.join(format!("{hex}{RECORD_SUFFIX}")), &json)?;
+            match std::fs::remove_file(dir.join(format!("{hex}{FETCH_SUFFIX}"))) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
         };
         if let Err(err) = write() {
             tracing::warn!("cannot persist content {}: {err}", c.id);
@@ -1001,6 +1015,19 @@ impl Service {
             }
         }
         let info = self.info(&c);
+        if let Some(dir) = self.content_dir() {
+            let pending = FetchRequest {
+                target: target.to_string(),
+                out: c.out.clone(),
+                tracker: c.tracker.clone(),
+            };
+            let json = serde_json::to_vec_pretty(&pending).expect("a request encodes");
+            let write = std::fs::create_dir_all(&dir)
+                .and_then(|_| write_atomic(&dir.join(format!("{id}{FETCH_SUFFIX}")), &json));
+            if let Err(err) = write {
+                tracing::warn!("cannot persist the fetch of {id}: {err}");
+            }
+        }
         self.contents.insert(id, c);
         tracing::info!("fetching {id}");
         self.drive_manifest(&id);
@@ -1037,6 +1064,7 @@ impl Service {
             let hex = id.to_string();
             let _ = std::fs::remove_file(dir.join(format!("{hex}{RECORD_SUFFIX}")));
             let _ = std::fs::remove_file(dir.join(format!("{hex}{MANIFEST_SUFFIX}")));
+            let _ = std::fs::remove_file(dir.join(format!("{hex}{FETCH_SUFFIX}")));
         }
         Ok(())
     }
@@ -1771,15 +1799,29 @@ impl Service {
 }
 
 /// Reloads the contents persisted by an earlier run in `dir`: shared files are re-hashed,
-/// downloads resume from their journals. Blocking (it reads whole files): the caller runs it
-/// on a blocking thread.
-fn load_contents(dir: &Path) -> Vec<Content> {
+/// downloads resume from their journals. Also returns the fetches that had no manifest yet
+/// (for which no record exists), to be asked again. Blocking (it reads whole files): the
+/// caller runs it on a blocking thread.
+fn load_contents(dir: &Path) -> (Vec<Content>, Vec<FetchRequest>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return vec![];
+        return (vec![], vec![]);
     };
     let mut out = vec![];
+    let mut pending = vec![];
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
+        if let Some(hex) = name.strip_suffix(FETCH_SUFFIX) {
+            let recorded = dir.join(format!("{hex}{RECORD_SUFFIX}")).exists();
+            let req: Option<FetchRequest> = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match req {
+                Some(r) if !recorded && pending.len() < MAX_CONTENTS => pending.push(r),
+                Some(_) if recorded => {}
+                _ => tracing::warn!("{}: unreadable pending fetch, skipped", e.path().display()),
+            }
+            continue;
+        }
         let Some(hex) = name.strip_suffix(RECORD_SUFFIX) else {
             continue;
         };
@@ -1821,7 +1863,7 @@ fn load_contents(dir: &Path) -> Vec<Content> {
             rec.origin,
         ));
     }
-    out
+    (out, pending)
 }
 
 /// A download never writes over a file that is not its own: one without a journal next to it

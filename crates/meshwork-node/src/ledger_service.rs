@@ -24,6 +24,7 @@ use libp2p::PeerId;
 use meshwork_ledger::{
     Address, Block, BlockError, BlockOutcome, Hash, Header, Ledger, SignedTransfer, TxError,
 };
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chainsync::{ChainStatus, SyncResponse, MAX_BLOCKS_PER_REQUEST, MAX_HEADERS};
@@ -72,7 +73,8 @@ pub enum Job {
     Stop,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Topic {
     Tx,
     Block,
@@ -421,9 +423,12 @@ pub fn spawn(
 #[derive(Clone, Debug)]
 pub struct MinerConfig {
     pub address: Address,
-    /// Lab only: wait at least this long between blocks found by this miner. With the `test`
-    /// spec (difficulty 1) every hash wins, and this stands in for a share of hash rate
-    /// without burning the CPU that many in-process nodes share. `None` for real mining.
+    /// Lab only: the mean time between blocks found by this miner. With the `test` spec
+    /// (difficulty 1) every hash wins, and this stands in for a share of hash rate without
+    /// burning the CPU that many nodes on one machine share. Each wait is drawn from the
+    /// exponential distribution, as proof of work's are: miners started together do not find
+    /// their blocks together, and N miners of pace `N·T` find a block every `T` on average.
+    /// `None` for real mining.
     pub pace: Option<Duration>,
 }
 
@@ -464,12 +469,22 @@ impl Drop for Miner {
     }
 }
 
+/// An exponentially distributed wait of mean `mean` (the time to the next block of a miner
+/// with a fixed share of the hash rate).
+fn exponential(mean: Duration) -> Duration {
+    // 1 - U is in (0, 1], so the logarithm is finite.
+    let u: f64 = rand::random();
+    mean.mul_f64(-(1.0 - u).ln())
+}
+
 fn mine(cfg: MinerConfig, jobs: mpsc::Sender<Job>, gens: Arc<Generations>, stop: Arc<AtomicBool>) {
-    let mut last_found: Option<Instant> = None;
+    // Paced: when this miner may find its next block.
+    let mut next_at: Option<Instant> = cfg.pace.map(|p| Instant::now() + exponential(p));
     while !stop.load(Ordering::Relaxed) {
-        if let (Some(pace), Some(last)) = (cfg.pace, last_found) {
-            if last.elapsed() < pace {
-                std::thread::sleep((pace - last.elapsed()).min(Duration::from_millis(50)));
+        if let Some(at) = next_at {
+            let now = Instant::now();
+            if now < at {
+                std::thread::sleep((at - now).min(Duration::from_millis(50)));
                 continue;
             }
         }
@@ -505,7 +520,7 @@ fn mine(cfg: MinerConfig, jobs: mpsc::Sender<Job>, gens: Arc<Generations>, stop:
         };
         if let Some(n) = found {
             block.header.nonce = n;
-            last_found = Some(Instant::now());
+            next_at = cfg.pace.map(|p| Instant::now() + exponential(p));
             if jobs.blocking_send(Job::Mined(block)).is_err() {
                 return;
             }
@@ -518,5 +533,27 @@ fn mine(cfg: MinerConfig, jobs: mpsc::Sender<Job>, gens: Arc<Generations>, stop:
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The paced miner's waits average the pace, as exponential waits do: 20 000 draws have a
+    /// standard error of 0.7 % of the mean, so ±5 % fails only if the draws are not
+    /// exponential (or not of that mean).
+    #[test]
+    fn paced_waits_average_the_pace() {
+        let mean = Duration::from_millis(100);
+        let n = 20_000;
+        let waits: Vec<f64> = (0..n)
+            .map(|_| exponential(mean).as_secs_f64() * 1000.0)
+            .collect();
+        let avg = waits.iter().sum::<f64>() / n as f64;
+        assert!((avg - 100.0).abs() < 5.0, "mean wait {avg} ms");
+        // Memoryless: about e^-1 of the waits exceed the mean.
+        let over = waits.iter().filter(|w| **w > 100.0).count() as f64 / n as f64;
+        assert!((over - (-1f64).exp()).abs() < 0.02, "{over} over the mean");
     }
 }

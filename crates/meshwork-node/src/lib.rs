@@ -42,5 +42,14 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Microseconds since the Unix epoch: gossip arrival times, which the lab compares across the
+/// processes of one machine.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// The agent string sent in identify.
 pub const AGENT: &str = concat!("meshwork/", env!("CARGO_PKG_VERSION"));

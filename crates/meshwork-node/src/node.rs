@@ -223,7 +223,7 @@ pub(crate) enum Command {
     Partition(HashSet<PeerId>, oneshot::Sender<()>),
     GossipScore(PeerId, oneshot::Sender<Option<f64>>),
     Inject(Topic, Vec<u8>, oneshot::Sender<Result<(), String>>),
-    Seen(oneshot::Sender<Vec<(Vec<u8>, Topic, Instant)>>),
+    Seen(oneshot::Sender<Vec<Arrival>>),
     Mining(
         Option<ledger_service::MinerConfig>,
         oneshot::Sender<Result<(), NodeError>>,
@@ -340,9 +340,9 @@ impl NodeHandle {
         self.ask(|tx| Command::Mining(cfg, tx)).await?
     }
 
-    /// When this node first accepted (or itself published) each recent gossip message: message
-    /// id (BLAKE3 of the payload), topic and instant. The lab's propagation measurements.
-    pub async fn gossip_seen(&self) -> Result<Vec<(Vec<u8>, Topic, Instant)>, NodeError> {
+    /// When this node first accepted (or itself published) each recent gossip message, oldest
+    /// first, at most 4096. The lab's propagation measurements.
+    pub async fn gossip_seen(&self) -> Result<Vec<Arrival>, NodeError> {
         self.ask(Command::Seen).await
     }
 
@@ -449,13 +449,26 @@ struct Actor {
     miner: Option<Miner>,
     gens: Arc<Generations>,
     /// When recent gossip messages were first accepted or published here, oldest first.
-    seen: std::collections::VecDeque<(Vec<u8>, Topic, Instant)>,
+    seen: std::collections::VecDeque<Arrival>,
     /// Our own messages that found no peer to publish to yet (see `publish`).
     unbroadcast: std::collections::VecDeque<(Topic, Vec<u8>)>,
 }
 
 /// Recent gossip arrivals remembered for the lab, at most.
 const MAX_SEEN: usize = 4096;
+
+/// The first time this node accepted (or published) a gossip message.
+///
+/// The time is the wall clock, in microseconds since the Unix epoch, so that the arrivals of
+/// processes on one machine (the lab's network namespaces) can be compared: they share the
+/// clock. Across machines the figures are only as good as the clocks' agreement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// The message id: BLAKE3 of the payload, in hex.
+    pub id: String,
+    pub topic: Topic,
+    pub at_us: u64,
+}
 
 /// Own messages kept for a later publish, at most.
 const MAX_UNBROADCAST: usize = 1024;
@@ -580,6 +593,8 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         }
         None => Ledger::in_memory(cfg.chain.clone())?,
     };
+    let mut ledger = ledger;
+    ledger.set_refused(cfg.refuse_senders.clone());
     let status0 = ledger_service::status_of(&ledger);
     let locator0 = ledger.chain().locator();
     let gens = Arc::new(Generations::default());
@@ -1457,7 +1472,11 @@ impl Actor {
         if self.seen.len() >= MAX_SEEN {
             self.seen.pop_front();
         }
-        self.seen.push_back((id, topic, Instant::now()));
+        self.seen.push_back(Arrival {
+            id: hex::encode(id),
+            topic,
+            at_us: crate::unix_micros(),
+        });
     }
 
     fn retry_unbroadcast(&mut self) {

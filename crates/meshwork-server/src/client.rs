@@ -37,6 +37,13 @@ pub enum ClientError {
     Io(String, std::io::Error),
 }
 
+fn http(url: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
+    move |source| ClientError::Http {
+        url: url.to_string(),
+        source,
+    }
+}
+
 fn io(p: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     move |e| ClientError::Io(p.display().to_string(), e)
 }
@@ -79,14 +86,9 @@ pub async fn upload(base: &str, path: &Path) -> Result<ContentSummary, ClientErr
         .body(reqwest::Body::from(file))
         .send()
         .await
-        .map_err(|source| ClientError::Http {
-            url: url.clone(),
-            source,
-        })?;
+        .map_err(http(&url))?;
     let r = check(&url, r).await?;
-    r.json()
-        .await
-        .map_err(|source| ClientError::Http { url, source })
+    r.json().await.map_err(http(&url))
 }
 
 fn urlencode(s: &str) -> String {
@@ -108,15 +110,9 @@ pub async fn manifest(base: &str, id: &ContentId) -> Result<Manifest, ClientErro
         .get(&url)
         .send()
         .await
-        .map_err(|source| ClientError::Http {
-            url: url.clone(),
-            source,
-        })?;
+        .map_err(http(&url))?;
     let r = check(&url, r).await?;
-    let bytes = r.bytes().await.map_err(|source| ClientError::Http {
-        url: url.clone(),
-        source,
-    })?;
+    let bytes = r.bytes().await.map_err(http(&url))?;
     if bytes.len() > MAX_MANIFEST_BYTES {
         return Err(meshwork_swarm::manifest::ManifestError::TooLarge(bytes.len()).into());
     }
@@ -194,10 +190,7 @@ pub async fn download(
             .header(reqwest::header::RANGE, format!("bytes={start}-"))
             .send()
             .await
-            .map_err(|source| ClientError::Http {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(http(&url))?;
         let mut r = check(&url, r).await?;
         if start > 0 && r.status() != reqwest::StatusCode::PARTIAL_CONTENT {
             return Err(ClientError::Status {
@@ -215,12 +208,7 @@ pub async fn download(
             let chunk = match r.chunk().await {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
-                Err(source) => {
-                    return Err(ClientError::Http {
-                        url: url.clone(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(http(&url)(source)),
             };
             stats.received += chunk.len() as u64;
             let mut rest = &chunk[..];
@@ -268,4 +256,33 @@ pub async fn download(
     drop(f);
     std::fs::rename(&part, out).map_err(io(out))?;
     Ok(stats)
+}
+
+/// The longest wait of one long poll of [`follow`]; the server caps it at 30 s.
+const FOLLOW_WAIT: Duration = Duration::from_secs(25);
+
+/// Follows the server's transfer log: calls `each` with every entry after `after`, in order,
+/// as soon as the server has it (long polls of `GET /api/v1/log`), until `each` returns
+/// `false`. Returns the last sequence number seen, or the error that ended the subscription.
+pub async fn follow(
+    base: &str,
+    mut after: u64,
+    mut each: impl FnMut(crate::server::LogEntry) -> bool,
+) -> Result<u64, ClientError> {
+    let c = client(Some(FOLLOW_WAIT + Duration::from_secs(10)));
+    loop {
+        let url = format!(
+            "{base}/api/v1/log?after={after}&wait_ms={}",
+            FOLLOW_WAIT.as_millis()
+        );
+        let r = c.get(&url).send().await.map_err(http(&url))?;
+        let page: crate::server::LogPage =
+            check(&url, r).await?.json().await.map_err(http(&url))?;
+        for e in page.entries {
+            after = after.max(e.seq);
+            if !each(e) {
+                return Ok(after);
+            }
+        }
+    }
 }

@@ -20,6 +20,7 @@
 //! `GET /api/v1/status` reports counts, including the content bytes served (the origin's
 //! upload, for the lab).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +62,9 @@ pub struct ServerConfig {
     /// Caps the bytes per second of all content downloads together (the in-process lab's
     /// stand-in for a capped uplink; the netns lab caps the link with `tc` instead).
     pub upload_limit: Option<u64>,
+    /// Senders whose transfers the operator refuses (the server decides alone, for every
+    /// client).
+    pub refuse_senders: HashSet<Address>,
 }
 
 impl ServerConfig {
@@ -71,6 +75,7 @@ impl ServerConfig {
             piece_size: meshwork_swarm::manifest::DEFAULT_PIECE_SIZE,
             max_upload_bytes: 64 << 30,
             upload_limit: None,
+            refuse_senders: HashSet::new(),
         }
     }
 }
@@ -94,6 +99,9 @@ struct Inner {
     bytes_served: AtomicU64,
     /// The log length, for long polls.
     count: tokio::sync::watch::Sender<u64>,
+    /// Set by [`RunningServer::kill`]: downloads and long polls in flight end at once.
+    dying: tokio::sync::watch::Sender<bool>,
+    refused: HashSet<Address>,
     uploads: tokio::sync::Semaphore,
     limiter: Option<Limiter>,
 }
@@ -150,9 +158,19 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     shutdown: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    dying: tokio::sync::watch::Sender<bool>,
 }
 
 impl RunningServer {
+    /// A crash, as near as one process can stage it inside another (the lab's in-process
+    /// runner): downloads and long polls in flight are cut off at once instead of finishing,
+    /// and nothing new is accepted. The store is left as it is, which is what a crash leaves:
+    /// every acknowledged write is already durable.
+    pub async fn kill(self) {
+        self.dying.send_replace(true);
+        self.stop().await;
+    }
+
     /// Stops accepting, lets requests in flight finish (at most 5 s), closes the store.
     pub async fn stop(self) {
         let _ = self.shutdown.send(());
@@ -178,6 +196,7 @@ pub async fn start(listen: SocketAddr, cfg: ServerConfig) -> Result<RunningServe
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Io(listen.to_string(), e))?;
+    let dying = inner.dying.clone();
     let app = router(inner);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -195,6 +214,7 @@ pub async fn start(listen: SocketAddr, cfg: ServerConfig) -> Result<RunningServe
         addr,
         shutdown: tx,
         task,
+        dying,
     })
 }
 
@@ -221,6 +241,8 @@ fn open(cfg: &ServerConfig) -> Result<Shared, ServerError> {
         started: Instant::now(),
         bytes_served: AtomicU64::new(0),
         count: tokio::sync::watch::channel(count).0,
+        dying: tokio::sync::watch::channel(false).0,
+        refused: cfg.refuse_senders.clone(),
         uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
         limiter: cfg.upload_limit.filter(|r| *r > 0).map(|r| Limiter {
             rate: r as f64,
@@ -335,6 +357,9 @@ async fn submit_tx(State(s): State<Shared>, body: Option<Json<SubmitTx>>) -> Res
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, TxError::from(e)),
     };
+    if s.refused.contains(&t.transfer.from) {
+        return error(StatusCode::BAD_REQUEST, TxError::Refused(t.transfer.from));
+    }
     match blocking(&s, move |i| i.ledger.submit(&t)).await {
         Ok(r) => {
             s.count.send_replace(r.seq);
@@ -453,9 +478,13 @@ async fn log(State(s): State<Shared>, Query(p): Query<Page>) -> Response {
     let limit = p.limit.unwrap_or(MAX_PAGE).min(MAX_PAGE);
     if let Some(w) = p.wait_ms {
         let mut rx = s.count.subscribe();
+        let mut dying = s.dying.subscribe();
         let wait = Duration::from_millis(w).min(MAX_WAIT);
         // Answers at once when the log is already past `after`.
-        let _ = tokio::time::timeout(wait, rx.wait_for(|c| *c > after)).await;
+        tokio::select! {
+            _ = tokio::time::timeout(wait, rx.wait_for(|c| *c > after)) => {}
+            _ = dying.wait_for(|d| *d) => return error(StatusCode::SERVICE_UNAVAILABLE, "the server stopped"),
+        }
     }
     match blocking(&s, move |i| {
         Ok::<_, LedgerError>((i.ledger.log_after(after, limit)?, i.ledger.head()?.1))
@@ -606,6 +635,9 @@ async fn content_bytes(
         move |chunk| {
             let counter = counter.clone();
             async move {
+                if *counter.dying.borrow() {
+                    return Err(std::io::Error::other("the server stopped"));
+                }
                 if let Ok(c) = &chunk {
                     if let Some(l) = &counter.limiter {
                         let d = l.delay(c.len());

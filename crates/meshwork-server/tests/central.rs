@@ -163,3 +163,78 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
     srv.stop().await;
     Ok(())
 }
+
+/// The operator's refusal list: a refused sender's transfer is turned away with the reason,
+/// another sender's is accepted.
+#[tokio::test]
+async fn the_operator_refuses_the_senders_it_lists() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = ChainSpec::test("test-central-refuse");
+    let chain_id = genesis_block(&spec).hash();
+    let faucet = Wallet::from_secret(&DEV_FAUCET_SECRET);
+    let mut cfg = ServerConfig::new(&dir.path().join("server"), spec);
+    cfg.refuse_senders.insert(faucet.address());
+    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let base = format!("http://{}", srv.addr);
+    let (code, body) = post_tx(
+        &base,
+        &faucet.transfer(chain_id, Wallet::generate().address(), 5, 1, 0),
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("operator's policy"),
+        "{body}"
+    );
+    let status = get(&format!("{base}/api/v1/status")).await?;
+    assert_eq!(status["transactions"], 0, "nothing was recorded");
+    srv.stop().await;
+    Ok(())
+}
+
+/// A killed server cuts what is in flight at once: a download stops short (the client keeps
+/// only verified pieces) and a long poll is answered with an error, not left hanging.
+#[tokio::test]
+async fn a_killed_server_cuts_downloads_and_long_polls_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = ChainSpec::test("test-central-kill");
+    let mut cfg = ServerConfig::new(&dir.path().join("server"), spec);
+    cfg.piece_size = 16 << 10;
+    // 1 MiB/s: a 4 MiB download is still running when the server dies.
+    cfg.upload_limit = Some(1 << 20);
+    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let base = format!("http://{}", srv.addr);
+    let file = dir.path().join("f.bin");
+    std::fs::write(&file, vec![7u8; 4 << 20])?;
+    let sum = client::upload(&base, &file).await?;
+    let id = sum.id.parse()?;
+    let out = dir.path().join("copy.bin");
+    let download = {
+        let (base, out) = (base.clone(), out.clone());
+        tokio::spawn(async move { client::download(&base, &id, &out, |_, _| {}).await })
+    };
+    let poll = {
+        let url = format!("{base}/api/v1/log?after=0&wait_ms=25000");
+        tokio::spawn(async move { reqwest::get(&url).await.map(|r| r.status()) })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = std::time::Instant::now();
+    srv.kill().await;
+    let d = tokio::time::timeout(Duration::from_secs(5), download).await??;
+    assert!(d.is_err(), "the download cannot have completed");
+    assert!(!out.exists(), "no unverified file under the final name");
+    let p = tokio::time::timeout(Duration::from_secs(5), poll).await??;
+    assert!(
+        !matches!(p, Ok(s) if s.is_success()),
+        "the long poll was answered as if nothing happened: {p:?}"
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        killed.elapsed()
+    );
+    Ok(())
+}

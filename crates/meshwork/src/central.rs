@@ -9,16 +9,24 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use meshwork_node::config;
 use meshwork_server::client;
-use meshwork_server::server::{self, ServerConfig};
+use meshwork_server::server::{self, LogEntry, LogPage, ServerConfig, ServerStatus};
 
 use crate::{wallet, ClientArgs, Command, TxCommand};
 
-pub async fn server_start(
-    data_dir: Option<&Path>,
-    listen: SocketAddr,
-    network: &str,
-    spec: Option<&Path>,
-) -> Result<()> {
+pub struct ServerOptions<'a> {
+    pub listen: SocketAddr,
+    pub network: &'a str,
+    pub spec: Option<&'a Path>,
+    pub refuse: std::collections::HashSet<meshwork_ledger::Address>,
+}
+
+pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Result<()> {
+    let ServerOptions {
+        listen,
+        network,
+        spec,
+        refuse,
+    } = o;
     let dir = match data_dir {
         Some(d) => d.to_path_buf(),
         None => config::data_dir(None)?.join("server"),
@@ -30,7 +38,9 @@ pub async fn server_start(
             meshwork_ledger::ChainSpec::for_network(network)
         }
     };
-    let srv = server::start(listen, ServerConfig::new(&dir, spec))
+    let mut cfg = ServerConfig::new(&dir, spec);
+    cfg.refuse_senders = refuse;
+    let srv = server::start(listen, cfg)
         .await
         .with_context(|| format!("cannot start the server on {listen}"))?;
     println!("data dir    {}", dir.display());
@@ -112,11 +122,61 @@ pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()>
             client,
             ..
         } => fetch(&base, &target, out, client.json).await,
+        Command::Log {
+            after,
+            follow,
+            client,
+        } => log(&base, after, follow, client.json).await,
         _ => bail!(
-            "--server works with tx send, tx status, balance, share and fetch; \
+            "--server works with tx send, tx status, balance, share, fetch and log; \
              for the other commands, leave it out"
         ),
     }
+}
+
+/// Prints the server's log after `after` (by default the newest 20 entries, or from the end
+/// with `follow`), and with `follow` every later entry as it comes. JSON lines carry
+/// `seen_us`, when this client received the entry (µs since the Unix epoch).
+async fn log(base: &str, after: Option<u64>, follow: bool, json: bool) -> Result<()> {
+    let print = |e: LogEntry| -> Result<()> {
+        if json {
+            let mut v = serde_json::to_value(&e)?;
+            v["seen_us"] = meshwork_node::unix_micros().into();
+            println!("{v}");
+        } else {
+            println!(
+                "{:>8}  {}  {} -> {}  {} (fee {})",
+                e.seq, e.id, e.from, e.to, e.amount, e.fee
+            );
+        }
+        Ok(())
+    };
+    let after = match after {
+        Some(a) => a,
+        None => {
+            let (st, _): (ServerStatus, _) = crate::get(base, "/api/v1/status").await?;
+            if follow {
+                st.transactions
+            } else {
+                st.transactions.saturating_sub(20)
+            }
+        }
+    };
+    if !follow {
+        let (page, _): (LogPage, _) =
+            crate::get(base, &format!("/api/v1/log?after={after}")).await?;
+        return page.entries.into_iter().try_for_each(print);
+    }
+    let mut failed = None;
+    client::follow(base, after, |e| match print(e) {
+        Ok(()) => true,
+        Err(err) => {
+            failed = Some(err);
+            false
+        }
+    })
+    .await?;
+    failed.map_or(Ok(()), Err)
 }
 
 async fn fetch(base: &str, target: &str, out: Option<PathBuf>, json: bool) -> Result<()> {

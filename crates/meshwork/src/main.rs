@@ -16,6 +16,7 @@ use meshwork_proto::NetworkName;
 
 mod central;
 mod content;
+mod lab;
 mod wallet;
 
 #[derive(Parser)]
@@ -77,6 +78,18 @@ pub(crate) enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The server's transfer log (with --server): the newest entries, or, with --follow,
+    /// every new one as the server orders it (a long poll: the clients' subscription).
+    Log {
+        /// Start after this sequence number (default: the newest 20, or the end with --follow).
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
+        /// Keep printing entries as they come, until interrupted.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show a block by height or hash.
     Block {
         /// A height on the main chain, or a block hash.
@@ -131,7 +144,7 @@ pub(crate) enum Command {
     /// Lab measurements.
     Lab {
         #[command(subcommand)]
-        command: LabCommand,
+        command: lab::LabCommand,
     },
     /// Run a local demonstration network in this process.
     Demo {
@@ -191,144 +204,10 @@ enum ServerCommand {
         /// A JSON chain spec file instead of the network's built-in spec.
         #[arg(long, value_name = "FILE")]
         spec: Option<PathBuf>,
+        /// Refuse transfers from this sender (repeatable): the operator's policy.
+        #[arg(long, value_name = "ADDR")]
+        refuse: Vec<String>,
     },
-}
-
-#[derive(Subcommand)]
-enum LabCommand {
-    /// Run a scenario; writes SCENARIO.json, SCENARIO.md and SVG plots to --out.
-    Run(LabRunArgs),
-    /// The comparison table of client-server and peer-to-peer, from scenario results.
-    Report {
-        /// Directories holding scenario results (SCENARIO.json files).
-        #[arg(required = true)]
-        dirs: Vec<PathBuf>,
-    },
-    /// Remove namespaces and links left by netns runners that were killed (SIGKILL).
-    Clean,
-    /// Transactions and blocks through N in-process nodes: time to reach every node (p50,
-    /// p99) and copies received per node per message. Prints JSON.
-    Propagation {
-        #[arg(long, default_value_t = 100)]
-        nodes: usize,
-        #[arg(long, default_value_t = 30)]
-        txs: usize,
-        #[arg(long, default_value_t = 5)]
-        blocks: usize,
-        /// Milliseconds between transactions (blocks: four times this).
-        #[arg(long, default_value_t = 250)]
-        interval_ms: u64,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Seconds of quiet after the nodes connect, before the first message.
-        #[arg(long, default_value_t = 10)]
-        settle_secs: u64,
-    },
-    /// One file over one loopback connection: the content swarm (shared, fetched, verified,
-    /// written) against a raw libp2p stream copy between the same two nodes. Prints JSON.
-    Transfer {
-        #[arg(long, default_value_t = 1024)]
-        size_mib: u64,
-        #[arg(long, default_value_t = 256)]
-        piece_kib: u32,
-        /// Where to write the two files (default: a temporary directory).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-    },
-}
-
-#[derive(Args)]
-struct LabRunArgs {
-    /// distribution
-    scenario: String,
-    /// netns: real processes in network namespaces (needs root); inproc: one process.
-    #[arg(long, default_value = "netns")]
-    runner: meshwork_lab::scenario::RunnerKind,
-    /// The largest N; the scenario runs 1, 2, 4, ... up to it.
-    #[arg(long, default_value_t = 16)]
-    nodes: usize,
-    /// distribution: an explicit list of N instead of the doubling up to --nodes.
-    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
-    ns: Vec<usize>,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    #[arg(long, default_value = "lab-results", value_name = "DIR")]
-    out: PathBuf,
-    /// distribution: the file's size.
-    #[arg(long, default_value_t = 64)]
-    file_mib: u64,
-    /// distribution: every host's upload cap.
-    #[arg(long, default_value_t = 20.0)]
-    upload_mbps: f64,
-    /// distribution: every host's download cap (none by default).
-    #[arg(long)]
-    download_mbps: Option<f64>,
-}
-
-/// 1, 2, 4, ... up to `max`, and `max` itself.
-fn doubling(max: usize) -> Vec<usize> {
-    let mut v = vec![];
-    let mut n = 1;
-    while n < max {
-        v.push(n);
-        n *= 2;
-    }
-    v.push(max.max(1));
-    v
-}
-
-/// This program's path, for the processes the netns runner starts. Linux names a binary
-/// replaced on disk while it runs (a rebuild) "PATH (deleted)"; the new one is at PATH.
-fn this_binary() -> Result<PathBuf> {
-    let p = std::env::current_exe().context("cannot find this binary")?;
-    let s = p.to_string_lossy();
-    Ok(match s.strip_suffix(" (deleted)") {
-        Some(orig) => PathBuf::from(orig),
-        None => p,
-    })
-}
-
-async fn lab_run(a: LabRunArgs) -> Result<()> {
-    if a.runner == meshwork_lab::scenario::RunnerKind::Netns {
-        if let Some(why) = meshwork_lab::netns::unavailable() {
-            bail!("{why}");
-        }
-    }
-    let out = a.out.clone();
-    let scenario = a.scenario.clone();
-    let job = async {
-        match a.scenario.as_str() {
-            "distribution" => {
-                let mut o = meshwork_lab::distribution::DistOptions::new(a.runner, &a.out);
-                o.ns = if a.ns.is_empty() {
-                    doubling(a.nodes)
-                } else {
-                    a.ns.clone()
-                };
-                o.seed = a.seed;
-                o.file_mib = a.file_mib;
-                o.upload_mbps = a.upload_mbps;
-                o.download_mbps = a.download_mbps;
-                o.bin = Some(this_binary()?);
-                let (_, outputs) = meshwork_lab::distribution::run(o).await?;
-                Ok(outputs)
-            }
-            other => bail!("unknown scenario {other:?}; scenarios: distribution"),
-        }
-    };
-    // Dropping `job` on a signal drops its runners, whose teardown removes every namespace,
-    // link and process.
-    let outputs = tokio::select! {
-        r = job => r?,
-        r = wait_for_signal() => {
-            r?;
-            bail!("interrupted; the runner's namespaces, links and processes are removed");
-        }
-    };
-    let json = outputs.write(&out, &scenario)?;
-    println!("{}", outputs.markdown);
-    eprintln!("results in {}", json.display());
-    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -414,8 +293,8 @@ struct StartArgs {
     /// Where block rewards go; by default the key <data-dir>/miner.key (created if missing).
     #[arg(long, value_name = "ADDR", requires = "mine")]
     miner_address: Option<String>,
-    /// Lab: wait at least this many milliseconds between mined blocks (for difficulty-1 test
-    /// chains, where every hash wins).
+    /// Lab: the mean milliseconds between mined blocks, with exponentially distributed waits
+    /// as proof of work's (for difficulty-1 test chains, where every hash wins).
     #[arg(long, value_name = "MS", requires = "mine")]
     mine_pace_ms: Option<u64>,
 }
@@ -433,12 +312,20 @@ pub(crate) struct ClientArgs {
 fn main() {
     let cli = Cli::parse();
     // yamux warns about every connection whose peer hung up first ("Broken pipe"), which is
-    // routine at shutdown; RUST_LOG overrides this default.
+    // routine at shutdown. The demo and the lab run many nodes in this process and print
+    // their own results: their nodes' routine logs (blocks mined, gossipsub's complaints about
+    // restarted peers) would bury them. RUST_LOG overrides these defaults.
+    let quiet = matches!(cli.command, Command::Demo { .. } | Command::Lab { .. });
+    let default = if quiet {
+        "warn,yamux=error,libp2p_gossipsub=error"
+    } else {
+        "warn,yamux=error,meshwork_node=info"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,yamux=error,meshwork_node=info".into()),
+                .unwrap_or_else(|_| default.into()),
         )
         .init();
     let rt = match tokio::runtime::Runtime::new() {
@@ -528,69 +415,22 @@ async fn run(mut cli: Cli) -> Result<()> {
                     listen,
                     network,
                     spec,
+                    refuse,
                 },
         } => {
-            central::server_start(cli.data_dir.as_deref(), listen, &network, spec.as_deref()).await
+            let refuse = refuse
+                .iter()
+                .map(|a| a.parse().with_context(|| format!("--refuse {a}")))
+                .collect::<Result<_>>()?;
+            let opts = central::ServerOptions {
+                listen,
+                network: &network,
+                spec: spec.as_deref(),
+                refuse,
+            };
+            central::server_start(cli.data_dir.as_deref(), opts).await
         }
-        Command::Lab {
-            command: LabCommand::Run(args),
-        } => lab_run(args).await,
-        Command::Lab {
-            command: LabCommand::Report { dirs },
-        } => {
-            let r = meshwork_lab::report::build(&dirs)?;
-            println!("{}", r.markdown());
-            Ok(())
-        }
-        Command::Lab {
-            command: LabCommand::Clean,
-        } => {
-            for p in meshwork_lab::netns::clean_stale() {
-                println!("removed what runner {p} left");
-            }
-            Ok(())
-        }
-        Command::Lab {
-            command:
-                LabCommand::Propagation {
-                    nodes,
-                    txs,
-                    blocks,
-                    interval_ms,
-                    seed,
-                    settle_secs,
-                },
-        } => {
-            let report =
-                meshwork_lab::propagation::run(meshwork_lab::propagation::PropagationOptions {
-                    nodes,
-                    txs,
-                    blocks,
-                    interval: Duration::from_millis(interval_ms),
-                    seed,
-                    settle: Duration::from_secs(settle_secs),
-                })
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
-        }
-        Command::Lab {
-            command:
-                LabCommand::Transfer {
-                    size_mib,
-                    piece_kib,
-                    dir,
-                },
-        } => {
-            let report = meshwork_lab::transfer::run(meshwork_lab::transfer::TransferOptions {
-                size_mib,
-                piece_kib,
-                dir,
-            })
-            .await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
-        }
+        Command::Lab { command } => lab::run(command).await,
         Command::Key {
             command: KeyCommand::New { out },
         } => wallet::key_new(&out),
@@ -633,6 +473,10 @@ async fn run(mut cli: Cli) -> Result<()> {
             client,
         } => wallet::chain(cli.data_dir.as_deref(), client).await,
         Command::Block { id, client } => wallet::block(cli.data_dir.as_deref(), client, &id).await,
+        Command::Log { .. } => bail!(
+            "log is the transfer log of a server: use it with --server URL (a node's chain is \
+             `meshwork chain` and `meshwork block`)"
+        ),
         Command::Demo {
             nodes,
             topology,

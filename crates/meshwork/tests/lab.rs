@@ -25,19 +25,28 @@ fn ok(o: &Output) -> Result<String> {
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-fn check_svg(path: &Path) -> Result<()> {
+/// The plot is well-formed SVG; returns how many elements named `tag` it draws.
+fn check_svg(path: &Path, tag: &str) -> Result<usize> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let doc = roxmltree::Document::parse(&text)
         .with_context(|| format!("{}: not well-formed XML", path.display()))?;
     ensure!(doc.root_element().tag_name().name() == "svg");
-    ensure!(
-        doc.descendants()
-            .filter(|n| n.has_tag_name("polyline"))
-            .count()
-            == 4,
-        "two measured series and two bounds"
-    );
-    Ok(())
+    Ok(doc.descendants().filter(|n| n.has_tag_name(tag)).count())
+}
+
+fn json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The report's line for `aspect`.
+fn report_line(dir: &Path, aspect: &str) -> Result<String> {
+    let report = ok(&meshwork().args(["lab", "report"]).arg(dir).output()?)?;
+    report
+        .lines()
+        .find(|l| l.starts_with(&format!("| {aspect} |")))
+        .map(str::to_owned)
+        .with_context(|| format!("no {aspect} line in\n{report}"))
 }
 
 /// The in-process distribution scenario writes JSON, Markdown and a valid SVG; the report's
@@ -70,7 +79,10 @@ fn lab_report_reads_its_numbers_from_the_scenario_json() -> Result<()> {
         ensure!(r["client_server"]["verified"].as_u64() == Some(n));
         ensure!(r["swarm"]["verified"].as_u64() == Some(n));
     }
-    check_svg(&out.join("distribution.svg"))?;
+    ensure!(
+        check_svg(&out.join("distribution.svg"), "polyline")? == 4,
+        "two measured series and two bounds"
+    );
 
     let report = ok(&meshwork().args(["lab", "report"]).arg(&out).output()?)?;
     let cost = report
@@ -200,4 +212,122 @@ fn the_netns_runner_leaves_nothing_after_a_run_or_an_interrupt() -> Result<()> {
     let left = leftovers(pid, &marker);
     ensure!(left.is_empty(), "left after an interrupt: {left:?}");
     Ok(())
+}
+
+/// `failure`, in process: client-server service stops when the server crashes; with half the
+/// peers crashed, the swarm and the ledger go on. The report's failure cell is that run's.
+#[test]
+fn failure_the_server_is_a_single_point_and_half_the_peers_are_not() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("results");
+    let o = meshwork()
+        .args([
+            "lab", "run", "failure", "--runner", "inproc", "--nodes", "6",
+        ])
+        .args(["--file-mib", "4", "--secs", "5", "--out"])
+        .arg(&out)
+        .output()?;
+    ok(&o)?;
+    let r = json(&out.join("failure.json"))?;
+    let (cs, p2p) = (&r["client_server"], &r["peer_to_peer"]);
+    let n = |v: &Value| v.as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        n(&cs["before"]["all"]) > 0 && cs["before"]["ok"] == cs["before"]["all"],
+        "{cs}"
+    );
+    ensure!(
+        n(&cs["after"]["all"]) > 0 && n(&cs["after"]["ok"]) == 0,
+        "{cs}"
+    );
+    ensure!(cs["kept_after_restart"] == cs["acknowledged"], "{cs}");
+    ensure!(
+        p2p["crashed_users"].as_array().map(Vec::len) == Some(3),
+        "{p2p}"
+    );
+    ensure!(
+        n(&p2p["after"]["ok"]) * 100 >= 95 * n(&p2p["after"]["all"]) && n(&p2p["after"]["all"]) > 0,
+        "{p2p}"
+    );
+    ensure!(
+        n(&p2p["accepted_after"]) > 0 && p2p["confirmed_after"] == p2p["accepted_after"],
+        "{p2p}"
+    );
+    ensure!(n(&p2p["blocks_after"]) > 0, "{p2p}");
+    ensure!(
+        n(&p2p["downloads"]) > 0 && p2p["completed"] == p2p["downloads"],
+        "{p2p}"
+    );
+    ensure!(check_svg(&out.join("failure.svg"), "rect")? >= 4);
+    let line = report_line(&out, "failure risk")?;
+    let want = format!(
+        "{} of {} later transfers confirmed",
+        p2p["confirmed_after"], p2p["accepted_after"]
+    );
+    ensure!(line.contains(&want), "{line} lacks {want}");
+    Ok(())
+}
+
+/// `partition`: the swarm forks while apart, heals once the halves meet again, and loses no
+/// transfer; client-server, the half without the server is refused.
+fn partition_run(runner: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("results");
+    let o = meshwork()
+        .args([
+            "lab",
+            "run",
+            "partition",
+            "--runner",
+            runner,
+            "--nodes",
+            "6",
+        ])
+        .args(["--secs", "10", "--out"])
+        .arg(&out)
+        .output()?;
+    ok(&o)?;
+    let r = json(&out.join("partition.json"))?;
+    let (cs, p2p) = (&r["client_server"], &r["peer_to_peer"]);
+    let n = |v: &Value| v.as_u64().unwrap_or(u64::MAX);
+    let fork = &p2p["fork"];
+    let split = n(&fork["split_height"]);
+    ensure!(fork["appeared_secs"].is_f64(), "no fork appeared: {p2p}");
+    ensure!(
+        n(&fork["heights"][0]) > split && n(&fork["heights"][1]) > split,
+        "both halves grew: {p2p}"
+    );
+    ensure!(p2p["heal_secs"].is_f64(), "never healed: {p2p}");
+    ensure!(n(&p2p["accepted"]) > 0 && n(&p2p["lost"]) == 0, "{p2p}");
+    for half in 0..2 {
+        let d = &p2p["during"][half];
+        ensure!(
+            n(&d["all"]) > 0 && n(&d["ok"]) * 10 >= 9 * n(&d["all"]),
+            "{p2p}"
+        );
+    }
+    ensure!(cs["during"][0]["ok"] == cs["during"][0]["all"], "{cs}");
+    ensure!(
+        n(&cs["during"][1]["all"]) > 0 && n(&cs["during"][1]["ok"]) == 0,
+        "{cs}"
+    );
+    ensure!(n(&cs["lost"]) == 0 && cs["fork"].is_null(), "{cs}");
+    ensure!(check_svg(&out.join("partition.svg"), "rect")? >= 4);
+    let line = report_line(&out, "under a partition")?;
+    let want = format!("0 of {} accepted transfers lost", p2p["accepted"]);
+    ensure!(line.contains(&want), "{line} lacks {want}");
+    Ok(())
+}
+
+#[test]
+fn partition_in_process_forks_heals_and_loses_nothing() -> Result<()> {
+    partition_run("inproc")
+}
+
+#[test]
+fn partition_in_namespaces_forks_heals_and_loses_nothing() -> Result<()> {
+    if let Some(why) = meshwork_lab::netns::unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    partition_run("netns")
 }
