@@ -33,7 +33,7 @@ use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, W
 use futures::StreamExt;
 use libp2p::{kad, Multiaddr, PeerId, Stream, StreamProtocol};
 use meshwork_swarm::engine::{Engine, EngineConfig, EngineEvent, Progress};
-use meshwork_swarm::manifest::{Manifest, DEFAULT_PIECE_SIZE};
+use meshwork_swarm::manifest::{default_piece_size, Manifest};
 use meshwork_swarm::store::{journal_path, PieceStore};
 use meshwork_swarm::ticket::{Provider, Ticket};
 use meshwork_swarm::tracker_wire::{AnnounceRequest, AnnounceResponse, Event as TrackerEvent};
@@ -924,8 +924,18 @@ impl Service {
         }
         let events = self.events.clone();
         tokio::task::spawn_blocking(move || {
-            let opened = PieceStore::share(&req.path, req.piece_size.unwrap_or(DEFAULT_PIECE_SIZE))
-                .map_err(ContentError::from);
+            let opened = match req.piece_size {
+                Some(p) => Ok(p),
+                None => std::fs::metadata(&req.path)
+                    .map(|m| default_piece_size(m.len()))
+                    .map_err(|source| {
+                        ContentError::Store(meshwork_swarm::store::StoreError::Io {
+                            path: req.path.clone(),
+                            source,
+                        })
+                    }),
+            }
+            .and_then(|p| PieceStore::share(&req.path, p).map_err(ContentError::from));
             let _ = events.blocking_send(Event::Shared { req, opened, reply });
         });
     }

@@ -80,9 +80,12 @@ pub async fn upload(base: &str, path: &Path) -> Result<ContentSummary, ClientErr
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "content".into());
     let file = tokio::fs::File::open(path).await.map_err(io(path))?;
+    // The length lets the server cut the file as a node would (the same content id).
+    let len = file.metadata().await.map_err(io(path))?.len();
     let url = format!("{base}/api/v1/upload/{}", urlencode(&name));
     let r = client(None)
         .post(&url)
+        .header(reqwest::header::CONTENT_LENGTH, len)
         .body(reqwest::Body::from(file))
         .send()
         .await

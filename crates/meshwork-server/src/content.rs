@@ -51,7 +51,6 @@ store_err!(
 pub struct ContentStore {
     db: Arc<Database>,
     dir: PathBuf,
-    piece_size: u32,
     max_bytes: u64,
 }
 
@@ -60,7 +59,6 @@ impl ContentStore {
     pub fn open(
         db: Arc<Database>,
         dir: &Path,
-        piece_size: u32,
         max_bytes: u64,
     ) -> Result<ContentStore, ContentError> {
         std::fs::create_dir_all(dir).map_err(|e| ContentError::Io(dir.display().to_string(), e))?;
@@ -70,7 +68,6 @@ impl ContentStore {
         let s = ContentStore {
             db,
             dir: dir.to_path_buf(),
-            piece_size,
             max_bytes,
         };
         let entries =
@@ -118,7 +115,9 @@ impl ContentStore {
     }
 
     /// Starts an upload of a file called `name` (checked like a manifest's name).
-    pub fn begin(&self, name: &str) -> Result<Upload, ContentError> {
+    /// Starts an upload named `name`, cut into pieces of `piece_size` (a power of two the
+    /// manifest accepts).
+    pub fn begin(&self, name: &str, piece_size: u32) -> Result<Upload, ContentError> {
         if name.is_empty()
             || name.len() > MAX_NAME_BYTES
             || name.contains(['/', '\\', '\0'])
@@ -134,7 +133,7 @@ impl ContentStore {
             tmp,
             file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
             name: name.to_string(),
-            piece_size: self.piece_size,
+            piece_size,
             max_bytes: self.max_bytes,
             hasher: blake3::Hasher::new(),
             in_piece: 0,
@@ -253,9 +252,8 @@ mod tests {
         let want = Manifest::from_file(&src, 16 << 10).unwrap();
 
         let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
-        let store =
-            ContentStore::open(db.clone(), &dir.path().join("c"), 16 << 10, 1 << 20).unwrap();
-        let mut up = store.begin("f.bin").unwrap();
+        let store = ContentStore::open(db.clone(), &dir.path().join("c"), 1 << 20).unwrap();
+        let mut up = store.begin("f.bin", 16 << 10).unwrap();
         for c in data.chunks(3000) {
             up.write(c).unwrap();
         }
@@ -263,17 +261,17 @@ mod tests {
         assert_eq!(m, want);
         assert_eq!(id, want.id());
         // An abandoned upload leaves nothing behind.
-        let mut up = store.begin("g.bin").unwrap();
+        let mut up = store.begin("g.bin", 16 << 10).unwrap();
         up.write(b"partial").unwrap();
         drop(up);
         drop(store);
         std::fs::write(dir.path().join("c").join("tmp-crash"), b"x").unwrap();
-        let store = ContentStore::open(db, &dir.path().join("c"), 16 << 10, 1 << 20).unwrap();
+        let store = ContentStore::open(db, &dir.path().join("c"), 1 << 20).unwrap();
         assert_eq!(store.manifest(&id).unwrap(), Some(want));
         assert_eq!(std::fs::read(store.path(&id)).unwrap(), data);
         assert_eq!(std::fs::read_dir(dir.path().join("c")).unwrap().count(), 1);
-        assert!(store.begin("../x").is_err());
-        let mut up = store.begin("big").unwrap();
+        assert!(store.begin("../x", 16 << 10).is_err());
+        let mut up = store.begin("big", 16 << 10).unwrap();
         assert!(matches!(
             up.write(&vec![0u8; (1 << 20) + 1]),
             Err(ContentError::TooLarge(_))

@@ -56,7 +56,10 @@ const READ_CHUNK: usize = 64 << 10;
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub spec: ChainSpec,
-    pub piece_size: u32,
+    /// The piece size of uploads; `None`: the swarm's default for the upload's length (from
+    /// its `Content-Length`, so that a file gets the same content id here as when a node
+    /// shares it), or 256 KiB when the length is not given.
+    pub piece_size: Option<u32>,
     /// The largest upload accepted.
     pub max_upload_bytes: u64,
     /// Caps the bytes per second of all content downloads together (the in-process lab's
@@ -72,7 +75,7 @@ impl ServerConfig {
         ServerConfig {
             data_dir: data_dir.to_path_buf(),
             spec,
-            piece_size: meshwork_swarm::manifest::DEFAULT_PIECE_SIZE,
+            piece_size: None,
             max_upload_bytes: 64 << 30,
             upload_limit: None,
             refuse_senders: HashSet::new(),
@@ -99,6 +102,7 @@ struct Inner {
     bytes_served: AtomicU64,
     /// The log length, for long polls.
     count: tokio::sync::watch::Sender<u64>,
+    piece_size: Option<u32>,
     /// Set by [`RunningServer::kill`]: downloads and long polls in flight end at once.
     dying: tokio::sync::watch::Sender<bool>,
     refused: HashSet<Address>,
@@ -228,12 +232,7 @@ fn open(cfg: &ServerConfig) -> Result<Shared, ServerError> {
     })?;
     let db = Arc::new(db);
     let ledger = CentralLedger::open(db.clone(), cfg.spec.clone())?;
-    let content = ContentStore::open(
-        db,
-        &cfg.data_dir.join("content"),
-        cfg.piece_size,
-        cfg.max_upload_bytes,
-    )?;
+    let content = ContentStore::open(db, &cfg.data_dir.join("content"), cfg.max_upload_bytes)?;
     let (_, count) = ledger.head()?;
     Ok(Arc::new(Inner {
         ledger,
@@ -243,6 +242,7 @@ fn open(cfg: &ServerConfig) -> Result<Shared, ServerError> {
         count: tokio::sync::watch::channel(count).0,
         dying: tokio::sync::watch::channel(false).0,
         refused: cfg.refuse_senders.clone(),
+        piece_size: cfg.piece_size,
         uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
         limiter: cfg.upload_limit.filter(|r| *r > 0).map(|r| Limiter {
             rate: r as f64,
@@ -668,14 +668,26 @@ async fn content_bytes(
         .unwrap_or_else(internal)
 }
 
-async fn upload(State(s): State<Shared>, Path(name): Path<String>, body: Body) -> Response {
+async fn upload(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let Ok(_permit) = s.uploads.try_acquire() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{MAX_UPLOADS} uploads are in progress; try again"),
         );
     };
-    let up = match s.content.begin(&name) {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let piece_size = s.piece_size.unwrap_or(match length {
+        Some(len) => meshwork_swarm::manifest::default_piece_size(len),
+        None => meshwork_swarm::manifest::DEFAULT_PIECE_SIZE,
+    });
+    let up = match s.content.begin(&name, piece_size) {
         Ok(u) => u,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };

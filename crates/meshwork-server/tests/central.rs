@@ -29,7 +29,7 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
     let spec = ChainSpec::test("test-central-http");
     let chain_id = genesis_block(&spec).hash();
     let cfg = ServerConfig {
-        piece_size: 16 << 10,
+        piece_size: Some(16 << 10),
         ..ServerConfig::new(&dir.path().join("server"), spec.clone())
     };
     let srv = server::start("127.0.0.1:0".parse()?, cfg.clone()).await?;
@@ -202,7 +202,7 @@ async fn a_killed_server_cuts_downloads_and_long_polls_at_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let spec = ChainSpec::test("test-central-kill");
     let mut cfg = ServerConfig::new(&dir.path().join("server"), spec);
-    cfg.piece_size = 16 << 10;
+    cfg.piece_size = Some(16 << 10);
     // 1 MiB/s: a 4 MiB download is still running when the server dies.
     cfg.upload_limit = Some(1 << 20);
     let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
@@ -236,5 +236,34 @@ async fn a_killed_server_cuts_downloads_and_long_polls_at_once() -> Result<()> {
         "{:?}",
         killed.elapsed()
     );
+    Ok(())
+}
+
+/// Without a configured piece size, an upload is cut as a node's `share` cuts it (the swarm's
+/// default for its length), so one file has one content id in both architectures.
+#[tokio::test]
+async fn an_upload_gets_the_content_id_a_node_would_give_it() -> Result<()> {
+    use meshwork_swarm::manifest::{default_piece_size, Manifest};
+    let dir = tempfile::tempdir()?;
+    let cfg = ServerConfig::new(
+        &dir.path().join("server"),
+        ChainSpec::test("test-central-ids"),
+    );
+    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let base = format!("http://{}", srv.addr);
+    let file = dir.path().join("three.bin");
+    let len = 3 << 20;
+    std::fs::write(
+        &file,
+        (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
+    )?;
+    let sum = client::upload(&base, &file).await?;
+    let want = Manifest::from_file(&file, default_piece_size(len as u64))?;
+    assert_eq!(sum.id, want.id().to_string());
+    assert_ne!(
+        default_piece_size(len as u64),
+        meshwork_swarm::manifest::DEFAULT_PIECE_SIZE
+    );
+    srv.stop().await;
     Ok(())
 }

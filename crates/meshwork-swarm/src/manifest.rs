@@ -13,8 +13,30 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// The default piece size: 256 KiB.
+/// The piece size when the length is not known in advance: 256 KiB.
 pub const DEFAULT_PIECE_SIZE: u32 = 256 << 10;
+/// Default piece sizes aim at this many pieces...
+pub const TARGET_PIECES: u64 = 1024;
+/// ...up to this size; a larger content gets more pieces.
+pub const MAX_DEFAULT_PIECE_SIZE: u32 = 4 << 20;
+
+/// The default piece size for `len` bytes: the smallest power of two from 16 KiB that cuts it
+/// into at most [`TARGET_PIECES`] pieces, capped at [`MAX_DEFAULT_PIECE_SIZE`] (64 MiB: 64 KiB;
+/// 1 GiB: 1 MiB).
+///
+/// Why about a thousand pieces: a piece is passed on only once it is complete, so the pieces
+/// that reach the swarm last are each held by one peer while everyone else waits for them.
+/// Smaller pieces shorten that tail; more pieces cost more announcements and requests, which
+/// the origin answers (and acknowledges) for every peer. Measured with `meshwork lab run
+/// distribution` (64 MiB, 16 peers, 20 Mbit/s): 256 KiB pieces 1.19x the bound, 128 KiB 1.18x,
+/// 64 KiB 1.14x, 32 KiB 1.15x with 8 % of the origin's link spent on overhead.
+pub fn default_piece_size(len: u64) -> u32 {
+    let mut p = MIN_PIECE_SIZE;
+    while p < MAX_DEFAULT_PIECE_SIZE && len.div_ceil(p as u64) > TARGET_PIECES {
+        p *= 2;
+    }
+    p
+}
 /// Piece sizes accepted: powers of two from 16 KiB to 16 MiB.
 pub const MIN_PIECE_SIZE: u32 = 16 << 10;
 pub const MAX_PIECE_SIZE: u32 = 16 << 20;
@@ -294,6 +316,24 @@ mod tests {
             ),
             Err(ManifestError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn default_piece_sizes_aim_at_a_thousand_pieces() {
+        assert_eq!(default_piece_size(0), MIN_PIECE_SIZE);
+        assert_eq!(
+            default_piece_size(8 << 20),
+            16 << 10,
+            "512 pieces of the smallest size"
+        );
+        assert_eq!(default_piece_size(64 << 20), 64 << 10);
+        assert_eq!(default_piece_size((64 << 20) + 1), 128 << 10);
+        assert_eq!(default_piece_size(1 << 30), 1 << 20);
+        assert_eq!(default_piece_size(1 << 40), MAX_DEFAULT_PIECE_SIZE);
+        for len in [1u64, 1 << 20, 3 << 30] {
+            let p = default_piece_size(len);
+            assert!(p.is_power_of_two() && (MIN_PIECE_SIZE..=MAX_PIECE_SIZE).contains(&p));
+        }
     }
 
     #[test]

@@ -85,6 +85,10 @@ pub(crate) struct LabRunArgs {
     /// distribution: every host's download cap (none by default).
     #[arg(long)]
     download_mbps: Option<f64>,
+    /// distribution: the piece size in KiB (default: the swarm's default for the file's size,
+    /// about a thousand pieces).
+    #[arg(long)]
+    piece_kib: Option<u32>,
     /// failure, churn, partition: milliseconds between two transfers of one client;
     /// propagation: between two transfers (blocks: four times this).
     #[arg(long)]
@@ -227,6 +231,7 @@ async fn scenario(a: &LabRunArgs) -> Result<Outputs> {
             o.file_mib = a.file_mib.unwrap_or(64);
             o.upload_mbps = a.upload_mbps;
             o.download_mbps = a.download_mbps;
+            o.piece_kib = a.piece_kib;
             o.bin = bin;
             meshwork_lab::distribution::run(o).await?.1
         }
