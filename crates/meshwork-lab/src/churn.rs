@@ -122,7 +122,7 @@ async fn drive(o: &ChurnOptions, bed: &mut Bed, file: &Path) -> Result<ArchChurn
     let n = bed.users();
     let arch = bed.arch;
     users_at_work(bed, 2, o.block_interval, o.interval).await?;
-    let target = bed.publish(file, 256 << 10, false).await?;
+    let target = bed.publish(file, false).await?;
     // User 0 stays: the origin peer to peer, a client like the others client-server.
     let churners: Vec<usize> = (1..n).collect();
     let t0 = Instant::now();

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::netns::{Caps, NetnsRunner, ProcId};
 use crate::scenario::{Outputs, RunnerKind};
 use crate::svg::{line_chart, Series};
+use crate::testbed::Arch;
 
 const NETWORK: &str = "meshwork-lab";
 const SERVER_PORT: u16 = 8080;
@@ -333,11 +334,17 @@ async fn netns_all(
     };
     let mut swarm = vec![];
     for &n in &o.ns {
-        swarm.push(swarm_netns(o, &bin, caps, n, file, want).await?);
+        let r = swarm_netns(o, &bin, caps, n, file, want).await?;
+        progress(o, Arch::PeerToPeer, n, &r.0);
+        swarm.push(r);
     }
-    let cs =
-        futures::future::try_join_all(o.ns.iter().map(|&n| cs_netns(o, &bin, caps, n, file, want)))
-            .await?;
+    let bin = &bin;
+    let cs = futures::future::try_join_all(o.ns.iter().map(|&n| async move {
+        let r = cs_netns(o, bin, caps, n, file, want).await?;
+        progress(o, Arch::ClientServer, n, &r.0);
+        Ok::<_, anyhow::Error>(r)
+    }))
+    .await?;
     let mut res_cs = vec![];
     for (r, ov) in cs.into_iter().chain(swarm.iter().cloned()) {
         if ov.setup_hosts > overhead.setup_hosts {
@@ -372,21 +379,13 @@ async fn http_json(
     Ok(v)
 }
 
-/// Polls `url` until it answers, failing early if `proc` exits.
-async fn wait_up(r: &mut NetnsRunner, proc: ProcId, url: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if http_json(reqwest::Method::GET, url, None).await.is_ok() {
-            return Ok(());
-        }
-        if let Some(st) = r.exited(proc)? {
-            bail!("process exited ({st}) before answering:\n{}", r.log(proc));
-        }
-        if Instant::now() >= deadline {
-            bail!("{url} did not answer within {timeout:?}:\n{}", r.log(proc));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Waits until the process `proc` answers at `addr`, failing early if it exits.
+async fn wait_up(r: &mut NetnsRunner, proc: ProcId, addr: &str, timeout: Duration) -> Result<()> {
+    crate::api::wait_up(&crate::api::Api::new(addr), timeout, || {
+        Ok(r.exited(proc)?
+            .map(|st| format!("the process exited ({st}):\n{}", r.log(proc))))
+    })
+    .await
 }
 
 fn deadline_for(o: &DistOptions, n: usize) -> Duration {
@@ -404,6 +403,8 @@ async fn cs_netns(
     want: blake3::Hash,
 ) -> Result<(ArchResult, Overhead)> {
     let dir = o.out.join("work").join(format!("cs-{n}"));
+    // A case starts clean: an earlier run's data directories (identities) would refuse init.
+    let _ = std::fs::remove_dir_all(&dir);
     let mut r = NetnsRunner::new(bin, &dir, &vec![caps; n + 1])?;
     let mut ov = Overhead {
         setup_secs: r.setup_time.as_secs_f64(),
@@ -426,13 +427,7 @@ async fn cs_netns(
             NETWORK.into(),
         ],
     )?;
-    wait_up(
-        &mut r,
-        srv,
-        &format!("{base}/api/v1/status"),
-        Duration::from_secs(30),
-    )
-    .await?;
+    wait_up(&mut r, srv, &base, Duration::from_secs(30)).await?;
     let sum = meshwork_server::client::upload(&base, file).await?;
     let served0 = http_json(reqwest::Method::GET, &format!("{base}/api/v1/status"), None).await?
         ["bytes_served"]
@@ -510,6 +505,8 @@ async fn swarm_netns(
     want: blake3::Hash,
 ) -> Result<(ArchResult, Overhead)> {
     let dir = o.out.join("work").join(format!("swarm-{n}"));
+    // A case starts clean: an earlier run's data directories (identities) would refuse init.
+    let _ = std::fs::remove_dir_all(&dir);
     let mut r = NetnsRunner::new(bin, &dir, &vec![caps; n + 1])?;
     let mut ov = Overhead {
         setup_secs: r.setup_time.as_secs_f64(),
@@ -562,8 +559,8 @@ async fn swarm_netns(
         nodes.push(r.spawn(i, "node", &args)?);
     }
     for (i, &node) in nodes.iter().enumerate() {
-        let url = format!("http://{}:{API_PORT}/api/v1/status", r.ip(i));
-        wait_up(&mut r, node, &url, Duration::from_secs(60)).await?;
+        let addr = format!("{}:{API_PORT}", r.ip(i));
+        wait_up(&mut r, node, &addr, Duration::from_secs(60)).await?;
     }
     let api = |i: usize| format!("http://{}:{API_PORT}/api/v1", r.ip(i));
     let shared = http_json(
@@ -657,10 +654,35 @@ async fn inproc_all(
     let mut first = o.first_index;
     for &n in &o.ns {
         cs.push(cs_inproc(o, n, file, want).await?);
+        progress(o, Arch::ClientServer, n, &cs[cs.len() - 1]);
         swarm.push(swarm_inproc(o, n, first, file, want).await?);
+        progress(o, Arch::PeerToPeer, n, &swarm[swarm.len() - 1]);
         first += n + 1;
     }
     Ok((cs, swarm))
+}
+
+/// One line on stderr per finished case: a full run takes ten minutes, and whoever watches
+/// it sees each figure as it comes.
+fn progress(o: &DistOptions, arch: Arch, n: usize, r: &ArchResult) {
+    let f = (o.file_mib << 20) as f64;
+    let (bcs, bp2p) = bounds(
+        n,
+        f * 8.0,
+        o.upload_mbps * 1e6,
+        o.download_mbps.map(|d| d * 1e6),
+    );
+    let bound = match arch {
+        Arch::ClientServer => bcs,
+        Arch::PeerToPeer => bp2p,
+    };
+    eprintln!(
+        "distribution: {arch} N={n}: {:.1} s, {:.3}× the bound ({bound:.1} s), origin uploaded {:.2} copies, {} of {n} verified",
+        r.secs,
+        r.secs / bound,
+        r.origin_bytes as f64 / f,
+        r.verified
+    );
 }
 
 async fn cs_inproc(
@@ -720,6 +742,7 @@ async fn swarm_inproc(
 ) -> Result<ArchResult> {
     use meshwork_node::content::{FetchRequest, ShareRequest, State};
     let dir = o.out.join("work").join(format!("swarm-{n}"));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let limit = (o.upload_mbps * 1e6 / 8.0) as u64;
     let h = crate::HarnessBuilder::new("test-lab-dist")?

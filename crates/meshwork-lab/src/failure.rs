@@ -132,7 +132,7 @@ async fn drive(o: &FailureOptions, bed: &mut Bed, file: &Path) -> Result<ArchFai
     let arch = bed.arch;
     let all: Vec<usize> = (0..n).collect();
     users_at_work(bed, 2, o.block_interval, o.interval).await?;
-    let target = bed.publish(file, 256 << 10, false).await?;
+    let target = bed.publish(file, false).await?;
     // User 0 is the origin peer to peer; client-server every user downloads.
     let downloaders: Vec<usize> = match arch {
         Arch::PeerToPeer => (1..n).collect(),

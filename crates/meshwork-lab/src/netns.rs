@@ -4,11 +4,18 @@
 //!
 //! Layout of a runner with prefix `P` (unique per runner: `mwl` + 4 hex digits of the pid +
 //! a counter, so that every name fits Linux's 15-byte interface names):
-//! - bridge `Pbr` in the root namespace, address 10.S.255.254/16 (the runner's control path);
-//! - host i: namespace `Phi`, veth `Pai` (bridge side) ↔ `Pbi` (host side, 10.S.x.y/16).
+//! - bridge `Pbr` in the root namespace, address 10.0.S.254/32 (the runner's control path),
+//!   and one /32 route per host through it;
+//! - host i: namespace `Phi`, veth `Pai` (bridge side) ↔ `Pbi` (host side), address
+//!   10.G.S.y with G = 1 + i mod 250 and y = 2 + i / 250, on-link for all of 10/8.
 //!
-//! `S` (100..=227) differs between the runners of one process, and usually between processes,
-//! because the root namespace routes to each runner's subnet through that runner's bridge.
+//! Each of the first 250 hosts is in an address group (IPv4 /16) of its own, as peers on the
+//! Internet are: the node keeps its outbound connections in distinct groups (a defence
+//! against eclipse), so on one shared /16 every node would make a single outbound connection
+//! and a hundred-node network would hang together by a thread. `S` (100..=227), the third
+//! octet, differs between the runners of one process, and usually between processes: the
+//! root namespace routes each host's /32 through its runner's bridge, and hosts of different
+//! runners sit on different bridges, so they never meet.
 //!
 //! Faults: [`NetnsRunner::cut`] takes a host's link down (the host is alone); a
 //! [`NetnsRunner::partition`] splits the hosts into groups with blackhole routes inside each
@@ -68,7 +75,7 @@ pub struct NetnsRunner {
     hosts: Vec<Host>,
     procs: Vec<Proc>,
     bridge: String,
-    /// The second octet of every address of this runner.
+    /// The third octet of every address of this runner.
     subnet: u8,
     torn_down: bool,
     /// (host, blocked host) pairs of the current partition.
@@ -122,8 +129,73 @@ fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
+/// Makes room in the kernel's ARP table for `hosts` hosts that each talk to all the others.
+///
+/// The table is one for the whole machine, namespaces included, with a hard limit
+/// (`gc_thresh3`, 1024 by default) on its entries. A hundred hosts that each hold thirty-odd
+/// connections need thousands: past the limit, new neighbours are refused ("neighbor table
+/// overflow") and dials fail as if the peers were down. The limits are only ever raised,
+/// never restored: another runner may be using them, and a larger table costs nothing
+/// until it is used.
+fn neighbour_room(hosts: usize) -> Result<()> {
+    const DIR: &str = "/proc/sys/net/ipv4/neigh/default";
+    let need = (hosts * hosts + 1024) as u64;
+    for (name, want) in [("gc_thresh2", need), ("gc_thresh3", 2 * need)] {
+        let path = Path::new(DIR).join(name);
+        let now: u64 = std::fs::read_to_string(&path)
+            .with_context(|| path.display().to_string())?
+            .trim()
+            .parse()
+            .with_context(|| path.display().to_string())?;
+        if now < want {
+            std::fs::write(&path, want.to_string())
+                .with_context(|| format!("cannot raise {}", path.display()))?;
+            tracing::info!(%name, from = now, to = want, "raised the ARP table's limit");
+        }
+    }
+    Ok(())
+}
+
+/// Runs `ip [-n NS] -batch -` on `script` (one command per line): one process for many
+/// commands.
+fn ip_batch(ns: Option<&str>, script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run ip")?;
+    child
+        .stdin
+        .take()
+        .context("ip's stdin")?
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "ip{} -batch ({} commands) failed: {}",
+            ns.map_or(String::new(), |n| format!(" -n {n}")),
+            script.lines().count(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Host `i` of the runner with third octet `subnet`: see the module's layout.
 fn host_ip(subnet: u8, i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, subnet, (i / 250) as u8, (i % 250 + 2) as u8)
+    Ipv4Addr::new(10, (1 + i % 250) as u8, subnet, (2 + i / 250) as u8)
+}
+
+/// The bridge's address in the root namespace: group 0 is never a host's.
+fn control_ip(subnet: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, subnet, 254)
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -226,6 +298,7 @@ impl NetnsRunner {
             bail!("at most {} hosts", 250 * 250);
         }
         clean_stale();
+        neighbour_room(caps.len())?;
         let started = Instant::now();
         let k = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!(
@@ -264,9 +337,20 @@ impl NetnsRunner {
     fn build(&mut self, caps: &[Caps]) -> Result<()> {
         let br = self.bridge.clone();
         ip(&["link", "add", &br, "type", "bridge"])?;
-        let control = Ipv4Addr::new(10, self.subnet, 255, 254);
-        ip(&["addr", "add", &format!("{control}/16"), "dev", &br])?;
+        let control = control_ip(self.subnet);
+        ip(&["addr", "add", &format!("{control}/32"), "dev", &br])?;
         ip(&["link", "set", &br, "up"])?;
+        // The root namespace's routes to the hosts, one /32 each, all in one batch; they go
+        // with the bridge.
+        let routes: String = (0..caps.len())
+            .map(|i| {
+                format!(
+                    "route add {}/32 dev {br} src {control}\n",
+                    host_ip(self.subnet, i)
+                )
+            })
+            .collect();
+        ip_batch(None, &routes)?;
         for (i, c) in caps.iter().enumerate() {
             let h = Host {
                 ns: format!("{}h{i}", self.prefix),
@@ -295,7 +379,7 @@ impl NetnsRunner {
                 &h.ns,
                 "addr",
                 "add",
-                &format!("{}/16", h.ip),
+                &format!("{}/8", h.ip),
                 "dev",
                 &h.veth_host,
             ])?;
@@ -480,7 +564,6 @@ impl NetnsRunner {
 
     /// Adds or deletes blackhole routes in host `h` to `to`, in one `ip -batch`.
     fn routes(&self, h: usize, verb: &str, to: &[usize]) -> Result<()> {
-        use std::io::Write;
         if to.is_empty() {
             return Ok(());
         }
@@ -488,28 +571,7 @@ impl NetnsRunner {
             .iter()
             .map(|&o| format!("route {verb} blackhole {}/32\n", self.hosts[o].ip))
             .collect();
-        let mut child = Command::new("ip")
-            .args(["-n", &self.hosts[h].ns, "-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot run ip")?;
-        child
-            .stdin
-            .take()
-            .context("ip's stdin")?
-            .write_all(script.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "ip -n {} -batch ({verb} {} routes) failed: {}",
-                self.hosts[h].ns,
-                to.len(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        ip_batch(Some(&self.hosts[h].ns), &script)
     }
 
     /// Bytes host `host` has sent on its link (headers included).

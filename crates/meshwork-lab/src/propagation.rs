@@ -77,6 +77,9 @@ pub struct ArchPropagation {
     pub arch: Arch,
     /// Seconds to build the hosts and start the nodes (or server), connected.
     pub setup_secs: f64,
+    /// netns: of which building the hosts (namespaces, veths, `tc` caps).
+    #[serde(default)]
+    pub hosts_setup_secs: Option<f64>,
     pub teardown_secs: f64,
     /// Once settled: the lab process's CPU (% of a core) and the whole machine's (cores).
     #[serde(deserialize_with = "crate::scenario::nan_if_null")]
@@ -197,6 +200,7 @@ async fn drive(o: &PropagationOptions, bed: &mut Bed) -> Result<ArchPropagation>
     let mut r = ArchPropagation {
         arch,
         setup_secs,
+        hosts_setup_secs: bed.hosts_setup().map(|d| d.as_secs_f64()),
         teardown_secs: 0.0,
         idle_runner_cpu_pct: runner_cpu.unwrap_or(f64::NAN) * 100.0,
         idle_machine_cores: machine.unwrap_or(f64::NAN),
@@ -333,8 +337,14 @@ fn outputs(r: &PropagationReport) -> Result<Outputs> {
     for a in [&r.client_server, &r.peer_to_peer] {
         writeln!(
             md,
-            "{}: set up in {:.1} s, torn down in {:.1} s; settled, the runner used {:.1} % of a core and the machine {:.2} cores.",
-            a.arch, a.setup_secs, a.teardown_secs, a.idle_runner_cpu_pct, a.idle_machine_cores
+            "{}: set up in {:.1} s{}, torn down in {:.1} s; settled, the runner used {:.1} % of a core and the machine {:.2} cores.",
+            a.arch,
+            a.setup_secs,
+            a.hosts_setup_secs
+                .map_or(String::new(), |h| format!(" (the hosts alone {h:.1} s)")),
+            a.teardown_secs,
+            a.idle_runner_cpu_pct,
+            a.idle_machine_cores
         )?;
     }
     let mut cats = vec![

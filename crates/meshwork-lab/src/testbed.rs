@@ -45,7 +45,8 @@ pub const NETWORK: &str = "test-lab";
 const NODE_PORT: u16 = 4001;
 const API_PORT: u16 = 8081;
 const SERVER_PORT: u16 = 8080;
-/// How long a node or server gets to answer after it starts.
+/// How long a node or server gets to answer after it starts, plus a second per user (a
+/// hundred processes starting at once share two cores).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,17 +253,17 @@ impl Bed {
         self.o.users
     }
 
+    /// netns: how long building the hosts took (namespaces, veths, caps), services aside.
+    pub fn hosts_setup(&self) -> Option<Duration> {
+        self.net.as_ref().map(|n| n.setup_time)
+    }
+
     pub fn is_up(&self, u: usize) -> bool {
         self.up[u]
     }
 
     pub fn up_users(&self) -> Vec<usize> {
         (0..self.users()).filter(|u| self.up[*u]).collect()
-    }
-
-    /// The netns runner (for link statistics), if this bed runs on one.
-    pub fn netns(&self) -> Option<&NetnsRunner> {
-        self.net.as_ref()
     }
 
     /// The service user `u` talks to: its own node, or the server.
@@ -345,12 +346,13 @@ impl Bed {
 
     async fn wait_server(&mut self) -> Result<()> {
         let api = self.server().clone();
+        let timeout = self.start_timeout();
         match self.server {
             Some(Server::Netns(p)) => {
                 let net = self.net.as_mut().expect("netns");
-                wait_up(&api, START_TIMEOUT, || exited(net, p)).await
+                wait_up(&api, timeout, || exited(net, p)).await
             }
-            _ => wait_up(&api, START_TIMEOUT, || Ok(None)).await,
+            _ => wait_up(&api, timeout, || Ok(None)).await,
         }
     }
 
@@ -460,14 +462,19 @@ impl Bed {
         Ok(())
     }
 
+    fn start_timeout(&self) -> Duration {
+        START_TIMEOUT + Duration::from_secs(self.users() as u64)
+    }
+
     async fn wait_node(&mut self, u: usize) -> Result<()> {
         let api = self.nodes[u].clone();
+        let timeout = self.start_timeout();
         match self.net.as_mut() {
             Some(net) => {
                 let p = self.node_procs[u];
-                wait_up(&api, START_TIMEOUT, || exited(net, p)).await
+                wait_up(&api, timeout, || exited(net, p)).await
             }
-            None => wait_up(&api, START_TIMEOUT, || Ok(None)).await,
+            None => wait_up(&api, timeout, || Ok(None)).await,
         }
     }
 
@@ -776,8 +783,9 @@ impl Bed {
     // ---- content
 
     /// Publishes `file`: shared by node 0 (peer to peer), uploaded to the server
-    /// (client-server). Returns what users fetch: a ticket, or the content id.
-    pub async fn publish(&self, file: &Path, piece_size: u32, super_seed: bool) -> Result<String> {
+    /// (client-server), cut into the default pieces either way (the same content id). Returns
+    /// what users fetch: a ticket, or the content id.
+    pub async fn publish(&self, file: &Path, super_seed: bool) -> Result<String> {
         match self.arch {
             Arch::PeerToPeer => {
                 let info = self.nodes[0]
@@ -785,7 +793,7 @@ impl Bed {
                         path: file.to_path_buf(),
                         super_seed,
                         tracker: None,
-                        piece_size: Some(piece_size),
+                        piece_size: None,
                     })
                     .await?;
                 Ok(info.ticket)
@@ -944,11 +952,6 @@ impl Bed {
                     .unwrap_or(0))
             }
         }
-    }
-
-    /// The file user `u`'s download writes.
-    pub fn download_path(&self, u: usize) -> Option<PathBuf> {
-        self.fetches[u].as_ref().map(|f| f.out.clone())
     }
 
     // ---- the end

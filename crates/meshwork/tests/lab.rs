@@ -272,20 +272,24 @@ fn failure_the_server_is_a_single_point_and_half_the_peers_are_not() -> Result<(
 fn partition_run(runner: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("results");
-    let o = meshwork()
-        .args([
-            "lab",
-            "run",
-            "partition",
-            "--runner",
-            runner,
-            "--nodes",
-            "6",
-        ])
-        .args(["--secs", "10", "--out"])
+    let child = meshwork()
+        .args(["lab", "run", "partition", "--runner", runner])
+        .args(["--nodes", "6", "--secs", "10", "--out"])
         .arg(&out)
-        .output()?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let o = child.wait_with_output()?;
     ok(&o)?;
+    if runner == "netns" {
+        // The test bed's nodes, clients, server and blackhole routes are all gone.
+        let left = leftovers(pid, &dir.path().display().to_string());
+        ensure!(
+            left.is_empty(),
+            "left after the partition scenario: {left:?}"
+        );
+    }
     let r = json(&out.join("partition.json"))?;
     let (cs, p2p) = (&r["client_server"], &r["peer_to_peer"]);
     let n = |v: &Value| v.as_u64().unwrap_or(u64::MAX);
