@@ -222,7 +222,8 @@ fn resources(prefix: &str) -> (Vec<String>, Vec<String>) {
     (ns, links)
 }
 
-/// What a runner's prefix has left: namespaces, links, and processes inside the namespaces.
+/// What a runner's prefix has left: namespaces, links (and their qdiscs), processes inside the
+/// namespaces, and routes in the root namespace through its links.
 pub fn leftovers(prefix: &str) -> Vec<String> {
     let (ns, links) = resources(prefix);
     let mut out: Vec<String> = vec![];
@@ -236,6 +237,20 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
         out.push(format!("namespace {n}"));
     }
     out.extend(links.into_iter().map(|l| format!("link {l}")));
+    // The root namespace's routes to the hosts go with the bridge; any left means the
+    // bridge is, too, but they are the one thing the runner adds outside its own names.
+    out.extend(
+        ip(&["-o", "route", "show"])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .skip_while(|w| *w != "dev")
+                    .nth(1)
+                    .is_some_and(|d| d.starts_with(prefix))
+            })
+            .map(|l| format!("route {}", l.trim())),
+    );
     out
 }
 
@@ -648,4 +663,38 @@ fn tbf(ns: Option<&str>, dev: &str, bps: u64) -> Result<()> {
         "100ms",
     ]);
     run(&mut cmd).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn hosts_have_distinct_addresses_and_the_first_250_distinct_groups() {
+        let s = 149;
+        let all: Vec<Ipv4Addr> = (0..250 * 250).map(|i| host_ip(s, i)).collect();
+        let unique: HashSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), all.len(), "every host has its own address");
+        // The node's address group of an IPv4 address is its /16.
+        let groups: HashSet<[u8; 2]> = all[..250]
+            .iter()
+            .map(|a| [a.octets()[0], a.octets()[1]])
+            .collect();
+        assert_eq!(
+            groups.len(),
+            250,
+            "each of the first 250 hosts in a group of its own"
+        );
+        for a in &all {
+            let o = a.octets();
+            assert_eq!(o[0], 10, "{a}: inside 10/8, on-link for every host");
+            assert_eq!(
+                o[2], s,
+                "{a}: the runner's octet, which its root routes name"
+            );
+            assert!(o[1] != 0 && (2..=251).contains(&o[3]), "{a}");
+            assert_ne!(*a, control_ip(s), "no host takes the bridge's address");
+        }
+    }
 }

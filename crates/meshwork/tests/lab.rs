@@ -111,7 +111,7 @@ fn lab_report_reads_its_numbers_from_the_scenario_json() -> Result<()> {
     Ok(())
 }
 
-/// Names of namespaces and links of runners started by process `pid`, and processes whose
+/// Namespaces, links, root routes and qdiscs of runners started by process `pid`, and processes whose
 /// command line mentions `marker`.
 fn leftovers(pid: u32, marker: &str) -> Vec<String> {
     let prefix = format!("mwl{:04x}", pid & 0xffff);
