@@ -455,7 +455,12 @@ impl NetnsRunner {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("RUST_LOG", "warn,meshwork_node=info")
+            // `MESHWORK_LAB_LOG` replaces this filter, to see inside the processes of a run.
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHWORK_LAB_LOG")
+                    .unwrap_or_else(|_| "warn,meshwork_node=info".into()),
+            )
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
         p.child = Some(child);

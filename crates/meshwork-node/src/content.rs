@@ -79,6 +79,9 @@ pub const DHT_INTERVAL: Duration = Duration::from_secs(20);
 const MIN_ANNOUNCE: Duration = Duration::from_secs(10);
 const MAX_ANNOUNCE: Duration = Duration::from_secs(1800);
 /// A dial that failed is retried no sooner than this.
+/// A candidate that failed is dialed again after this, doubled with every failure in a row...
+const REDIAL_FIRST: Duration = Duration::from_secs(1);
+/// ...up to this.
 const REDIAL_AFTER: Duration = Duration::from_secs(30);
 const RECORD_SUFFIX: &str = ".json";
 const MANIFEST_SUFFIX: &str = ".manifest";
@@ -349,6 +352,35 @@ enum Phase {
 struct Candidate {
     addrs: Vec<Multiaddr>,
     failed_at: Option<Instant>,
+    /// Failures in a row: the wait before the next dial doubles with each, from
+    /// [`REDIAL_FIRST`] up to [`REDIAL_AFTER`].
+    failures: u32,
+}
+
+impl Candidate {
+    fn failed(&mut self, now: Instant) {
+        self.failed_at = Some(now);
+        self.failures = self.failures.saturating_add(1);
+    }
+
+    /// Whether it may be dialed again at `now`.
+    ///
+    /// Most failures at the start of a swarm are peers that have not yet begun to fetch the
+    /// content (they close the stream unanswered): a fixed 30 s wait left a leecher that
+    /// started last with the origin alone for 20 s of a 30 s distribution.
+    fn may_dial(&self, now: Instant) -> bool {
+        self.failed_at.is_none_or(|t| {
+            let wait = REDIAL_FIRST
+                .saturating_mul(1 << self.failures.saturating_sub(1).min(16))
+                .min(REDIAL_AFTER);
+            now.duration_since(t) >= wait
+        })
+    }
+
+    fn forgive(&mut self) {
+        self.failed_at = None;
+        self.failures = 0;
+    }
 }
 
 struct Content {
@@ -409,6 +441,7 @@ impl Content {
             Candidate {
                 addrs,
                 failed_at: None,
+                failures: 0,
             },
         );
     }
@@ -1095,12 +1128,7 @@ impl Service {
         let fresh: Vec<(PeerId, Vec<Multiaddr>)> = c
             .candidates
             .iter()
-            .filter(|(p, cand)| {
-                !asking.contains(p)
-                    && cand
-                        .failed_at
-                        .is_none_or(|t| now.duration_since(t) >= REDIAL_AFTER)
-            })
+            .filter(|(p, cand)| !asking.contains(p) && cand.may_dial(now))
             .map(|(p, cand)| (*p, cand.addrs.clone()))
             .take(3usize.saturating_sub(asking.len()))
             .collect();
@@ -1159,7 +1187,7 @@ impl Service {
                 tracing::debug!("manifest of {id} from {peer}: {why}");
                 asking.remove(&peer);
                 if let Some(cand) = c.candidates.get_mut(&peer) {
-                    cand.failed_at = Some(Instant::now());
+                    cand.failed(Instant::now());
                 }
                 self.drive_manifest(&id);
                 return;
@@ -1189,7 +1217,7 @@ impl Service {
                 )));
                 // Everyone tried for the manifest is worth a piece stream now.
                 for cand in c.candidates.values_mut() {
-                    cand.failed_at = None;
+                    cand.forgive();
                 }
                 let c = &self.contents[&id];
                 self.persist(c);
@@ -1220,8 +1248,9 @@ impl Service {
                     return;
                 };
                 if c.links.get(&peer).is_some_and(|l| l.id == link) {
-                    if let Some(e) = error {
-                        tracing::debug!("piece stream with {peer} for {content}: {e}");
+                    match error {
+                        Some(e) => tracing::debug!("piece stream with {peer} for {content}: {e}"),
+                        None => tracing::debug!("piece stream with {peer} for {content} closed"),
                     }
                     c.links.remove(&peer);
                     if let Some(e) = c.engine() {
@@ -1273,6 +1302,9 @@ impl Service {
                     return;
                 };
                 c.connecting.remove(&peer);
+                if let Some(cand) = c.candidates.get_mut(&peer) {
+                    cand.forgive();
+                }
                 // The handshake checked the peer's `Hello` against ours.
                 let Some(pieces) = c.engine().map(|e| e.manifest().piece_count() as u32) else {
                     return;
@@ -1288,7 +1320,7 @@ impl Service {
                     tracing::debug!("no piece stream with {peer} for {content}: {error}");
                     c.connecting.remove(&peer);
                     if let Some(cand) = c.candidates.get_mut(&peer) {
-                        cand.failed_at = Some(Instant::now());
+                        cand.failed(Instant::now());
                     }
                 }
             }
@@ -1533,12 +1565,7 @@ impl Service {
             {
                 break;
             }
-            if c.links.contains_key(p)
-                || c.connecting.contains(p)
-                || cand
-                    .failed_at
-                    .is_some_and(|t| now.duration_since(t) < REDIAL_AFTER)
-            {
+            if c.links.contains_key(p) || c.connecting.contains(p) || !cand.may_dial(now) {
                 continue;
             }
             chosen.push((*p, cand.addrs.clone()));
@@ -1932,4 +1959,37 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_candidate_waits_twice_as_long_after_each_failure_up_to_the_cap() {
+        let mut c = Candidate {
+            addrs: vec![],
+            failed_at: None,
+            failures: 0,
+        };
+        let t0 = Instant::now();
+        assert!(c.may_dial(t0), "never failed");
+        let mut waits = vec![];
+        for _ in 0..8 {
+            c.failed(t0);
+            let wait = (0..=60u64)
+                .map(Duration::from_secs)
+                .find(|d| c.may_dial(t0 + *d))
+                .expect("within a minute");
+            waits.push(wait.as_secs());
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        c.forgive();
+        assert!(c.may_dial(t0));
+        c.failed(t0);
+        assert!(
+            !c.may_dial(t0) && c.may_dial(t0 + REDIAL_FIRST),
+            "back to the first wait"
+        );
+    }
 }
