@@ -388,6 +388,14 @@ async fn wait_up(r: &mut NetnsRunner, proc: ProcId, addr: &str, timeout: Duratio
     .await
 }
 
+/// The work directory of one case, emptied: a case starts clean (an earlier run's data
+/// directories, identities included, would refuse `init`).
+fn case_dir(o: &DistOptions, kind: &str, n: usize) -> PathBuf {
+    let dir = o.out.join("work").join(format!("{kind}-{n}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 fn deadline_for(o: &DistOptions, n: usize) -> Duration {
     let f = (o.file_mib << 20) as f64 * 8.0;
     let (cs, _) = bounds(n, f, o.upload_mbps * 1e6, None);
@@ -402,9 +410,7 @@ async fn cs_netns(
     file: &Path,
     want: blake3::Hash,
 ) -> Result<(ArchResult, Overhead)> {
-    let dir = o.out.join("work").join(format!("cs-{n}"));
-    // A case starts clean: an earlier run's data directories (identities) would refuse init.
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = case_dir(o, "cs", n);
     let mut r = NetnsRunner::new(bin, &dir, &vec![caps; n + 1])?;
     let mut ov = Overhead {
         setup_secs: r.setup_time.as_secs_f64(),
@@ -504,9 +510,7 @@ async fn swarm_netns(
     file: &Path,
     want: blake3::Hash,
 ) -> Result<(ArchResult, Overhead)> {
-    let dir = o.out.join("work").join(format!("swarm-{n}"));
-    // A case starts clean: an earlier run's data directories (identities) would refuse init.
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = case_dir(o, "swarm", n);
     let mut r = NetnsRunner::new(bin, &dir, &vec![caps; n + 1])?;
     let mut ov = Overhead {
         setup_secs: r.setup_time.as_secs_f64(),
@@ -691,8 +695,7 @@ async fn cs_inproc(
     file: &Path,
     want: blake3::Hash,
 ) -> Result<ArchResult> {
-    let dir = o.out.join("work").join(format!("cs-{n}"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = case_dir(o, "cs", n);
     let mut cfg = meshwork_server::server::ServerConfig::new(
         &dir.join("server"),
         meshwork_ledger::ChainSpec::for_network(NETWORK),
@@ -741,8 +744,7 @@ async fn swarm_inproc(
     want: blake3::Hash,
 ) -> Result<ArchResult> {
     use meshwork_node::content::{FetchRequest, ShareRequest, State};
-    let dir = o.out.join("work").join(format!("swarm-{n}"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = case_dir(o, "swarm", n);
     std::fs::create_dir_all(&dir)?;
     let limit = (o.upload_mbps * 1e6 / 8.0) as u64;
     let h = crate::HarnessBuilder::new("test-lab-dist")?

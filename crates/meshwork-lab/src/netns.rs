@@ -112,10 +112,31 @@ pub fn unavailable() -> Option<String> {
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
+    run_with_input(cmd, None)
+}
+
+/// Runs `cmd` with `input` on its stdin (nothing when `None`); its stdout, or its stderr as
+/// the error.
+fn run_with_input(cmd: &mut Command, input: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("cannot run {cmd:?}"))?;
+    if let Some(input) = input {
+        child
+            .stdin
+            .take()
+            .context("the child's stdin")?
+            .write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}",
@@ -159,33 +180,11 @@ fn neighbour_room(hosts: usize) -> Result<()> {
 /// Runs `ip [-n NS] -batch -` on `script` (one command per line): one process for many
 /// commands.
 fn ip_batch(ns: Option<&str>, script: &str) -> Result<()> {
-    use std::io::Write;
     let mut cmd = Command::new("ip");
     if let Some(ns) = ns {
         cmd.args(["-n", ns]);
     }
-    let mut child = cmd
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run ip")?;
-    child
-        .stdin
-        .take()
-        .context("ip's stdin")?
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "ip{} -batch ({} commands) failed: {}",
-            ns.map_or(String::new(), |n| format!(" -n {n}")),
-            script.lines().count(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    run_with_input(cmd.args(["-batch", "-"]), Some(script)).map(drop)
 }
 
 /// Host `i` of the runner with third octet `subnet`: see the module's layout.

@@ -45,8 +45,8 @@ pub const NETWORK: &str = "test-lab";
 const NODE_PORT: u16 = 4001;
 const API_PORT: u16 = 8081;
 const SERVER_PORT: u16 = 8080;
-/// How long a node or server gets to answer after it starts, plus a second per user (a
-/// hundred processes starting at once share two cores).
+/// How long a node or server gets to answer after it starts; [`Bed::start_timeout`] adds a
+/// second per user (a hundred processes starting at once share two cores).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,7 +37,7 @@ use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, W
 use futures::StreamExt;
 use libp2p::{kad, Multiaddr, PeerId, Stream, StreamProtocol};
 use meshwork_swarm::engine::{Engine, EngineConfig, EngineEvent, Progress};
-use meshwork_swarm::manifest::{default_piece_size, Manifest};
+use meshwork_swarm::manifest::Manifest;
 use meshwork_swarm::store::{journal_path, PieceStore};
 use meshwork_swarm::ticket::{Provider, Ticket};
 use meshwork_swarm::tracker_wire::{AnnounceRequest, AnnounceResponse, Event as TrackerEvent};
@@ -78,7 +78,6 @@ pub const DHT_INTERVAL: Duration = Duration::from_secs(20);
 /// Tracker answers are obeyed within these bounds.
 const MIN_ANNOUNCE: Duration = Duration::from_secs(10);
 const MAX_ANNOUNCE: Duration = Duration::from_secs(1800);
-/// A dial that failed is retried no sooner than this.
 /// A candidate that failed is dialed again after this, doubled with every failure in a row...
 const REDIAL_FIRST: Duration = Duration::from_secs(1);
 /// ...up to this.
@@ -961,18 +960,7 @@ impl Service {
         }
         let events = self.events.clone();
         tokio::task::spawn_blocking(move || {
-            let opened = match req.piece_size {
-                Some(p) => Ok(p),
-                None => std::fs::metadata(&req.path)
-                    .map(|m| default_piece_size(m.len()))
-                    .map_err(|source| {
-                        ContentError::Store(meshwork_swarm::store::StoreError::Io {
-                            path: req.path.clone(),
-                            source,
-                        })
-                    }),
-            }
-            .and_then(|p| PieceStore::share(&req.path, p).map_err(ContentError::from));
+            let opened = PieceStore::share(&req.path, req.piece_size).map_err(ContentError::from);
             let _ = events.blocking_send(Event::Shared { req, opened, reply });
         });
     }

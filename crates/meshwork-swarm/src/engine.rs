@@ -527,11 +527,12 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
         // A block we did not ask this peer for (or no longer: it was in flight when the peer
         // choked us and we released it) is still taken if the picker wants it; only one it
         // has no use for is waste, and counts toward the unsolicited limit.
-        let asked = offset.is_multiple_of(BLOCK_SIZE) && peer.requested.remove(&b).is_some();
+        let aligned = offset.is_multiple_of(BLOCK_SIZE);
+        let asked = aligned && peer.requested.remove(&b).is_some();
         if asked {
             self.choker.stats(p).last_block = Some(now);
         }
-        if !offset.is_multiple_of(BLOCK_SIZE) || len as u32 != self.picker.block_len(b) {
+        if !aligned || len as u32 != self.picker.block_len(b) {
             if asked {
                 return self.violation(p, format!("block {piece}/{} of {len} bytes", b.block));
             }

@@ -21,7 +21,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::bitfield::Bitfield;
-use crate::manifest::{Digest, Manifest};
+use crate::manifest::{default_piece_size, Digest, Manifest};
 
 /// Bytes written between two journal flushes, at least (a crash loses at most about this
 /// much, fetched again).
@@ -117,8 +117,14 @@ impl PieceStore {
     }
 
     /// Hashes `path` into its manifest and opens it to seed, reading the file once: the pieces
-    /// are verified by the same hashing that made the manifest (invariant 1).
-    pub fn share(path: &Path, piece_size: u32) -> Result<PieceStore, StoreError> {
+    /// are verified by the same hashing that made the manifest (invariant 1). `piece_size`
+    /// `None` cuts it into the default pieces for its length
+    /// ([`crate::manifest::default_piece_size`]), as the server cuts an upload.
+    pub fn share(path: &Path, piece_size: Option<u32>) -> Result<PieceStore, StoreError> {
+        let piece_size = match piece_size {
+            Some(p) => p,
+            None => default_piece_size(std::fs::metadata(path).map_err(io(path))?.len()),
+        };
         let manifest = Manifest::from_file(path, piece_size)?;
         let file = File::open(path).map_err(io(path))?;
         if file.metadata().map_err(io(path))?.len() != manifest.size {

@@ -218,20 +218,17 @@ impl<P: Copy + Eq + Hash> SuperSeeder<P> {
 mod tests {
     use super::*;
 
+    /// The pieces of `offers`, whoever they went to.
+    fn pieces(offers: Vec<(u8, u32)>) -> Vec<u32> {
+        offers.into_iter().map(|o| o.1).collect()
+    }
+
     #[test]
     fn offers_are_distinct_pipelined_and_stop_when_credit_is_spent() {
         let n = 64;
         let mut s = SuperSeeder::new(n);
-        let a: Vec<u32> = s
-            .add_peer(1u8, Bitfield::new(n))
-            .iter()
-            .map(|o| o.1)
-            .collect();
-        let b: Vec<u32> = s
-            .add_peer(2u8, Bitfield::new(n))
-            .iter()
-            .map(|o| o.1)
-            .collect();
+        let a: Vec<u32> = pieces(s.add_peer(1u8, Bitfield::new(n)));
+        let b: Vec<u32> = pieces(s.add_peer(2u8, Bitfield::new(n)));
         assert_eq!(a.len(), WINDOW);
         assert_eq!(b.len(), WINDOW);
         assert!(a.iter().all(|p| !b.contains(p)), "each piece offered once");
@@ -260,11 +257,7 @@ mod tests {
     fn a_peer_alone_with_the_seeder_is_never_out_of_credit() {
         let n = 64;
         let mut s = SuperSeeder::new(n);
-        let mut offered: Vec<u32> = s
-            .add_peer(1u8, Bitfield::new(n))
-            .iter()
-            .map(|o| o.1)
-            .collect();
+        let mut offered: Vec<u32> = pieces(s.add_peer(1u8, Bitfield::new(n)));
         let mut taken = 0;
         while let Some(p) = offered.pop() {
             taken += 1;
@@ -278,11 +271,7 @@ mod tests {
     fn the_offers_of_a_peer_that_leaves_go_to_the_others() {
         let n = 64;
         let mut s = SuperSeeder::new(n);
-        let a: Vec<u32> = s
-            .add_peer(1u8, Bitfield::new(n))
-            .iter()
-            .map(|o| o.1)
-            .collect();
+        let a: Vec<u32> = pieces(s.add_peer(1u8, Bitfield::new(n)));
         let b = s.add_peer(2u8, Bitfield::new(n));
         assert_eq!((a.len(), b.len()), (WINDOW, WINDOW));
         // Peer 1 leaves with its offers untaken; peer 2's window is full, so nothing yet.
