@@ -105,6 +105,24 @@ pub struct Row {
     pub swarm_origin_copies: f64,
 }
 
+impl Row {
+    /// Whether either time beats its physical bound: a measurement bug, never a result.
+    pub fn below_bound(&self) -> bool {
+        self.cs_ratio < 1.0 || self.swarm_ratio < 1.0
+    }
+}
+
+/// A ratio to the bound as a report prints it: below 1.0 it is flagged as the measurement
+/// error it is (no transfer can beat the time its upload capacity allows), not shown as a
+/// result.
+pub fn ratio_cell(ratio: f64) -> String {
+    if ratio < 1.0 {
+        format!("{ratio:.3} ⚠ below the bound: a measurement error, not a result")
+    } else {
+        format!("{ratio:.3}")
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Overhead {
     /// Building the hosts of the largest case.
@@ -252,19 +270,26 @@ fn outputs(r: &DistReport) -> Result<Outputs> {
     for row in &r.rows {
         writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.3} | {:.2} | {:.1} | {:.1} | {:.3} | {:.2} | {}+{} of {} |",
+            "| {} | {:.1} | {:.1} | {} | {:.2} | {:.1} | {:.1} | {} | {:.2} | {}+{} of {} |",
             row.n,
             row.client_server.secs,
             row.bound_cs_secs,
-            row.cs_ratio,
+            ratio_cell(row.cs_ratio),
             row.cs_origin_copies,
             row.swarm.secs,
             row.bound_p2p_secs,
-            row.swarm_ratio,
+            ratio_cell(row.swarm_ratio),
             row.swarm_origin_copies,
             row.client_server.verified,
             row.swarm.verified,
             2 * row.n
+        )?;
+    }
+    if r.rows.iter().any(Row::below_bound) {
+        writeln!(
+            md,
+            "\n**A measured time is below its physical bound**: the caps or the clock of this run \
+             are wrong, and its ratios are not results."
         )?;
     }
     writeln!(
@@ -681,9 +706,9 @@ fn progress(o: &DistOptions, arch: Arch, n: usize, r: &ArchResult) {
         Arch::PeerToPeer => bp2p,
     };
     eprintln!(
-        "distribution: {arch} N={n}: {:.1} s, {:.3}× the bound ({bound:.1} s), origin uploaded {:.2} copies, {} of {n} verified",
+        "distribution: {arch} N={n}: {:.1} s, {}× the bound ({bound:.1} s), origin uploaded {:.2} copies, {} of {n} verified",
         r.secs,
-        r.secs / bound,
+        ratio_cell(r.secs / bound),
         r.origin_bytes as f64 / f,
         r.verified
     );
@@ -821,7 +846,48 @@ async fn swarm_inproc(
 
 #[cfg(test)]
 mod tests {
-    use super::bounds;
+    use super::*;
+
+    #[test]
+    fn a_time_below_its_bound_is_flagged_not_reported() {
+        let row = |swarm_secs: f64| Row {
+            n: 1,
+            bound_cs_secs: 1.0,
+            bound_p2p_secs: 1.0,
+            client_server: ArchResult {
+                secs: 1.2,
+                ..Default::default()
+            },
+            swarm: ArchResult {
+                secs: swarm_secs,
+                ..Default::default()
+            },
+            cs_ratio: 1.2,
+            swarm_ratio: swarm_secs,
+            cs_origin_copies: 1.0,
+            swarm_origin_copies: 1.0,
+        };
+        let report = |r: Row| DistReport {
+            scenario: "distribution".into(),
+            runner: RunnerKind::Inproc,
+            seed: 0,
+            file_bytes: 1 << 20,
+            upload_bps: 1e6,
+            download_bps: None,
+            rows: vec![r],
+            overhead: Overhead::default(),
+            total_secs: 1.0,
+        };
+        let fine = outputs(&report(row(1.1))).unwrap().markdown;
+        assert!(
+            !fine.contains("below the bound") && fine.contains("| 1.100 |"),
+            "{fine}"
+        );
+        let wrong = outputs(&report(row(0.903))).unwrap().markdown;
+        assert!(wrong.contains("0.903 ⚠ below the bound"), "{wrong}");
+        assert!(wrong.contains("its ratios are not results"), "{wrong}");
+        assert!(row(0.903).below_bound() && !row(1.1).below_bound());
+    }
 
     #[test]
     fn bounds_follow_the_textbook() {

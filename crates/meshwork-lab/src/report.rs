@@ -168,23 +168,23 @@ pub fn build(dirs: &[PathBuf]) -> Result<Report> {
             Ok(vec![
                 (
                     format!(
-                        "N={}→{}: {:.1} s → {:.1} s ({}); {:.2}× the bound N·F/u_s at N={}",
+                        "N={}→{}: {:.1} s → {:.1} s ({}); {}× the bound N·F/u_s at N={}",
                         first.n,
                         last.n,
                         first.client_server.secs,
                         last.client_server.secs,
                         grow(first.client_server.secs, last.client_server.secs),
-                        last.cs_ratio,
+                        crate::distribution::ratio_cell(last.cs_ratio),
                         last.n
                     ),
                     format!(
-                        "N={}→{}: {:.1} s → {:.1} s ({}); {:.2}× the P2P bound at N={}",
+                        "N={}→{}: {:.1} s → {:.1} s ({}); {}× the P2P bound at N={}",
                         first.n,
                         last.n,
                         first.swarm.secs,
                         last.swarm.secs,
                         grow(first.swarm.secs, last.swarm.secs),
-                        last.swarm_ratio,
+                        crate::distribution::ratio_cell(last.swarm_ratio),
                         last.n
                     ),
                 ),

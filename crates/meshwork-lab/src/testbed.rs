@@ -945,8 +945,14 @@ impl Bed {
                 Ok(self.nodes[u].content(id).await?.map_or(0, |i| i.bytes_have))
             }
             _ => {
-                let part = meshwork_server::client::part_path(&f.out);
-                Ok(std::fs::metadata(&part)
+                // Client-server fetches name the content by its id.
+                let part = f
+                    .target
+                    .parse::<meshwork_swarm::ContentId>()
+                    .map(|id| meshwork_server::client::part_path(&f.out, &id));
+                Ok(part
+                    .map_err(|_| std::io::Error::other("not a content id"))
+                    .and_then(std::fs::metadata)
                     .or_else(|_| std::fs::metadata(&f.out))
                     .map(|m| m.len())
                     .unwrap_or(0))

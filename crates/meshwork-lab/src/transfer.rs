@@ -67,7 +67,6 @@ pub async fn run(opts: TransferOptions) -> Result<TransferReport> {
     let origin = dir.join("transfer-origin.bin");
     let copy = dir.join("transfer-copy.bin");
     let _ = std::fs::remove_file(&copy);
-    let _ = std::fs::remove_file(meshwork_swarm::store::journal_path(&copy));
     eprintln!("writing a {} MiB file", opts.size_mib);
     write_file(&origin, size)?;
 
@@ -169,7 +168,6 @@ pub async fn run(opts: TransferOptions) -> Result<TransferReport> {
     ensure!(same, "the fetched copy differs from the origin");
     let _ = std::fs::remove_file(&origin);
     let _ = std::fs::remove_file(&copy);
-    let _ = std::fs::remove_file(meshwork_swarm::store::journal_path(&copy));
     let mb = size as f64 / 1e6;
     Ok(TransferReport {
         bytes: size,

@@ -3,26 +3,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{info, random_file};
+
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use meshwork_lab::harness::{wait_for, Harness, HarnessBuilder, Topology};
 use meshwork_node::content::{ContentInfo, FetchRequest, ShareRequest, State};
 use meshwork_node::NodeHandle;
 use meshwork_swarm::ContentId;
-use rand::{Rng, SeedableRng};
 
 const PIECE: u32 = 64 << 10;
-
-fn random_file(dir: &Path, name: &str, size: usize, seed: u64) -> Result<PathBuf> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut bytes = vec![0u8; size];
-    rng.fill(&mut bytes[..]);
-    let path = dir.join(name);
-    std::fs::write(&path, &bytes)?;
-    Ok(path)
-}
 
 async fn share(
     h: &NodeHandle,
@@ -48,11 +40,6 @@ async fn fetch(h: &NodeHandle, target: &str, out: &Path) -> Result<ContentInfo> 
             tracker: None,
         })
         .await?)
-}
-
-async fn info(h: &NodeHandle, id: &str) -> Result<ContentInfo> {
-    let id: ContentId = id.parse()?;
-    h.content.get(id).await?.context("content gone")
 }
 
 /// Waits until every handle in `who` seeds the content.

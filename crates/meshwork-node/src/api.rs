@@ -32,6 +32,7 @@ pub fn router(handle: NodeHandle) -> Router {
         .route("/api/v1/mempool", get(mempool))
         .route("/api/v1/content", post(share).get(content_list))
         .route("/api/v1/content/{id}", get(content_get).delete(content_rm))
+        .route("/api/v1/content/{id}/verify", post(content_verify))
         .route("/api/v1/fetch", post(fetch))
         .route("/api/v1/gossip/recent", get(gossip_recent))
         .route("/api/v1/mining", put(set_mining))
@@ -191,7 +192,14 @@ fn content_error(e: ContentError) -> Response {
     let code = match e {
         ContentError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
         ContentError::Unknown(_) => StatusCode::NOT_FOUND,
-        ContentError::Exists(_) => StatusCode::CONFLICT,
+        ContentError::Exists(_)
+        | ContentError::PathInUse { .. }
+        | ContentError::RecordedAt(..)
+        | ContentError::WouldOverwrite(_) => StatusCode::CONFLICT,
+        ContentError::NotReady(_) => StatusCode::CONFLICT,
+        // Not made durable, so not accepted: the node's storage is at fault, not the request.
+        ContentError::Persist(_) => StatusCode::INSUFFICIENT_STORAGE,
+        ContentError::Full | ContentError::TooManyPending => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_REQUEST,
     };
     (
@@ -273,6 +281,26 @@ async fn content_rm(State(h): State<NodeHandle>, Path(id): Path<String>) -> Resp
     };
     match on_content(h.content.remove(id), ANSWER_TIMEOUT, LATE).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Hashing a large file takes a while (about a second per GiB).
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(600);
+
+async fn content_verify(State(h): State<NodeHandle>, Path(id): Path<String>) -> Response {
+    let id = match id.parse::<ContentId>() {
+        Ok(id) => id,
+        Err(e) => return bad_request(e),
+    };
+    match on_content(
+        h.content.verify(id),
+        VERIFY_TIMEOUT,
+        "the node did not finish hashing the file in time",
+    )
+    .await
+    {
+        Ok(report) => Json(report).into_response(),
         Err(r) => r,
     }
 }

@@ -411,13 +411,30 @@ pub struct NodeConfig {
 }
 
 /// Options of the content service.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ContentConfig {
     /// Piece data sent per second, across all contents, at most (`None`: no cap).
     pub upload_limit: Option<u64>,
     /// Lab fault injection: flip a byte in every block this node serves (a peer that serves
     /// corrupt pieces). Never set outside tests and the lab.
     pub corrupt_uploads: bool,
+    /// A fetch that has no manifest this long after it was asked for (across restarts) fails
+    /// and frees its slot.
+    pub manifest_timeout: std::time::Duration,
+    /// How often a complete content's file is checked (`stat`) for changes behind the
+    /// node's back; a change has it re-hashed.
+    pub change_check: std::time::Duration,
+}
+
+impl Default for ContentConfig {
+    fn default() -> Self {
+        ContentConfig {
+            upload_limit: None,
+            corrupt_uploads: false,
+            manifest_timeout: std::time::Duration::from_secs(600),
+            change_check: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 impl NodeConfig {

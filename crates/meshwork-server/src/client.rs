@@ -1,10 +1,16 @@
 //! The client side of the content server: upload a file, download one with every piece
 //! verified against the manifest the content id names.
 //!
-//! A download writes `<out>.part`. When it is cut short, the verified whole pieces stay there,
-//! and the next download re-hashes them and asks for the rest with a `Range` request. The file
-//! gets its final name only once every piece has verified, so a file at `out` is always a
-//! verified copy.
+//! A download writes a partial file beside `out` named by the content id
+//! ([`part_path`]: `.<id>.part`), never through a symbolic link, and holds an exclusive lock
+//! on it while it writes. When it is cut short, the verified whole pieces stay there, and the
+//! next download of the same content into the same directory re-hashes them and asks for the
+//! rest with a `Range` request. The file gets its final name only once every piece has
+//! verified, and never over an existing file (a hard link, which fails if the name is taken,
+//! then the partial name removed), so a file at `out` is always a verified copy and never
+//! replaces one. Keyed by the content, two downloads of different contents to one name can
+//! never share or truncate each other's partial file, and any name the file system takes fits
+//! (no suffix is added to it).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -33,6 +39,10 @@ pub enum ClientError {
     Short { got: u64, want: u64 },
     #[error("{0} already exists")]
     Exists(PathBuf),
+    #[error("{0} is being written by another download of the same content")]
+    Busy(PathBuf),
+    #[error("{0} is a symbolic link: a download never writes through one")]
+    Symlink(PathBuf),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
 }
@@ -126,23 +136,44 @@ pub async fn manifest(base: &str, id: &ContentId) -> Result<Manifest, ClientErro
 pub struct Downloaded {
     /// Bytes received in this download (a resumed one skips what it had).
     pub received: u64,
-    /// Bytes already verified in `<out>.part` when it started.
+    /// Bytes already verified in the partial file when it started.
     pub resumed: u64,
     pub size: u64,
 }
 
-/// The partial file of a download to `out`.
-pub fn part_path(out: &Path) -> PathBuf {
-    let mut p = out.as_os_str().to_owned();
-    p.push(".part");
-    PathBuf::from(p)
+/// The partial file of a download of `id` to `out`: `.<id>.part` in `out`'s directory.
+pub fn part_path(out: &Path, id: &ContentId) -> PathBuf {
+    out.with_file_name(format!(".{id}.part"))
 }
 
-/// How many leading whole pieces of `part` verify against `m`.
-fn verified_prefix(part: &Path, m: &Manifest) -> Result<usize, ClientError> {
-    let Ok(mut f) = std::fs::File::open(part) else {
-        return Ok(0);
-    };
+/// Opens `path` for the download: created if missing, never through a symbolic link, and
+/// locked (`flock`, exclusive) so that a second download of the same content waits its turn
+/// rather than writing over the first.
+fn open_part(path: &Path) -> Result<std::fs::File, ClientError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => ClientError::Symlink(path.to_owned()),
+            _ => io(path)(e),
+        })?;
+    // SAFETY: flock on a descriptor we own; it has no memory effects.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(ClientError::Busy(path.to_owned()));
+    }
+    Ok(f)
+}
+
+/// How many leading whole pieces of `f` verify against `m`.
+fn verified_prefix(f: &mut std::fs::File, m: &Manifest) -> Result<usize, ClientError> {
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| ClientError::Io("the partial file".into(), e))?;
     let mut buf = vec![0u8; m.piece_size as usize];
     for i in 0..m.piece_count() {
         let len = m.piece_len(i) as usize;
@@ -153,7 +184,7 @@ fn verified_prefix(part: &Path, m: &Manifest) -> Result<usize, ClientError> {
     Ok(m.piece_count())
 }
 
-/// Downloads `id` to `out`, verifying every piece; resumes from `<out>.part`.
+/// Downloads `id` to `out`, verifying every piece; resumes from its partial file.
 /// `progress(bytes_verified)` is called after each piece.
 pub async fn download(
     base: &str,
@@ -165,18 +196,17 @@ pub async fn download(
         return Err(ClientError::Exists(out.to_path_buf()));
     }
     let m = manifest(base, id).await?;
-    let part = part_path(out);
+    let part = part_path(out, id);
     let (m2, part2) = (m.clone(), part.clone());
-    let have = tokio::task::spawn_blocking(move || verified_prefix(&part2, &m2))
-        .await
-        .expect("hashing does not panic")?;
+    let (have, mut f) = tokio::task::spawn_blocking(move || {
+        let mut f = open_part(&part2)?;
+        Ok::<_, ClientError>((verified_prefix(&mut f, &m2)?, f))
+    })
+    .await
+    .map_err(|e| ClientError::Io(part.display().to_string(), std::io::Error::other(e)))??;
     let start = m.piece_offset(have).min(m.size);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&part)
-        .map_err(io(&part))?;
+    // The partial file is this content's (named by its id) and locked: ours to cut back to
+    // its verified prefix.
     f.set_len(start).map_err(io(&part))?;
     f.seek(SeekFrom::Start(start)).map_err(io(&part))?;
     let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
@@ -225,9 +255,8 @@ pub async fn download(
                 if in_piece == m.piece_len(piece) {
                     if Digest(*hasher.finalize().as_bytes()) != m.pieces[piece] {
                         let verified = m.piece_offset(piece);
-                        drop(f);
                         // Keep only the verified prefix, so a retry resumes from it.
-                        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&part) {
+                        if let Ok(file) = f.into_inner() {
                             let _ = file.set_len(verified);
                         }
                         return Err(ClientError::Corrupt { piece, verified });
@@ -256,8 +285,21 @@ pub async fn download(
         .into_inner()
         .map_err(|e| ClientError::Io(part.display().to_string(), e.into_error()))?;
     f.sync_all().map_err(io(&part))?;
+    // The final name, never over a file that is there (the lock is held until this is done).
+    match std::fs::hard_link(&part, out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(ClientError::Exists(out.to_path_buf()))
+        }
+        Err(e) => return Err(io(out)(e)),
+    }
+    std::fs::remove_file(&part).map_err(io(&part))?;
+    if let Some(dir) = out.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
     drop(f);
-    std::fs::rename(&part, out).map_err(io(out))?;
     Ok(stats)
 }
 

@@ -123,7 +123,7 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
 
     // A resumed download asks only for what is missing.
     let out2 = dir.path().join("copy2.bin");
-    std::fs::write(client::part_path(&out2), &data[..50_000])?;
+    std::fs::write(client::part_path(&out2, &want.id()), &data[..50_000])?;
     let got = client::download(&base, &want.id(), &out2, |_, _| {}).await?;
     assert_eq!(
         got.resumed,
@@ -149,7 +149,7 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
     let mut bytes = std::fs::read(&stored)?;
     bytes[40_000] ^= 0xff;
     std::fs::write(&stored, &bytes)?;
-    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let srv = server::start("127.0.0.1:0".parse()?, cfg.clone()).await?;
     let base = format!("http://{}", srv.addr);
     let out3 = dir.path().join("copy3.bin");
     let e = client::download(&base, &want.id(), &out3, |_, _| {})
@@ -160,6 +160,35 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
         "{e}"
     );
     assert!(!out3.exists(), "no unverified file under the final name");
+
+    // Another content's partial file at the same name is neither used nor cut; a symbolic
+    // link where the partial file goes is not written through; a name of 255 bytes fits.
+    let other = meshwork_swarm::ContentId::of(b"another content");
+    let out4 = dir.path().join(format!("{}.bin", "b".repeat(251)));
+    let theirs = client::part_path(&out4, &other);
+    std::fs::write(&theirs, b"another download's progress")?;
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"untouched")?;
+    std::fs::create_dir_all(dir.path().join("sub"))?;
+    let out5 = dir.path().join("sub").join("copy5.bin");
+    std::os::unix::fs::symlink(&victim, client::part_path(&out5, &want.id()))?;
+    let e = client::download(&base, &want.id(), &out5, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, client::ClientError::Symlink(_)), "{e}");
+    assert_eq!(std::fs::read(&victim)?, b"untouched");
+    srv.stop().await;
+    std::fs::write(&stored, &data)?;
+    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let base = format!("http://{}", srv.addr);
+    client::download(&base, &want.id(), &out4, |_, _| {}).await?;
+    assert_eq!(std::fs::read(&out4)?, data);
+    assert_eq!(std::fs::read(&theirs)?, b"another download's progress");
+    // A second download to a name that is now taken does not replace the file.
+    let e = client::download(&base, &want.id(), &out4, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, client::ClientError::Exists(_)), "{e}");
     srv.stop().await;
     Ok(())
 }

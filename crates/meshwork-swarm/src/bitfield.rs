@@ -64,6 +64,16 @@ impl Bitfield {
         true
     }
 
+    /// Clears bit `i`; returns whether it was set. Out of range is a no-op.
+    pub fn clear(&mut self, i: usize) -> bool {
+        if !self.get(i) {
+            return false;
+        }
+        self.bits[i / 8] &= !(0x80 >> (i % 8));
+        self.count -= 1;
+        true
+    }
+
     pub fn ones(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.len).filter(|i| self.get(*i))
     }

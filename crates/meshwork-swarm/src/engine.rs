@@ -267,6 +267,12 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
         self.store.manifest()
     }
 
+    /// Ends the session and hands back its store (to forget pieces that failed a re-check
+    /// and start a fresh session over the rest: every peer's state goes with this one).
+    pub fn into_store(self) -> PieceStore {
+        self.store
+    }
+
     pub fn store(&self) -> &PieceStore {
         &self.store
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use meshwork_node::content::{ContentInfo, FetchRequest, ShareRequest, State};
+use meshwork_node::content::{ContentInfo, FetchRequest, ShareRequest, State, VerifyReport};
 
 use crate::{api_base, api_error, get, request, ClientArgs};
 
@@ -101,6 +101,9 @@ fn progress_line(c: &ContentInfo) -> String {
     } else {
         "--".into()
     };
+    if let Some(why) = &c.stalled {
+        return format!("{pct:5.1}%  stalled: {why}");
+    }
     match c.state {
         State::FetchingManifest => format!("looking for providers ({} known)", c.candidates),
         _ => format!(
@@ -239,4 +242,37 @@ pub async fn remove(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Re
     .await?;
     println!("removed {id}");
     Ok(())
+}
+
+pub async fn verify(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Result<()> {
+    let base = api_base(data_dir, client.api)?;
+    let json = send::<()>(
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/content/{id}/verify"),
+        None,
+        Duration::from_secs(610),
+    )
+    .await?;
+    if client.json {
+        println!("{json}");
+        return Ok(());
+    }
+    let r: VerifyReport = serde_json::from_value(json)?;
+    let path = r.info.path.as_ref().map(|p| p.display().to_string());
+    let path = path.unwrap_or_default();
+    if r.bad.is_empty() {
+        println!("{path}: all {} pieces held verify", r.checked);
+        return Ok(());
+    }
+    let state = serde_json::to_value(r.info.state)?;
+    bail!(
+        "{path}: {} of {} pieces no longer verify (now {}){}",
+        r.bad.len(),
+        r.checked,
+        state.as_str().unwrap_or("?"),
+        r.info
+            .error
+            .map(|e| format!(": {e}"))
+            .unwrap_or_else(|| "; fetching them again".into())
+    )
 }

@@ -177,6 +177,14 @@ enum ContentCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Hash every piece the node holds of a content again: a download fetches the pieces that
+    /// no longer match, a shared file that changed stops being served.
+    Verify {
+        /// The content id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -380,6 +388,9 @@ async fn run(mut cli: Cli) -> Result<()> {
         Command::Content {
             command: ContentCommand::Rm { id, client },
         } => content::remove(cli.data_dir.as_deref(), client, &id).await,
+        Command::Content {
+            command: ContentCommand::Verify { id, client },
+        } => content::verify(cli.data_dir.as_deref(), client, &id).await,
         Command::Peers(args) => peers(cli.data_dir.as_deref(), args).await,
         Command::Tracker {
             command:

@@ -78,7 +78,14 @@ fn lab_report_reads_its_numbers_from_the_scenario_json() -> Result<()> {
         let n = r["n"].as_u64().unwrap();
         ensure!(r["client_server"]["verified"].as_u64() == Some(n));
         ensure!(r["swarm"]["verified"].as_u64() == Some(n));
+        // In process the caps are the services' own: they never let a transfer beat the
+        // time its upload capacity allows.
+        for ratio in ["cs_ratio", "swarm_ratio"] {
+            let v = r[ratio].as_f64().context("a ratio")?;
+            ensure!(v >= 1.0, "N={n}: {ratio} {v} is below the physical bound");
+        }
     }
+    ensure!(!md.contains("below the bound"), "{md}");
     ensure!(
         check_svg(&out.join("distribution.svg"), "polyline")? == 4,
         "two measured series and two bounds"

@@ -20,6 +20,14 @@
 //!   distribution to two peers half again its time.)
 //! - **Connect, manifest and announce tasks**, bounded per content.
 //!
+//! # Files and bookkeeping
+//! Which content owns which path, and how each is taken up again after a restart, lives in
+//! the data directory ([`records`]). A download's file is created by the node itself and
+//! proven its own by its journal; a path another content uses is refused; a file that changed
+//! while the node was down is re-hashed at start, and a complete content's file is checked
+//! for changes while the node runs ([`ContentConfig::change_check`]). What the API
+//! acknowledges (a share, a fetch) is on disk first.
+//!
 //! # Handshake
 //! The opener sends `Hello` (content id, piece count, its listen addresses) and reads the
 //! answering `Hello`. A stream whose first message is `GetManifest` is answered with the
@@ -38,7 +46,7 @@ use futures::StreamExt;
 use libp2p::{kad, Multiaddr, PeerId, Stream, StreamProtocol};
 use meshwork_swarm::engine::{Engine, EngineConfig, EngineEvent, Progress};
 use meshwork_swarm::manifest::Manifest;
-use meshwork_swarm::store::{journal_path, PieceStore};
+use meshwork_swarm::store::{journal_owns, PieceStore, Resumed};
 use meshwork_swarm::ticket::{Provider, Ticket};
 use meshwork_swarm::tracker_wire::{AnnounceRequest, AnnounceResponse, Event as TrackerEvent};
 use meshwork_swarm::wire::{
@@ -49,7 +57,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 
+use crate::config::ContentConfig;
 use crate::node::Command;
+
+mod limit;
+mod records;
+
+use limit::UploadLimit;
+use records::{Loaded, Pending, Record, Records};
 
 /// Messages from all tasks to the service, at most, in flight.
 pub const EVENT_CAPACITY: usize = 4096;
@@ -57,8 +72,17 @@ pub const EVENT_CAPACITY: usize = 4096;
 pub const LINK_QUEUE: usize = 64;
 /// Inbound handshakes in progress, at most.
 pub const MAX_HANDSHAKES: usize = 64;
-/// Contents one node holds, at most.
+/// Contents one node holds (shared, downloading or seeding), at most.
 pub const MAX_CONTENTS: usize = 1024;
+/// Fetches waiting for their manifest, at most: counted apart from [`MAX_CONTENTS`], so that
+/// fetches of contents nobody provides cannot crowd out shares and downloads.
+pub const MAX_PENDING_FETCHES: usize = 64;
+/// Failed fetches that never got a manifest, kept listed (the oldest is forgotten first).
+pub const MAX_FAILED: usize = 256;
+/// A download with no peer and no provider to try for this long is reported as stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
+/// Default file names tried in the downloads directory (`name`, `name (1)`, ...).
+const MAX_NAME_TRIES: usize = 100;
 /// Candidate peers remembered per content, at most.
 pub const MAX_CANDIDATES: usize = 256;
 /// Peers banned per content, at most remembered (the oldest ban is forgotten first).
@@ -82,11 +106,6 @@ const MAX_ANNOUNCE: Duration = Duration::from_secs(1800);
 const REDIAL_FIRST: Duration = Duration::from_secs(1);
 /// ...up to this.
 const REDIAL_AFTER: Duration = Duration::from_secs(30);
-const RECORD_SUFFIX: &str = ".json";
-const MANIFEST_SUFFIX: &str = ".manifest";
-/// A fetch accepted but without a manifest yet: the request itself, so that a crash before
-/// the manifest arrives does not forget a fetch the API acknowledged. The record replaces it.
-const FETCH_SUFFIX: &str = ".fetch";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContentError {
@@ -109,9 +128,23 @@ pub enum ContentError {
     #[error("this node holds its limit of {MAX_CONTENTS} contents")]
     Full,
     #[error(
+        "{MAX_PENDING_FETCHES} fetches are already waiting for a manifest: wait for them, or \
+         remove some (meshwork content rm ID)"
+    )]
+    TooManyPending,
+    #[error(
         "{0} already exists and is not an interrupted download: remove it or choose another path"
     )]
     WouldOverwrite(PathBuf),
+    #[error("{path} is the file of content {owner}: choose another path (-o PATH)")]
+    PathInUse { path: PathBuf, owner: ContentId },
+    #[error("content {0} is recorded at {1}: fetch it there, or remove it first")]
+    RecordedAt(ContentId, PathBuf),
+    #[error("content {0} has no file to verify yet")]
+    NotReady(ContentId),
+    /// The node could not make the request durable, so it did not accept it.
+    #[error("not accepted: the node cannot record it ({0})")]
+    Persist(String),
     #[error("the tracker URL {0:?} is not http(s)://")]
     BadTracker(String),
     #[error("the content service has stopped")]
@@ -178,16 +211,21 @@ pub struct ContentInfo {
     pub tracker: Option<String>,
     pub ticket: String,
     pub error: Option<String>,
+    /// Why a fetch or download is not moving: no provider known, or none reachable.
+    #[serde(default)]
+    pub stalled: Option<String>,
 }
 
-/// What the node persists per content (`<data dir>/content/<id>.json`, next to the manifest).
+/// `POST /api/v1/content/{id}/verify`: every held piece hashed again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct Record {
-    path: PathBuf,
-    /// We shared it from this file: seeding re-checks the file; removal never deletes it.
-    origin: bool,
-    super_seed: bool,
-    tracker: Option<String>,
+pub struct VerifyReport {
+    /// Pieces that were held and hashed.
+    pub checked: usize,
+    /// Those that no longer matched: a download fetches them again; an origin whose file
+    /// changed stops being served.
+    pub bad: Vec<usize>,
+    /// The content after the check.
+    pub info: ContentInfo,
 }
 
 pub(crate) enum Request {
@@ -203,6 +241,10 @@ pub(crate) enum Request {
     Pieces(ContentId, oneshot::Sender<Option<meshwork_swarm::Bitfield>>),
     Get(ContentId, oneshot::Sender<Option<ContentInfo>>),
     Remove(ContentId, oneshot::Sender<Result<(), ContentError>>),
+    Verify(
+        ContentId,
+        oneshot::Sender<Result<VerifyReport, ContentError>>,
+    ),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -251,6 +293,11 @@ impl ContentClient {
 
     pub async fn remove(&self, id: ContentId) -> Result<(), ContentError> {
         self.ask(|tx| Request::Remove(id, tx)).await?
+    }
+
+    /// Hashes every held piece of a content again (reads its whole file).
+    pub async fn verify(&self, id: ContentId) -> Result<VerifyReport, ContentError> {
+        self.ask(|tx| Request::Verify(id, tx)).await?
     }
 
     pub(crate) async fn shutdown(&self) {
@@ -316,6 +363,17 @@ enum Event {
         opened: Result<PieceStore, ContentError>,
         reply: oneshot::Sender<Result<ContentInfo, ContentError>>,
     },
+    /// A download's file, created or resumed off the service task.
+    DownloadReady {
+        content: ContentId,
+        result: Result<(PieceStore, Resumed), String>,
+    },
+    /// A re-check of a content's file: the pieces that no longer verify.
+    Checked {
+        content: ContentId,
+        result: Result<Vec<usize>, String>,
+        reply: Option<oneshot::Sender<Result<VerifyReport, ContentError>>>,
+    },
 }
 
 /// A writer that drained below half its queue asks to be refilled.
@@ -344,6 +402,8 @@ enum Phase {
     FetchingManifest {
         asking: HashSet<PeerId>,
     },
+    /// The manifest is here; the file is being created or resumed.
+    Opening,
     Active(Box<Engine<PeerId>>),
     Failed(String),
 }
@@ -387,7 +447,19 @@ struct Content {
     phase: Phase,
     /// Shared from this node's own file (see [`Record::origin`]).
     origin: bool,
+    /// The content's path: its claim (records' invariant 1), from the request or, once the
+    /// manifest names it, the downloads directory.
     out: Option<PathBuf>,
+    /// It has a record in the data directory (so its manifest is there too).
+    recorded: bool,
+    /// The ticket's providers (persisted with the record).
+    providers: Vec<Provider>,
+    /// When the fetch was first asked for: the manifest deadline and the stall grace run
+    /// from here.
+    since: Instant,
+    /// A re-check of its file is running.
+    checking: bool,
+    next_check: Instant,
     super_seed: bool,
     tracker: Option<String>,
     links: HashMap<PeerId, Link>,
@@ -459,6 +531,11 @@ impl Content {
             phase,
             origin,
             out,
+            recorded: false,
+            providers: vec![],
+            since: now,
+            checking: false,
+            next_check: now,
             super_seed,
             tracker,
             links: HashMap::new(),
@@ -480,6 +557,54 @@ impl Content {
             _ => None,
         }
     }
+
+    fn is_complete(&self) -> bool {
+        matches!(&self.phase, Phase::Active(e) if e.is_complete())
+    }
+
+    /// Waiting for a manifest (or for its file to open): counted against
+    /// [`MAX_PENDING_FETCHES`].
+    fn is_pending(&self) -> bool {
+        matches!(self.phase, Phase::FetchingManifest { .. } | Phase::Opening)
+    }
+
+    /// Why it is not moving, if it is not: a fetch or download with no peer, and no provider
+    /// known, or none that answers.
+    fn stalled(&self, now: Instant) -> Option<String> {
+        let wants = match &self.phase {
+            Phase::FetchingManifest { .. } => true,
+            Phase::Active(e) => !e.is_complete(),
+            _ => false,
+        };
+        if !wants || !self.links.is_empty() || now.duration_since(self.since) < STALL_AFTER {
+            return None;
+        }
+        if self.candidates.is_empty() {
+            return Some(
+                "no providers: the ticket names none, and no tracker or DHT lookup found any \
+                 yet"
+                .into(),
+            );
+        }
+        let failing = self.candidates.values().all(|c| c.failed_at.is_some());
+        failing.then(|| {
+            format!(
+                "no provider reachable: {} known, the last dial to each failed",
+                self.candidates.len()
+            )
+        })
+    }
+
+    fn add_providers(&mut self, local: &PeerId) {
+        for p in self.providers.clone() {
+            if let Ok(peer) = p.peer.parse::<PeerId>() {
+                if peer != *local {
+                    let addrs = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    self.add_candidate(peer, addrs);
+                }
+            }
+        }
+    }
 }
 
 pub(crate) struct Service {
@@ -489,14 +614,19 @@ pub(crate) struct Service {
     node: mpsc::Sender<Command>,
     listen: Vec<Multiaddr>,
     data_dir: Option<PathBuf>,
+    /// The bookkeeping in `<data dir>/content` (none without a data directory: nothing
+    /// survives a restart then).
+    records: Option<Records>,
     contents: HashMap<ContentId, Content>,
     events: mpsc::Sender<Event>,
     writable: Arc<Writable>,
     http: reqwest::Client,
     next_link: u64,
-    cfg: crate::config::ContentConfig,
-    /// Piece bytes that may still be sent before the next refill (with an upload limit).
-    upload_tokens: i64,
+    cfg: ContentConfig,
+    /// The upload cap, across all contents.
+    limit: Option<UploadLimit>,
+    /// When the cap next allows a block, if uploads are waiting for it.
+    limit_wake: Option<Instant>,
 }
 
 /// What the node hands the content service when it starts.
@@ -509,7 +639,7 @@ pub(crate) struct Setup {
     /// The addresses put in tickets, announces and `Hello`.
     pub listen: Vec<Multiaddr>,
     pub data_dir: Option<PathBuf>,
-    pub cfg: crate::config::ContentConfig,
+    pub cfg: ContentConfig,
 }
 
 /// The client and the request queue of a content service to be spawned.
@@ -538,6 +668,7 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| e.to_string())?;
+    let records = data_dir.as_ref().map(|d| Records::new(d.join("content")));
     let mut svc = Service {
         local,
         protocol,
@@ -545,23 +676,29 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
         node,
         listen,
         data_dir,
+        records: records.clone(),
         contents: HashMap::new(),
         events: ev_tx.clone(),
         writable: Arc::new(Writable::default()),
         http,
         next_link: 0,
-        upload_tokens: cfg.upload_limit.map_or(0, |l| (l / 2) as i64),
+        limit: cfg.upload_limit.map(UploadLimit::new),
+        limit_wake: None,
         cfg,
     };
-    if let Some(dir) = svc.content_dir() {
-        let (loaded, pending) = tokio::task::spawn_blocking(move || load_contents(&dir))
+    if let Some(records) = records {
+        let (loaded, pending) = tokio::task::spawn_blocking(move || load_contents(&records))
             .await
             .map_err(|e| format!("loading contents: {e}"))?;
-        svc.contents = loaded.into_iter().map(|c| (c.id, c)).collect();
-        // Fetches acknowledged before a crash that had no manifest yet start over.
-        for req in pending {
-            let target = req.target.clone();
-            if let Err(e) = svc.fetch(req) {
+        for mut c in loaded {
+            c.add_providers(&local);
+            svc.contents.insert(c.id, c);
+        }
+        // Fetches acknowledged before a crash that had no manifest yet start over, with the
+        // deadline they had.
+        for p in pending {
+            let target = p.request.target.clone();
+            if let Err(e) = svc.fetch_since(p.request, p.since) {
                 tracing::warn!("cannot resume the fetch of {target}: {e}");
             }
         }
@@ -721,39 +858,73 @@ async fn writer(
 }
 
 impl Service {
-    fn content_dir(&self) -> Option<PathBuf> {
-        self.data_dir.as_ref().map(|d| d.join("content"))
-    }
-
-    /// Writes the content's record and manifest (once it has a manifest and a file).
-    fn persist(&self, c: &Content) {
-        let (Some(dir), Some(path), Phase::Active(e)) = (self.content_dir(), &c.out, &c.phase)
+    /// Writes the content's record and manifest durably (records' invariant 2). A node
+    /// without a data directory records nothing, by design.
+    fn record(&self, c: &Content) -> io::Result<()> {
+        let (Some(records), Some(path), Phase::Active(e)) = (&self.records, &c.out, &c.phase)
         else {
-            return;
+            return Ok(());
         };
         let rec = Record {
             path: path.clone(),
             origin: c.origin,
             super_seed: c.super_seed,
             tracker: c.tracker.clone(),
+            stat: c.origin.then(|| e.store().last_stat()),
+            providers: c.providers.clone(),
         };
-        let write = || -> io::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            let hex = c.id.to_string();
-            let m = dir.join(format!("{hex}{MANIFEST_SUFFIX}"));
-            if !m.exists() {
-                write_atomic(&m, &e.manifest().encode())?;
-            }
-            let json = serde_json::to_vec_pretty(&rec).expect("a record encodes");
-            write_atomic(&dir.join(format!("{hex}{RECORD_SUFFIX}")), &json)?;
-            match std::fs::remove_file(dir.join(format!("{hex}{FETCH_SUFFIX}"))) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            }
-        };
-        if let Err(err) = write() {
-            tracing::warn!("cannot persist content {}: {err}", c.id);
+        records.put(&c.id, &rec, e.manifest())
+    }
+
+    /// The content (other than `id`) whose path `path` is, if any (records' invariant 1).
+    fn owner_of(&self, path: &Path, id: &ContentId) -> Option<ContentId> {
+        let path = normalize(path);
+        self.contents
+            .values()
+            .find(|c| c.id != *id && c.out.as_deref().is_some_and(|p| normalize(p) == path))
+            .map(|c| c.id)
+    }
+
+    /// Refuses a path another content uses, or any existing file (a new download creates its
+    /// file; it never takes over one it did not make).
+    fn check_free(&self, path: &Path, id: &ContentId) -> Result<(), ContentError> {
+        if let Some(owner) = self.owner_of(path, id) {
+            return Err(ContentError::PathInUse {
+                path: path.to_owned(),
+                owner,
+            });
         }
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(ContentError::WouldOverwrite(path.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The default path of a download named `name`: `<data dir>/downloads/name`, or
+    /// `name (1)`, `name (2)`, ... when that is taken by another content or another file.
+    fn default_path(&self, id: &ContentId, name: &str) -> Result<PathBuf, String> {
+        let dir = self
+            .data_dir
+            .as_ref()
+            .ok_or("no output path and no data directory")?
+            .join("downloads");
+        let journal = self.records.as_ref().map(|r| r.journal(id));
+        for k in 0..MAX_NAME_TRIES {
+            let p = dir.join(numbered(name, k));
+            if self.owner_of(&p, id).is_some() {
+                continue;
+            }
+            match std::fs::symlink_metadata(&p) {
+                Err(_) => return Ok(p),
+                // Our own file from before a crash (the journal proves it): take it up again.
+                Ok(_) if journal.as_ref().is_some_and(|j| journal_owns(j, &p, id)) => return Ok(p),
+                Ok(_) => {}
+            }
+        }
+        Err(format!(
+            "no free file name for {name:?} in {} ({MAX_NAME_TRIES} tried)",
+            dir.display()
+        ))
     }
 
     fn ticket(&self, c: &Content) -> String {
@@ -770,7 +941,7 @@ impl Service {
 
     fn info(&self, c: &Content) -> ContentInfo {
         let (state, p, name, error) = match &c.phase {
-            Phase::FetchingManifest { .. } => {
+            Phase::FetchingManifest { .. } | Phase::Opening => {
                 (State::FetchingManifest, Progress::default(), None, None)
             }
             Phase::Active(e) => (
@@ -786,6 +957,7 @@ impl Service {
             Phase::Failed(why) => (State::Failed, Progress::default(), None, Some(why.clone())),
         };
         let known = matches!(c.phase, Phase::Active(_));
+        let stalled = c.stalled(Instant::now());
         ContentInfo {
             id: c.id.to_string(),
             name,
@@ -808,6 +980,7 @@ impl Service {
             tracker: c.tracker.clone(),
             ticket: self.ticket(c),
             error,
+            stalled,
         }
     }
 
@@ -821,6 +994,7 @@ impl Service {
         let writable = self.writable.clone();
         let node = self.node.clone();
         loop {
+            let wake = self.limit_wake;
             tokio::select! {
                 r = requests.recv() => match r {
                     Some(Request::Shutdown(done)) => {
@@ -860,6 +1034,14 @@ impl Service {
                         }
                         ids.insert(id);
                     }
+                    for id in ids {
+                        self.pump(&id);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    // The upload cap allows the next block.
+                    self.limit_wake = None;
+                    let ids: Vec<ContentId> = self.contents.keys().copied().collect();
                     for id in ids {
                         self.pump(&id);
                     }
@@ -923,6 +1105,7 @@ impl Service {
             Request::Remove(id, reply) => {
                 let _ = reply.send(self.remove(id));
             }
+            Request::Verify(id, reply) => self.start_check(id, Some(reply)),
             Request::Shutdown(_) => unreachable!("handled by the loop"),
         }
     }
@@ -949,7 +1132,7 @@ impl Service {
                 return Err(ContentError::RelativePath(req.path.clone()));
             }
             Self::check_tracker(&req.tracker)?;
-            if self.contents.len() >= MAX_CONTENTS {
+            if self.held() >= MAX_CONTENTS {
                 return Err(ContentError::Full);
             }
             Ok(())
@@ -965,6 +1148,15 @@ impl Service {
         });
     }
 
+    /// Contents that count against [`MAX_CONTENTS`]: all but failed ones and fetches still
+    /// waiting for their manifest.
+    fn held(&self) -> usize {
+        self.contents
+            .values()
+            .filter(|c| !c.is_pending() && !matches!(c.phase, Phase::Failed(_)))
+            .count()
+    }
+
     fn on_shared(
         &mut self,
         req: ShareRequest,
@@ -972,8 +1164,23 @@ impl Service {
     ) -> Result<ContentInfo, ContentError> {
         let store = opened?;
         let id = store.manifest().id();
-        if self.contents.contains_key(&id) {
+        // A failed content (a shared file that changed, a download that failed) is replaced.
+        if self
+            .contents
+            .get(&id)
+            .is_some_and(|c| !matches!(c.phase, Phase::Failed(_)))
+        {
             return Err(ContentError::Exists(id));
+        }
+        if let Some(owner) = self.owner_of(&req.path, &id) {
+            // Another content's file (a download of ours still being written, say).
+            return Err(ContentError::PathInUse {
+                path: req.path,
+                owner,
+            });
+        }
+        if self.held() >= MAX_CONTENTS {
+            return Err(ContentError::Full);
         }
         let engine = Engine::new(
             store,
@@ -983,7 +1190,7 @@ impl Service {
             },
             std::time::Instant::now(),
         );
-        let c = Content::new(
+        let mut c = Content::new(
             id,
             Phase::Active(Box::new(engine)),
             Some(req.path),
@@ -991,7 +1198,13 @@ impl Service {
             req.tracker,
             true,
         );
-        self.persist(&c);
+        // Acknowledged only once recorded: a share the node would forget at its next start
+        // is refused now, with the reason.
+        self.record(&c).map_err(|e| {
+            tracing::error!("cannot record the share of {id}: {e}");
+            ContentError::Persist(e.to_string())
+        })?;
+        c.recorded = self.records.is_some();
         let info = self.info(&c);
         self.contents.insert(id, c);
         tracing::info!("sharing {id}");
@@ -999,6 +1212,12 @@ impl Service {
     }
 
     fn fetch(&mut self, req: FetchRequest) -> Result<ContentInfo, ContentError> {
+        self.fetch_since(req, records::unix_now())
+    }
+
+    /// A fetch first asked for at `since` (Unix seconds; earlier than now for one taken up
+    /// again after a restart).
+    fn fetch_since(&mut self, req: FetchRequest, since: u64) -> Result<ContentInfo, ContentError> {
         let target = req.target.trim();
         let (id, providers, mut tracker) = if target.starts_with(meshwork_swarm::ticket::PREFIX) {
             let t = Ticket::decode(target)?;
@@ -1017,55 +1236,76 @@ impl Service {
             if !out.is_absolute() {
                 return Err(ContentError::RelativePath(out.clone()));
             }
-            refuse_to_overwrite(out)?;
         } else if self.data_dir.is_none() {
             return Err(ContentError::NoOutput);
         }
+        // A failed content is tried again, at the path it is recorded at.
+        let mut retry: Option<PathBuf> = None;
         if let Some(c) = self.contents.get(&id) {
-            if matches!(c.phase, Phase::Failed(_)) {
-                self.contents.remove(&id);
-            } else {
+            if !matches!(c.phase, Phase::Failed(_)) {
                 return Err(ContentError::Exists(id));
             }
+            if c.recorded && !c.origin {
+                retry = c.out.clone();
+            }
+            if let (Some(p), Some(o)) = (&retry, &req.out) {
+                if normalize(p) != normalize(o) {
+                    return Err(ContentError::RecordedAt(id, p.clone()));
+                }
+            }
         }
-        if self.contents.len() >= MAX_CONTENTS {
-            return Err(ContentError::Full);
+        if retry.is_none() {
+            if let Some(out) = &req.out {
+                self.check_free(out, &id)?;
+            }
         }
+        let pending = self.contents.values().filter(|c| c.is_pending()).count();
+        if pending >= MAX_PENDING_FETCHES {
+            return Err(ContentError::TooManyPending);
+        }
+        let manifest = retry
+            .as_ref()
+            .and_then(|_| self.records.as_ref()?.manifest(&id));
         let mut c = Content::new(
             id,
             Phase::FetchingManifest {
                 asking: HashSet::new(),
             },
-            req.out,
+            retry.clone().or(req.out),
             false,
             tracker,
             false,
         );
-        for p in providers {
-            if let Ok(peer) = p.peer.parse::<PeerId>() {
-                if peer != self.local {
-                    let addrs = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                    c.add_candidate(peer, addrs);
-                }
-            }
-        }
-        let info = self.info(&c);
-        if let Some(dir) = self.content_dir() {
-            let pending = FetchRequest {
-                target: target.to_string(),
-                out: c.out.clone(),
-                tracker: c.tracker.clone(),
+        let age = records::unix_now().saturating_sub(since);
+        c.since = Instant::now()
+            .checked_sub(Duration::from_secs(age))
+            .unwrap_or_else(Instant::now);
+        c.providers = providers;
+        c.add_providers(&self.local);
+        if let (Some(records), None) = (&self.records, &manifest) {
+            // Acknowledged only once on disk (records' invariant 2).
+            let p = Pending {
+                request: FetchRequest {
+                    target: target.to_string(),
+                    out: c.out.clone(),
+                    tracker: c.tracker.clone(),
+                },
+                since,
             };
-            let json = serde_json::to_vec_pretty(&pending).expect("a request encodes");
-            let write = std::fs::create_dir_all(&dir)
-                .and_then(|_| write_atomic(&dir.join(format!("{id}{FETCH_SUFFIX}")), &json));
-            if let Err(err) = write {
-                tracing::warn!("cannot persist the fetch of {id}: {err}");
-            }
+            records.put_pending(&id, &p).map_err(|e| {
+                tracing::error!("cannot record the fetch of {id}: {e}");
+                ContentError::Persist(e.to_string())
+            })?;
         }
+        c.recorded = manifest.is_some();
+        let info = self.info(&c);
         self.contents.insert(id, c);
         tracing::info!("fetching {id}");
-        self.drive_manifest(&id);
+        match manifest {
+            // No provider needs to answer first: the manifest is on disk.
+            Some(m) => self.open_download(id, m),
+            None => self.drive_manifest(&id),
+        }
         Ok(info)
     }
 
@@ -1084,22 +1324,25 @@ impl Service {
         if c.provided {
             let _ = self.node.try_send(Command::Provide(dht_key(&id), false));
         }
-        let complete = c.engine().is_some_and(|e| e.is_complete());
-        if let Some(path) = &c.out {
-            // An unfinished download is ours to delete: one with a journal (the same rule as
-            // `refuse_to_overwrite`). A shared file, a finished download, or a file a failed
-            // fetch refused to overwrite belongs to the user.
-            let ours = std::fs::remove_file(journal_path(path)).is_ok();
-            if ours && !c.origin && !complete {
+        let complete = c.is_complete();
+        if let (Some(path), false, false) = (&c.out, c.origin, complete) {
+            // An unfinished download is ours to delete, when its file is provably the one it
+            // created (its open store, or its journal, says so). A shared file, a finished
+            // download, or a file that is not the download's belongs to the user.
+            let ours = match &c.phase {
+                Phase::Active(e) => e.store().owns_path(),
+                _ => self
+                    .records
+                    .as_ref()
+                    .is_some_and(|r| journal_owns(&r.journal(&id), path, &id)),
+            };
+            if ours {
                 let _ = std::fs::remove_file(path);
             }
         }
         drop(c);
-        if let Some(dir) = self.content_dir() {
-            let hex = id.to_string();
-            let _ = std::fs::remove_file(dir.join(format!("{hex}{RECORD_SUFFIX}")));
-            let _ = std::fs::remove_file(dir.join(format!("{hex}{MANIFEST_SUFFIX}")));
-            let _ = std::fs::remove_file(dir.join(format!("{hex}{FETCH_SUFFIX}")));
+        if let Some(r) = &self.records {
+            r.remove(&id);
         }
         Ok(())
     }
@@ -1162,7 +1405,6 @@ impl Service {
     }
 
     fn on_manifest(&mut self, id: ContentId, result: Result<Manifest, (PeerId, String)>) {
-        let data_dir = self.data_dir.clone();
         let Some(c) = self.contents.get_mut(&id) else {
             return;
         };
@@ -1181,38 +1423,111 @@ impl Service {
                 return;
             }
         };
-        let out = match (&c.out, &data_dir) {
-            (Some(p), _) => p.clone(),
-            (None, Some(d)) => d.join("downloads").join(&m.name),
-            (None, None) => unreachable!("checked when the fetch began"),
+        let explicit = c.out.clone();
+        let out = match explicit {
+            Some(p) => Ok(p),
+            None => self.default_path(&id, &m.name),
         };
-        let opened = refuse_to_overwrite(&out)
-            .map_err(|e| e.to_string())
-            .and_then(|_| {
-                out.parent()
-                    .map(std::fs::create_dir_all)
-                    .transpose()
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|_| PieceStore::open(&out, m).map_err(|e| e.to_string()));
-        c.out = Some(out.clone());
-        match opened {
-            Ok(store) => {
-                c.phase = Phase::Active(Box::new(Engine::new(
-                    store,
-                    EngineConfig::default(),
-                    std::time::Instant::now(),
-                )));
-                // Everyone tried for the manifest is worth a piece stream now.
-                for cand in c.candidates.values_mut() {
-                    cand.forgive();
-                }
-                let c = &self.contents[&id];
-                self.persist(c);
-                self.connect_more(&id);
+        let out = out.and_then(|p| match self.owner_of(&p, &id) {
+            Some(owner) => Err(ContentError::PathInUse { path: p, owner }.to_string()),
+            None => Ok(p),
+        });
+        let Some(c) = self.contents.get_mut(&id) else {
+            return;
+        };
+        match out {
+            Ok(p) => {
+                c.out = Some(p);
+                self.open_download(id, m);
             }
             Err(why) => c.phase = Phase::Failed(why),
         }
+    }
+
+    /// Creates the download's file, or resumes it from its journal, on a blocking thread (a
+    /// file that changed is hashed whole).
+    fn open_download(&mut self, id: ContentId, m: Manifest) {
+        let Some(c) = self.contents.get_mut(&id) else {
+            return;
+        };
+        let Some(out) = c.out.clone() else {
+            c.phase = Phase::Failed("no output path".into());
+            return;
+        };
+        c.phase = Phase::Opening;
+        let journal = self.records.as_ref().map(|r| r.journal(&id));
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                if let Some(parent) = out.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| format!("{}: {e}", parent.display()))?;
+                }
+                match &journal {
+                    Some(j) if j.exists() => PieceStore::resume(&out, j, m),
+                    j => PieceStore::create(&out, j.as_deref(), m).map(|s| (s, Resumed::default())),
+                }
+                .map_err(|e| e.to_string())
+            })();
+            let _ = events.blocking_send(Event::DownloadReady {
+                content: id,
+                result,
+            });
+        });
+    }
+
+    fn on_download_ready(&mut self, id: ContentId, result: Result<(PieceStore, Resumed), String>) {
+        let Some(c) = self.contents.get_mut(&id) else {
+            // Removed while it opened: undo a file made for it.
+            if let Ok((store, _)) = result {
+                if store.have().count() == 0 && store.owns_path() {
+                    let _ = std::fs::remove_file(store.path());
+                }
+                if let Some(r) = &self.records {
+                    r.remove(&id);
+                }
+            }
+            return;
+        };
+        if !matches!(c.phase, Phase::Opening) {
+            return;
+        }
+        let (store, resumed) = match result {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::warn!("content {id}: {why}");
+                c.phase = Phase::Failed(why);
+                return;
+            }
+        };
+        if resumed.rechecked {
+            tracing::warn!(
+                "content {id}: {} changed since the node last saw it: re-hashed, {} of its \
+                 pieces no longer verify and are fetched again",
+                store.path().display(),
+                resumed.dropped
+            );
+        }
+        c.phase = Phase::Active(Box::new(Engine::new(
+            store,
+            EngineConfig::default(),
+            std::time::Instant::now(),
+        )));
+        // Everyone tried for the manifest is worth a piece stream now.
+        for cand in c.candidates.values_mut() {
+            cand.forgive();
+        }
+        let c = &self.contents[&id];
+        if let Err(e) = self.record(c) {
+            let why = format!("cannot record the download: {e}");
+            tracing::error!("content {id}: {why}");
+            let c = self.contents.get_mut(&id).expect("present");
+            c.phase = Phase::Failed(why);
+            return;
+        }
+        let recorded = self.records.is_some();
+        self.contents.get_mut(&id).expect("present").recorded = recorded;
+        self.connect_more(&id);
     }
 
     fn on_event(&mut self, ev: Event, touched: &mut HashSet<ContentId>) {
@@ -1315,6 +1630,18 @@ impl Service {
             Event::Manifest { content, result } => self.on_manifest(content, result),
             Event::Shared { req, opened, reply } => {
                 let _ = reply.send(self.on_shared(req, opened));
+            }
+            Event::DownloadReady { content, result } => {
+                touched.insert(content);
+                self.on_download_ready(content, result);
+            }
+            Event::Checked {
+                content,
+                result,
+                reply,
+            } => {
+                touched.insert(content);
+                self.on_checked(content, result, reply);
             }
             Event::Candidates { content, peers } => {
                 let local = self.local;
@@ -1478,18 +1805,29 @@ impl Service {
             return;
         };
         e.rechoke_if_due(std::time::Instant::now());
-        let limited = self.cfg.upload_limit.is_some();
+        let now = Instant::now();
         for (peer, l) in c.links.iter() {
             while l.tx.capacity() > 0 {
-                // Out of upload budget: control messages only, data after the next refill.
-                let next = if limited && self.upload_tokens <= 0 {
-                    e.poll_control(peer)
-                } else {
-                    e.poll_send(peer)
+                // Out of upload budget: control messages only, data once the cap allows.
+                let held_back = self
+                    .limit
+                    .as_mut()
+                    .and_then(|l| (!l.may_send(now)).then(|| l.next_at(now)));
+                let next = match held_back {
+                    Some(wake) => {
+                        self.limit_wake = match (self.limit_wake, wake) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        e.poll_control(peer)
+                    }
+                    None => e.poll_send(peer),
                 };
                 let Some(mut m) = next else { break };
                 if let Msg::Piece { data, .. } = &mut m {
-                    self.upload_tokens -= data.len() as i64;
+                    if let Some(limit) = &mut self.limit {
+                        limit.spend(data.len());
+                    }
                     if self.cfg.corrupt_uploads {
                         data[0] ^= 0xff;
                     }
@@ -1644,13 +1982,10 @@ impl Service {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        if let Some(limit) = self.cfg.upload_limit {
-            // Refill half a second's worth (the tick), holding at most that much: no bursts.
-            let half = (limit / 2) as i64;
-            self.upload_tokens = (self.upload_tokens + half).min(half);
-        }
+        self.expire(now);
         let ids: Vec<ContentId> = self.contents.keys().copied().collect();
         for id in ids {
+            self.check_if_due(&id, now);
             // Engine timers.
             if let Some(e) = self.contents.get_mut(&id).and_then(|c| c.engine()) {
                 e.tick(std::time::Instant::now());
@@ -1661,6 +1996,216 @@ impl Service {
             self.drive_manifest(&id);
             self.connect_more(&id);
             self.pump(&id);
+        }
+    }
+
+    /// Fails fetches whose manifest did not come in time (their slots free, their pending
+    /// records go: not asked again at the next start), and forgets the oldest failed
+    /// fetches beyond [`MAX_FAILED`].
+    fn expire(&mut self, now: Instant) {
+        let timeout = self.cfg.manifest_timeout;
+        for c in self.contents.values_mut() {
+            let Phase::FetchingManifest { asking } = &c.phase else {
+                continue;
+            };
+            if now.duration_since(c.since) < timeout {
+                continue;
+            }
+            let why = format!(
+                "no provider sent the manifest within {} s ({} known, {} asking)",
+                timeout.as_secs(),
+                c.candidates.len(),
+                asking.len()
+            );
+            tracing::warn!("content {}: {why}", c.id);
+            c.phase = Phase::Failed(why);
+            if let Some(r) = &self.records {
+                if let Err(e) = r.remove_pending(&c.id) {
+                    tracing::warn!("content {}: {e}", c.id);
+                }
+            }
+        }
+        let mut failed: Vec<(Instant, ContentId)> = self
+            .contents
+            .values()
+            .filter(|c| matches!(c.phase, Phase::Failed(_)) && !c.recorded)
+            .map(|c| (c.since, c.id))
+            .collect();
+        if failed.len() > MAX_FAILED {
+            failed.sort();
+            for (_, id) in &failed[..failed.len() - MAX_FAILED] {
+                self.contents.remove(id);
+            }
+        }
+    }
+
+    /// Looks (two `stat`s) whether a complete content's file changed behind the node's back;
+    /// if it did, hashes it again.
+    fn check_if_due(&mut self, id: &ContentId, now: Instant) {
+        let Some(c) = self.contents.get_mut(id) else {
+            return;
+        };
+        if c.checking || now < c.next_check {
+            return;
+        }
+        c.next_check = now + self.cfg.change_check;
+        let Phase::Active(e) = &c.phase else {
+            return;
+        };
+        if !e.is_complete() {
+            return; // being written: its stat moves with every piece
+        }
+        match e.store().changed() {
+            Ok(None) => {}
+            Ok(Some(why)) => {
+                tracing::warn!(
+                    "content {id}: {}: {why}; checking it again",
+                    e.store().path().display()
+                );
+                self.start_check(*id, None);
+            }
+            Err(err) => tracing::warn!("content {id}: {err}"),
+        }
+    }
+
+    /// Hashes every held piece of a content's file on a blocking thread (a second
+    /// descriptor; the store keeps serving meanwhile) and reports [`Event::Checked`].
+    fn start_check(
+        &mut self,
+        id: ContentId,
+        reply: Option<oneshot::Sender<Result<VerifyReport, ContentError>>>,
+    ) {
+        let Some(c) = self.contents.get_mut(&id) else {
+            if let Some(r) = reply {
+                let _ = r.send(Err(ContentError::Unknown(id)));
+            }
+            return;
+        };
+        let Phase::Active(e) = &c.phase else {
+            if let Some(r) = reply {
+                let _ = r.send(Err(ContentError::NotReady(id)));
+            }
+            return;
+        };
+        c.checking = true;
+        let store = e.store();
+        let (path, manifest, have, stat) = (
+            store.path().to_owned(),
+            store.manifest().clone(),
+            store.have().clone(),
+            store.last_stat(),
+        );
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = meshwork_swarm::store::check_pieces(&path, &manifest, &have, &stat)
+                .map_err(|e| e.to_string());
+            let _ = events.blocking_send(Event::Checked {
+                content: id,
+                result: result.map(|bad| {
+                    // `checked` travels as the count of held pieces.
+                    let mut v = bad;
+                    v.push(have.count());
+                    v
+                }),
+                reply,
+            });
+        });
+    }
+
+    /// Acts on a re-check: a download forgets its bad pieces and fetches them again; an
+    /// origin whose file no longer matches stops being served; a file that is gone or
+    /// replaced fails the content.
+    fn on_checked(
+        &mut self,
+        id: ContentId,
+        result: Result<Vec<usize>, String>,
+        reply: Option<oneshot::Sender<Result<VerifyReport, ContentError>>>,
+    ) {
+        let answer = |svc: &Service, checked: usize, bad: Vec<usize>| {
+            let info = svc.contents.get(&id).map(|c| svc.info(c));
+            match info {
+                Some(info) => Ok(VerifyReport { checked, bad, info }),
+                None => Err(ContentError::Unknown(id)),
+            }
+        };
+        let Some(c) = self.contents.get_mut(&id) else {
+            if let Some(r) = reply {
+                let _ = r.send(Err(ContentError::Unknown(id)));
+            }
+            return;
+        };
+        c.checking = false;
+        let (checked, bad) = match result {
+            Ok(mut v) => {
+                let checked = v.pop().unwrap_or(0);
+                (checked, v)
+            }
+            Err(why) => {
+                tracing::error!("content {id}: {why}");
+                c.links.clear();
+                c.phase = Phase::Failed(why);
+                let out = answer(self, 0, vec![]);
+                if let Some(r) = reply {
+                    let _ = r.send(out);
+                }
+                return;
+            }
+        };
+        let Phase::Active(_) = &c.phase else {
+            if let Some(r) = reply {
+                let _ = r.send(answer(self, checked, bad));
+            }
+            return;
+        };
+        if c.origin && !bad.is_empty() {
+            let why = format!(
+                "{} changed since it was shared ({} of its pieces differ): no longer served; \
+                 share it again",
+                c.out.as_deref().unwrap_or(Path::new("?")).display(),
+                bad.len()
+            );
+            tracing::error!("content {id}: {why}");
+            c.links.clear();
+            c.phase = Phase::Failed(why);
+        } else {
+            // A fresh session over the pieces that still verify (peers reconnect and see
+            // the new bitfield); the stat is taken anew, so an unchanged file is quiet again.
+            let Phase::Active(e) = std::mem::replace(&mut c.phase, Phase::Opening) else {
+                unreachable!("checked above")
+            };
+            c.links.clear();
+            let mut store = e.into_store();
+            let forgot = store.forget(&bad);
+            let cfg = EngineConfig {
+                super_seed: c.super_seed && bad.is_empty(),
+                ..Default::default()
+            };
+            match forgot {
+                Ok(()) => {
+                    if !bad.is_empty() {
+                        tracing::warn!(
+                            "content {id}: {} pieces no longer verify; fetching them again",
+                            bad.len()
+                        );
+                    }
+                    c.phase =
+                        Phase::Active(Box::new(Engine::new(store, cfg, std::time::Instant::now())));
+                    for cand in c.candidates.values_mut() {
+                        cand.forgive();
+                    }
+                }
+                Err(e) => c.phase = Phase::Failed(e.to_string()),
+            }
+            let c = &self.contents[&id];
+            if c.origin {
+                if let Err(e) = self.record(c) {
+                    tracing::warn!("content {id}: {e}");
+                }
+            }
+            self.connect_more(&id);
+        }
+        if let Some(r) = reply {
+            let _ = r.send(answer(self, checked, bad));
         }
     }
 
@@ -1827,81 +2372,113 @@ impl Service {
     }
 }
 
-/// Reloads the contents persisted by an earlier run in `dir`: shared files are re-hashed,
-/// downloads resume from their journals. Also returns the fetches that had no manifest yet
-/// (for which no record exists), to be asked again. Blocking (it reads whole files): the
-/// caller runs it on a blocking thread.
-fn load_contents(dir: &Path) -> (Vec<Content>, Vec<FetchRequest>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return (vec![], vec![]);
-    };
-    let mut out = vec![];
-    let mut pending = vec![];
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(hex) = name.strip_suffix(FETCH_SUFFIX) {
-            let recorded = dir.join(format!("{hex}{RECORD_SUFFIX}")).exists();
-            let req: Option<FetchRequest> = std::fs::read(e.path())
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            match req {
-                Some(r) if !recorded && pending.len() < MAX_CONTENTS => pending.push(r),
-                Some(_) if recorded => {}
-                _ => tracing::warn!("{}: unreadable pending fetch, skipped", e.path().display()),
-            }
-            continue;
-        }
-        let Some(hex) = name.strip_suffix(RECORD_SUFFIX) else {
-            continue;
-        };
-        let Ok(id) = hex.parse::<ContentId>() else {
-            continue;
-        };
-        let rec: Option<Record> = std::fs::read(e.path())
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let manifest = std::fs::read(dir.join(format!("{hex}{MANIFEST_SUFFIX}")))
-            .ok()
-            .and_then(|b| Manifest::decode_verified(&b, &id).ok());
-        let (Some(rec), Some(m)) = (rec, manifest) else {
-            tracing::warn!("{}: unreadable content record, skipped", e.path().display());
-            continue;
-        };
-        let opened = if rec.origin {
-            PieceStore::open_complete(&rec.path, m)
-        } else {
-            PieceStore::open(&rec.path, m)
-        };
-        let phase = match opened {
-            Ok(store) => Phase::Active(Box::new(Engine::new(
-                store,
-                EngineConfig {
-                    super_seed: rec.super_seed,
-                    ..Default::default()
-                },
-                std::time::Instant::now(),
-            ))),
-            Err(e) => Phase::Failed(e.to_string()),
-        };
-        out.push(Content::new(
-            id,
-            phase,
-            Some(rec.path),
-            rec.super_seed,
-            rec.tracker,
-            rec.origin,
-        ));
-    }
-    (out, pending)
+/// Reloads the contents recorded by an earlier run: an origin is seeded without hashing
+/// while its file is as it was shared (else hashed, and refused if changed); a download
+/// resumes from its journal, which must prove the file is its own, and is hashed again if
+/// the file changed. Also returns the fetches that had no manifest yet, to be asked again.
+/// Blocking (it may read whole files): the caller runs it on a blocking thread.
+fn load_contents(records: &Records) -> (Vec<Content>, Vec<Pending>) {
+    let (loaded, pending) = records.load(MAX_CONTENTS);
+    let contents = loaded
+        .into_iter()
+        .map(
+            |Loaded {
+                 id,
+                 record,
+                 manifest,
+             }| {
+                let opened = if record.origin {
+                    PieceStore::seed(&record.path, manifest, record.stat.as_ref()).map(
+                        |(s, hashed)| {
+                            if hashed {
+                                tracing::info!(
+                            "content {id}: {} changed since it was shared, or predates the \
+                             record of its state: hashed again, unchanged",
+                            record.path.display()
+                        );
+                            }
+                            s
+                        },
+                    )
+                } else {
+                    PieceStore::resume(&record.path, &records.journal(&id), manifest).map(
+                        |(s, r)| {
+                            if r.rechecked {
+                                tracing::warn!(
+                            "content {id}: {} changed while the node was down (or it stopped \
+                             between two flushes): re-hashed, {} pieces fetched again",
+                            record.path.display(),
+                            r.dropped
+                        );
+                            }
+                            s
+                        },
+                    )
+                };
+                let phase = match opened {
+                    Ok(store) => Phase::Active(Box::new(Engine::new(
+                        store,
+                        EngineConfig {
+                            super_seed: record.super_seed,
+                            ..Default::default()
+                        },
+                        std::time::Instant::now(),
+                    ))),
+                    Err(e) => {
+                        tracing::error!("content {id}: {e}");
+                        Phase::Failed(e.to_string())
+                    }
+                };
+                let mut c = Content::new(
+                    id,
+                    phase,
+                    Some(record.path),
+                    record.super_seed,
+                    record.tracker,
+                    record.origin,
+                );
+                c.recorded = true;
+                c.providers = record.providers;
+                c
+            },
+        )
+        .collect();
+    (contents, pending)
 }
 
-/// A download never writes over a file that is not its own: one without a journal next to it
-/// (an interrupted download of ours has one).
-fn refuse_to_overwrite(out: &Path) -> Result<(), ContentError> {
-    if out.exists() && !journal_path(out).exists() {
-        return Err(ContentError::WouldOverwrite(out.to_owned()));
+/// `path` with `.` and `..` resolved lexically (no file system access), for comparing the
+/// paths contents claim.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
     }
-    Ok(())
+    out
+}
+
+/// `name` for `k = 0`, else `stem (k).ext`, shortened to the 255 bytes a file name may have.
+fn numbered(name: &str, k: usize) -> String {
+    if k == 0 {
+        return name.to_owned();
+    }
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => name.split_at(i),
+        _ => (name, ""),
+    };
+    let tag = format!(" ({k})");
+    let room = meshwork_swarm::manifest::MAX_NAME_BYTES.saturating_sub(tag.len() + ext.len());
+    let mut cut = stem.len().min(room);
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tag}{ext}", &stem[..cut])
 }
 
 /// Asks the node for a connection to `peer` and waits until it is open.
@@ -1941,12 +2518,6 @@ async fn open_with(
 
 fn dht_key(id: &ContentId) -> kad::RecordKey {
     kad::RecordKey::new(&id.0)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
