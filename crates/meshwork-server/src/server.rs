@@ -960,7 +960,7 @@ mod tests {
     /// that wake late; and it still reaches its rate over a long run.
     #[test]
     fn the_pacer_never_beats_its_rate_and_still_reaches_it() {
-        let rate = 2_000_000; // 2 MB/s
+        let rate = 20_000_000; // 20 MB/s: a 64 KiB chunk takes 3.3 ms, as long as a late wake-up
         let sizes = [
             65_536, 1, 1_500, 65_536, 300_000, 7, 4_096, 65_536, 20_000, 131_072,
         ];
