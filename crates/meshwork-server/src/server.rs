@@ -1007,11 +1007,8 @@ mod tests {
         // its full time, and the same bound holds from its own start.
         let t1 = last + Duration::from_secs(60);
         let first = p.reserve(65_536, t1);
-        assert!(
-            first >= t1 + Duration::from_micros(32_768),
-            "{:?}",
-            first - t1
-        );
+        let full = Duration::from_secs_f64(65_536.0 / rate as f64);
+        assert!(first >= t1 + full, "{:?} < {full:?}", first - t1);
         let mut out_bytes = 65_536u64;
         assert!(within(out_bytes, rate, t1, first));
         // Many downloads asking at once share the rate: released one after another.
