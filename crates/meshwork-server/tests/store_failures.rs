@@ -132,8 +132,9 @@ async fn a_full_disk_makes_the_server_unhealthy_and_it_recovers_by_itself() -> R
 }
 
 /// Case 6: an upload that runs out of room half way is refused with 507 and the reason, and
-/// leaves no file at all (no temporary, nothing under a content id); the store stays healthy
-/// and the same upload succeeds once there is room.
+/// leaves no file at all (no temporary, nothing under a content id), the store staying
+/// healthy; one whose record does not fit is refused with 503 and leaves nothing either; the
+/// same upload succeeds once there is room.
 #[tokio::test]
 async fn an_upload_that_runs_out_of_disk_is_refused_and_leaves_no_file() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -162,7 +163,23 @@ async fn an_upload_that_runs_out_of_disk_is_refused_and_leaves_no_file() -> Resu
     assert_eq!(list.as_array().map(Vec::len), Some(0));
     let (code, _) = get(&format!("{base}/api/v1/health")).await?;
     assert_eq!(code, 200, "the database was not hurt");
+
+    // Room for the file but not for its record: refused (the store is down), and the file
+    // renamed to its content id is removed again.
+    faults.set_space(Some(data.len() as u64));
+    let e = client::upload(&base, &file).await.unwrap_err();
+    assert!(
+        matches!(&e, client::ClientError::Status { status, .. } if status.as_u16() == 503),
+        "{e}"
+    );
+    assert_eq!(snapshot(&content_dir), vec![], "an unrecorded file was left");
+
     faults.set_space(None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(&format!("{base}/api/v1/health")).await?.0 != 200 {
+        assert!(Instant::now() < deadline, "the store never reopened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let sum = client::upload(&base, &file).await?;
     assert_eq!(std::fs::read(content_dir.join(&sum.id))?, data);
     srv.stop().await;
