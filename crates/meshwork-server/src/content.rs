@@ -178,6 +178,21 @@ impl ContentStore {
                 );
             }
         }
+        // Every manifest decodes (a damaged one is an open error, not a client's surprise),
+        // and a record whose file is gone or of another size is said once, at start.
+        for (id, m) in s.list()? {
+            let p = s.path(&id);
+            match std::fs::metadata(&p) {
+                Ok(md) if md.is_file() && md.len() == m.size => {}
+                Ok(md) => tracing::warn!(
+                    file = %p.display(),
+                    "recorded as {} bytes but {} bytes on disk: downloads of it will fail verification",
+                    m.size,
+                    md.len()
+                ),
+                Err(e) => tracing::warn!(file = %p.display(), "recorded content is missing: {e}"),
+            }
+        }
         Ok(s)
     }
 

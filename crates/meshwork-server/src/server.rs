@@ -366,7 +366,7 @@ fn open(cfg: &ServerConfig, faults: Option<Arc<Faults>>) -> Result<Shared, Serve
         cfg.max_upload_bytes,
     )
     .map_err(|e| match e {
-        ContentError::Store(r) => damaged(r).into(),
+        e @ (ContentError::Store(_) | ContentError::Manifest(_)) => damaged(e.to_string()).into(),
         e => ServerError::from(e),
     })?;
     let opened = CentralLedger::open(store.clone(), cfg.spec.clone())
@@ -378,10 +378,6 @@ fn open(cfg: &ServerConfig, faults: Option<Arc<Faults>>) -> Result<Shared, Serve
         }
         Err(e) => return Err(e.into()),
     };
-    // A damaged manifest is found here rather than on a client's request.
-    content
-        .list()
-        .map_err(|e| ServerError::from(damaged(e.to_string())))?;
     Ok(Arc::new(Inner {
         store,
         ledger,
@@ -423,14 +419,35 @@ fn router(s: Shared) -> Router {
 }
 
 /// Runs blocking store work off the async runtime.
-async fn blocking<T: Send + 'static>(
+///
+/// A panic in that work (redb on a damaged page, say) becomes the operation's error, so the
+/// client gets a 500 with a reason rather than a dropped connection.
+async fn blocking<T: Send + 'static, E: FromPanic + Send + 'static>(
     s: &Shared,
-    f: impl FnOnce(&Inner) -> T + Send + 'static,
-) -> T {
+    f: impl FnOnce(&Inner) -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
     let s = s.clone();
-    tokio::task::spawn_blocking(move || f(&s))
-        .await
-        .expect("store work does not panic")
+    match tokio::task::spawn_blocking(move || f(&s)).await {
+        Ok(r) => r,
+        Err(e) => Err(E::from_panic(format!("the store failed: {e}"))),
+    }
+}
+
+/// Errors that a panicked store operation becomes.
+trait FromPanic {
+    fn from_panic(what: String) -> Self;
+}
+
+impl FromPanic for LedgerError {
+    fn from_panic(what: String) -> Self {
+        LedgerError::Store(what)
+    }
+}
+
+impl FromPanic for ContentError {
+    fn from_panic(what: String) -> Self {
+        ContentError::Store(what)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -871,9 +888,13 @@ async fn upload(
         Some(len) => meshwork_swarm::manifest::default_piece_size(len),
         None => meshwork_swarm::manifest::DEFAULT_PIECE_SIZE,
     });
+    let mut stream = body.into_data_stream();
     let up = match s.content.begin(&name, piece_size) {
         Ok(u) => u,
-        Err(e) => return upload_failure(&s, e),
+        Err(e) => {
+            drain(&mut stream).await;
+            return upload_failure(&s, e);
+        }
     };
     // The body goes to a blocking writer through a small channel: backpressure reaches the
     // client's TCP window when the disk is slower than the network.
@@ -890,21 +911,13 @@ async fn upload(
         }
         st.content.commit(up).map(Some)
     });
-    let mut stream = body.into_data_stream();
     let mut failed = None;
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(c) => {
                 if tx.send(Some(c)).await.is_err() {
-                    // The writer stopped: its error is below. Read a bounded rest of the
-                    // body, so that the client hears the reason instead of a reset.
-                    let mut drained = 0;
-                    while drained < DRAIN_LIMIT {
-                        match stream.next().await {
-                            Some(Ok(c)) => drained += c.len(),
-                            _ => break,
-                        }
-                    }
+                    // The writer stopped: its error is below.
+                    drain(&mut stream).await;
                     break;
                 }
             }
@@ -926,6 +939,18 @@ async fn upload(
         Ok(Ok(None)) => internal("an upload was abandoned and reported as finished"),
         Ok(Err(e)) => upload_failure(&s, e),
         Err(e) => internal(format!("the upload's writer failed: {e}")),
+    }
+}
+
+/// Reads (and discards) a bounded rest of a refused upload's body, so that the client, still
+/// sending, hears the reason instead of a reset connection.
+async fn drain(stream: &mut axum::body::BodyDataStream) {
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT {
+        match stream.next().await {
+            Some(Ok(c)) => drained += c.len(),
+            _ => break,
+        }
     }
 }
 

@@ -172,7 +172,11 @@ async fn an_upload_that_runs_out_of_disk_is_refused_and_leaves_no_file() -> Resu
         matches!(&e, client::ClientError::Status { status, .. } if status.as_u16() == 503),
         "{e}"
     );
-    assert_eq!(snapshot(&content_dir), vec![], "an unrecorded file was left");
+    assert_eq!(
+        snapshot(&content_dir),
+        vec![],
+        "an unrecorded file was left"
+    );
 
     faults.set_space(None);
     let deadline = Instant::now() + Duration::from_secs(20);
