@@ -32,6 +32,10 @@ use redb::{Database, DatabaseError, StorageBackend, StorageError};
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// The longest wait between two reopen attempts.
 const MAX_RETRY: Duration = Duration::from_secs(5);
+/// A storage error this soon after a reopen continues the same episode: its backoff keeps
+/// growing and it is not logged again (a reopen can succeed on a still-full disk, and the
+/// next write then fails at once).
+const RELAPSE: Duration = Duration::from_secs(60);
 
 /// Errors of [`Store`].
 #[derive(Debug, thiserror::Error)]
@@ -182,16 +186,28 @@ pub enum Maintained {
     Reopened,
 }
 
+/// The episode a reopened store came back from.
+#[derive(Clone, Copy)]
+struct Episode {
+    since: Instant,
+    reopened: Instant,
+    backoff: Duration,
+}
+
 enum State {
     Open {
         db: Arc<Database>,
         wire: Arc<Tripwire>,
+        /// Set when this handle came from a reopen.
+        after: Option<Episode>,
     },
     Down {
         reason: String,
         since: Instant,
         retry_at: Instant,
         backoff: Duration,
+        /// Down again soon after a reopen: the episode was logged already.
+        relapse: bool,
     },
 }
 
@@ -200,6 +216,8 @@ pub struct Store {
     path: PathBuf,
     faults: Option<Arc<Faults>>,
     state: Mutex<State>,
+    /// Storage-error episodes so far, each logged once.
+    episodes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -228,7 +246,12 @@ impl Store {
         Ok(Store {
             path: path.to_path_buf(),
             faults,
-            state: Mutex::new(State::Open { db, wire }),
+            state: Mutex::new(State::Open {
+                db,
+                wire,
+                after: None,
+            }),
+            episodes: Default::default(),
         })
     }
 
@@ -266,6 +289,12 @@ impl Store {
         self.db().map(drop)
     }
 
+    /// How many storage-error episodes there were since open. Each is logged once: a store
+    /// that fails again within a minute of its reopen continues its episode (and its backoff).
+    pub fn episodes(&self) -> u64 {
+        self.episodes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The store's health now.
     pub fn health(&self) -> Health {
         let mut st = self.lock();
@@ -281,23 +310,35 @@ impl Store {
 
     /// Open → Down when the wire tripped; the one place that logs the failure.
     fn trip_if_failed(&self, st: &mut State) {
-        let State::Open { wire, .. } = &*st else {
+        let State::Open { wire, after, .. } = &*st else {
             return;
         };
         let Some(what) = wire.reason() else {
             return;
         };
         let reason = format!("{}: {what}", self.path.display());
-        tracing::error!(
-            "storage error: {reason}; refusing transfers and uploads, and reporting unhealthy, \
-             until the store is reopened"
-        );
         let now = Instant::now();
+        let (since, backoff, relapse) = match after {
+            Some(ep) if now.duration_since(ep.reopened) < RELAPSE => {
+                tracing::debug!("storage error again soon after the reopen: {reason}");
+                (ep.since, (ep.backoff * 2).min(MAX_RETRY), true)
+            }
+            _ => {
+                self.episodes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    "storage error: {reason}; refusing transfers and uploads, and reporting \
+                     unhealthy, until the store is reopened"
+                );
+                (now, FIRST_RETRY, false)
+            }
+        };
         *st = State::Down {
             reason,
-            since: now,
-            retry_at: now + FIRST_RETRY,
-            backoff: FIRST_RETRY,
+            since,
+            retry_at: now + backoff,
+            backoff,
+            relapse,
         };
     }
 
@@ -316,17 +357,38 @@ impl Store {
         // maintenance task calls this, so two opens never race.
         let r = open_db(&self.path, self.faults.clone());
         let mut st = self.lock();
-        let State::Down { since, backoff, .. } = &mut *st else {
+        let State::Down {
+            since,
+            backoff,
+            relapse,
+            ..
+        } = &mut *st
+        else {
             return Maintained::Healthy;
         };
         match r {
             Ok((db, wire)) => {
-                tracing::info!(
+                let ep = Episode {
+                    since: *since,
+                    reopened: Instant::now(),
+                    backoff: *backoff,
+                };
+                let msg = format!(
                     "{}: store reopened after {:.1} s down",
                     self.path.display(),
                     since.elapsed().as_secs_f64()
                 );
-                *st = State::Open { db, wire };
+                // Once per episode, like the error.
+                if *relapse {
+                    tracing::debug!("{msg}");
+                } else {
+                    tracing::info!("{msg}");
+                }
+                *st = State::Open {
+                    db,
+                    wire,
+                    after: Some(ep),
+                };
                 Maintained::Reopened
             }
             Err(e) => {
@@ -502,6 +564,25 @@ mod tests {
         }
         assert_eq!(s.health(), Health::Ok);
         assert_eq!(get(&s, 1), Some(1));
+        assert_eq!(s.episodes(), 1);
+
+        // Full again at once (a reopen can succeed on a full disk): the same episode, not
+        // logged again, its down time counted from the first failure.
+        let Health::Down { since: first, .. } = ({
+            faults.set_space(Some(0));
+            assert!(put(&s, 2).is_err());
+            s.health()
+        }) else {
+            panic!("healthy after a failed write");
+        };
+        assert_eq!(s.episodes(), 1, "a relapse is the same episode");
+        assert!(first.elapsed() > Duration::from_millis(200), "{first:?}");
+        faults.set_space(None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.maintain() != Maintained::Reopened {
+            assert!(Instant::now() < deadline, "never reopened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         put(&s, 3).unwrap();
         drop(s);
         let s = Store::open(&dir.path().join("s.redb")).unwrap();
