@@ -302,3 +302,115 @@ async fn only_the_servers_own_temporary_files_are_swept() -> Result<()> {
     srv.stop().await;
     Ok(())
 }
+
+/// Unmounts on drop, so a failed assertion does not leave the mount behind.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Case 6 on a real full disk (a 20 MB tmpfs; root only, skipped with a message otherwise):
+/// the server's data dir fills up, a transfer is refused with 503 and health says why; once
+/// the filler is removed the store reopens by itself, a new transfer is accepted, and after a
+/// restart every acknowledged transfer is there.
+#[tokio::test]
+async fn a_real_full_tmpfs_makes_the_server_unhealthy_until_space_returns() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root (the Faults seam covers this without)");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mnt = dir.path().join("disk");
+    std::fs::create_dir(&mnt)?;
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=20m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return Ok(());
+    }
+    let _mount = Mount(mnt.clone());
+    let spec = ChainSpec::test("test-central-tmpfs");
+    let chain_id = genesis_block(&spec).hash();
+    let cfg = ServerConfig::new(&mnt.join("server"), spec);
+    let srv = server::start("127.0.0.1:0".parse()?, cfg.clone()).await?;
+    let base = format!("http://{}", srv.addr);
+    let faucet = Wallet::from_secret(&DEV_FAUCET_SECRET);
+    let to = Wallet::generate().address();
+    let t0 = faucet.transfer(chain_id, to, 1, 1, 0);
+    assert_eq!(post_tx(&base, &t0).await?.0, 201);
+    let mut acked = vec![t0.id()];
+    // Fill the disk to the last byte.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(mnt.join("filler"))?;
+        let block = vec![0xa5u8; 64 << 10];
+        loop {
+            if let Err(e) = f.write_all(&block) {
+                assert!(meshwork_server::store::is_no_space(&e), "{e}");
+                break;
+            }
+        }
+        let _ = f.write_all(&block[..1]);
+    }
+    let mut nonce = 1;
+    let refused = loop {
+        let t = faucet.transfer(chain_id, to, 1, 1, nonce);
+        let (code, body) = post_tx(&base, &t).await?;
+        match code {
+            201 => acked.push(t.id()),
+            503 => break t,
+            c => panic!("{c}: {body}"),
+        }
+        nonce += 1;
+        assert!(nonce < 5000, "the disk never filled");
+    };
+    let (code, body) = get(&format!("{base}/api/v1/health")).await?;
+    // A reopen may already have succeeded on the full disk; the next write fails again.
+    if code == 200 {
+        assert_eq!(post_tx(&base, &refused).await?.0, 503);
+    } else {
+        assert_eq!(code, 503, "{body}");
+        assert!(reason(&body).contains("No space left"), "{body}");
+    }
+    std::fs::remove_file(mnt.join("filler"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let again = loop {
+        let (code, body) = post_tx(&base, &refused).await?;
+        if code == 201 {
+            break body;
+        }
+        assert_eq!(code, 503, "{body}");
+        assert!(Instant::now() < deadline, "the store never reopened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(again["id"], refused.id().to_string());
+    acked.push(refused.id());
+    srv.stop().await;
+    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let base = format!("http://{}", srv.addr);
+    for id in &acked {
+        assert_eq!(tx_state(&base, id).await?, "confirmed", "{id} lost");
+    }
+    srv.stop().await;
+    Ok(())
+}
