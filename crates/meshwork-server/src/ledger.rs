@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use meshwork_ledger::chain::{apply_transfer, check_transfer_fields, genesis_block, Accounts};
 use meshwork_ledger::{Account, Address, BlockError, ChainSpec, Hash, SignedTransfer, TxError};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::store::{Store, StoreError};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_meta");
 /// sequence → encoded transfer.
@@ -39,14 +41,31 @@ const COUNT_KEY: &str = "count";
 /// At most this many entries in one history or log page.
 pub const MAX_PAGE: usize = 1000;
 
+/// Errors of [`CentralLedger`].
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
+    /// The transfer is invalid (the client's error: HTTP 400).
     #[error("transaction refused: {0}")]
     Refused(#[from] TxError),
     #[error("the store was created for another chain spec (network {stored:?}); use its spec or another data directory")]
     OtherSpec { stored: String },
+    /// The stored ledger contradicts itself (found at open or while reading it).
+    #[error("the stored ledger is inconsistent: {0}")]
+    Inconsistent(String),
+    /// The store is down after a storage error (HTTP 503): nothing was recorded.
+    #[error("{0}")]
+    Unavailable(StoreError),
     #[error("store: {0}")]
     Store(String),
+}
+
+impl From<StoreError> for LedgerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            e @ StoreError::Unavailable { .. } => LedgerError::Unavailable(e),
+            e => LedgerError::Store(e.to_string()),
+        }
+    }
 }
 
 impl From<redb::Error> for LedgerError {
@@ -81,8 +100,9 @@ pub struct Receipt {
     pub head: Hash,
 }
 
+/// The server's ledger in its [`Store`].
 pub struct CentralLedger {
-    db: Arc<Database>,
+    store: Arc<Store>,
     spec: ChainSpec,
     chain_id: Hash,
 }
@@ -118,11 +138,18 @@ fn next_head(head: &Hash, id: &Hash) -> Hash {
 }
 
 impl CentralLedger {
-    /// Opens (or creates, with the spec's genesis allocations) the ledger in `db`.
-    pub fn open(db: Arc<Database>, spec: ChainSpec) -> Result<CentralLedger, LedgerError> {
+    /// Opens (or creates, with the spec's genesis allocations) the ledger in `store`.
+    ///
+    /// An existing ledger passes a cheap consistency check first (the head and count are
+    /// readable, the log holds exactly `count` entries ending at `count`, and the id index
+    /// as many): [`LedgerError::Inconsistent`] otherwise. The full replay is
+    /// [`CentralLedger::verify`].
+    pub fn open(store: Arc<Store>, spec: ChainSpec) -> Result<CentralLedger, LedgerError> {
         let chain_id = genesis_block(&spec).hash();
         let spec_hash = spec.hash();
+        let db = store.db()?;
         let w = db.begin_write()?;
+        let mut existing = false;
         {
             let mut meta = w.open_table(META)?;
             let stored = meta.get(SPEC_KEY)?.map(|v| v.value().to_vec());
@@ -135,7 +162,7 @@ impl CentralLedger {
                             .unwrap_or_default(),
                     })
                 }
-                Some(_) => {}
+                Some(_) => existing = true,
                 None => {
                     meta.insert(SPEC_KEY, spec_hash.0.as_slice())?;
                     meta.insert("network", spec.name.as_bytes())?;
@@ -151,8 +178,15 @@ impl CentralLedger {
             w.open_table(TXIDX)?;
             w.open_table(HISTORY)?;
         }
+        if existing {
+            check_counts(&w)?;
+        }
         w.commit()?;
-        Ok(CentralLedger { db, spec, chain_id })
+        Ok(CentralLedger {
+            store,
+            spec,
+            chain_id,
+        })
     }
 
     pub fn spec(&self) -> &ChainSpec {
@@ -171,7 +205,7 @@ impl CentralLedger {
             return Err(TxError::BadSignature.into());
         }
         let id = t.id();
-        let w = self.db.begin_write()?;
+        let w = self.store.db()?.begin_write()?;
         let receipt;
         {
             let mut txidx = w.open_table(TXIDX)?;
@@ -205,13 +239,13 @@ impl CentralLedger {
 
     /// (log head, number of transfers).
     pub fn head(&self) -> Result<(Hash, u64), LedgerError> {
-        let r = self.db.begin_read()?;
+        let r = self.store.db()?.begin_read()?;
         let meta = r.open_table(META)?;
         read_head(&meta)
     }
 
     pub fn account(&self, addr: &Address) -> Result<Account, LedgerError> {
-        let r = self.db.begin_read()?;
+        let r = self.store.db()?.begin_read()?;
         let t = r.open_table(ACCOUNTS)?;
         Ok(t.get(&addr.0)?
             .map(|g| {
@@ -222,7 +256,7 @@ impl CentralLedger {
     }
 
     pub fn receipt(&self, id: &Hash) -> Result<Option<Receipt>, LedgerError> {
-        let r = self.db.begin_read()?;
+        let r = self.store.db()?.begin_read()?;
         let t = r.open_table(TXIDX)?;
         Ok(t.get(&id.0)?.map(|g| {
             let (seq, head) = g.value();
@@ -240,7 +274,7 @@ impl CentralLedger {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, SignedTransfer)>, LedgerError> {
-        let r = self.db.begin_read()?;
+        let r = self.store.db()?.begin_read()?;
         let t = r.open_table(LOG)?;
         let mut out = vec![];
         for e in t
@@ -249,7 +283,7 @@ impl CentralLedger {
         {
             let (k, v) = e?;
             let tx = SignedTransfer::decode(v.value())
-                .map_err(|e| LedgerError::Store(format!("log entry {}: {e}", k.value())))?;
+                .map_err(|e| LedgerError::Inconsistent(format!("log entry {}: {e}", k.value())))?;
             out.push((k.value(), tx));
         }
         Ok(out)
@@ -261,7 +295,7 @@ impl CentralLedger {
         addr: &Address,
         limit: usize,
     ) -> Result<Vec<(u64, SignedTransfer)>, LedgerError> {
-        let r = self.db.begin_read()?;
+        let r = self.store.db()?.begin_read()?;
         let hist = r.open_table(HISTORY)?;
         let log = r.open_table(LOG)?;
         let mut out = vec![];
@@ -272,11 +306,11 @@ impl CentralLedger {
         {
             let (k, _) = e?;
             let seq = k.value().1;
-            let bytes = log
-                .get(seq)?
-                .ok_or_else(|| LedgerError::Store(format!("history names missing entry {seq}")))?;
+            let bytes = log.get(seq)?.ok_or_else(|| {
+                LedgerError::Inconsistent(format!("history names missing entry {seq}"))
+            })?;
             let tx = SignedTransfer::decode(bytes.value())
-                .map_err(|e| LedgerError::Store(format!("log entry {seq}: {e}")))?;
+                .map_err(|e| LedgerError::Inconsistent(format!("log entry {seq}: {e}")))?;
             out.push((seq, tx));
         }
         Ok(out)
@@ -308,7 +342,12 @@ impl CentralLedger {
                 "log of {seq} entries does not match the stored head"
             ));
         }
-        let r = self.db.begin_read().map_err(|e| e.to_string())?;
+        let r = self
+            .store
+            .db()
+            .map_err(|e| e.to_string())?
+            .begin_read()
+            .map_err(|e| e.to_string())?;
         let t = r.open_table(ACCOUNTS).map_err(|e| e.to_string())?;
         let mut stored = HashMap::new();
         for e in t.iter().map_err(|e| e.to_string())? {
@@ -332,19 +371,35 @@ fn read_head(
 ) -> Result<(Hash, u64), LedgerError> {
     let head = meta
         .get(HEAD_KEY)?
-        .ok_or_else(|| LedgerError::Store("no log head".into()))?;
+        .ok_or_else(|| LedgerError::Inconsistent("no log head".into()))?;
     let count = meta
         .get(COUNT_KEY)?
-        .ok_or_else(|| LedgerError::Store("no log count".into()))?;
+        .ok_or_else(|| LedgerError::Inconsistent("no log count".into()))?;
     let h: [u8; 32] = head
         .value()
         .try_into()
-        .map_err(|_| LedgerError::Store("bad log head".into()))?;
+        .map_err(|_| LedgerError::Inconsistent("bad log head".into()))?;
     let c: [u8; 8] = count
         .value()
         .try_into()
-        .map_err(|_| LedgerError::Store("bad log count".into()))?;
+        .map_err(|_| LedgerError::Inconsistent("bad log count".into()))?;
     Ok((Hash(h), u64::from_le_bytes(c)))
+}
+
+/// The open-time check of an existing ledger: O(1) reads, no replay.
+fn check_counts(w: &redb::WriteTransaction) -> Result<(), LedgerError> {
+    let (_, count) = read_head(&w.open_table(META)?)?;
+    let log = w.open_table(LOG)?;
+    let entries = log.len()?;
+    let last = log.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    let indexed = w.open_table(TXIDX)?.len()?;
+    if entries != count || last != count || indexed != count {
+        return Err(LedgerError::Inconsistent(format!(
+            "the head counts {count} transfers, the log holds {entries} ending at {last}, \
+             the id index {indexed}"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -355,8 +410,8 @@ mod tests {
     use std::path::Path;
 
     fn open(dir: &Path) -> CentralLedger {
-        let db = Arc::new(Database::create(dir.join("s.redb")).unwrap());
-        CentralLedger::open(db, ChainSpec::test("test-central")).unwrap()
+        let store = Arc::new(Store::open(&dir.join("s.redb")).unwrap());
+        CentralLedger::open(store, ChainSpec::test("test-central")).unwrap()
     }
 
     #[test]
@@ -423,9 +478,9 @@ mod tests {
         assert_eq!(l.log_after(1, 10).unwrap().len(), 1);
         l.verify().unwrap();
         drop(l);
-        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let store = Arc::new(Store::open(&dir.path().join("s.redb")).unwrap());
         assert!(matches!(
-            CentralLedger::open(db, ChainSpec::test("test-another")),
+            CentralLedger::open(store, ChainSpec::test("test-another")),
             Err(LedgerError::OtherSpec { .. })
         ));
         let _ = first;

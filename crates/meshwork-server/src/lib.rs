@@ -4,7 +4,9 @@
 //!   expiry, statistics; [`http`] serves it (`meshwork tracker start`).
 //! - The client-server counterpart of the node's services (`meshwork server start`):
 //!   [`ledger`] orders the same signed transfers without proof of work, [`content`] stores
-//!   files by the same content id as the swarm, and [`server`] serves both over HTTP, and [`client`] uploads and downloads with every piece
+//!   files by the same content id as the swarm, both in one database ([`store`]: opened
+//!   without panicking on a damaged file, reopened by itself after a storage error);
+//!   [`server`] serves them over HTTP, and [`client`] uploads and downloads with every piece
 //!   verified.
 
 pub mod client;
@@ -12,4 +14,5 @@ pub mod content;
 pub mod http;
 pub mod ledger;
 pub mod server;
+pub mod store;
 pub mod tracker;

@@ -18,7 +18,15 @@
 //! - `GET /content/{id}/manifest`: the manifest, so that clients verify every piece.
 //!
 //! `GET /api/v1/status` reports counts, including the content bytes served (the origin's
-//! upload, for the lab).
+//! upload, for the lab). `GET /api/v1/health` → 200 `{"status": "ok"}`, or 503
+//! `{"status": "unavailable", "error", "down_s"}` while the store is down after a storage
+//! error (a full disk).
+//!
+//! Storage failures: after an I/O error the store is down until it reopens by itself
+//! ([`crate::store`]; a task here retries every 100 ms, with backoff). Meanwhile status and
+//! health answer 503 with the reason, and so do transfers and uploads, which are never
+//! acknowledged unless durable; the reason is logged once, not per request. An upload that
+//! runs out of disk answers 507 and leaves no file behind.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -41,6 +49,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::content::{ContentError, ContentStore};
 use crate::ledger::{CentralLedger, LedgerError, MAX_PAGE};
+use crate::store::{Faults, Health, Maintained, Store, StoreError};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "server.redb";
@@ -51,6 +60,11 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 const MAX_UPLOADS: usize = 16;
 /// Chunks of a download.
 const READ_CHUNK: usize = 64 << 10;
+/// How often a down store is offered a reopen (the store itself backs off).
+const MAINTAIN_EVERY: Duration = Duration::from_millis(100);
+/// After a failed upload, at most this much more of its body is read (and discarded) so that
+/// the client gets the answer rather than a reset connection.
+const DRAIN_LIMIT: usize = 16 << 20;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -83,12 +97,16 @@ impl ServerConfig {
     }
 }
 
+/// Start-up errors of [`start`].
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
     #[error("{path}: cannot open the database: {reason}")]
     Db { path: String, reason: String },
+    /// The database cannot be opened, or is damaged (the message says how to recover).
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -96,6 +114,7 @@ pub enum ServerError {
 }
 
 struct Inner {
+    store: Arc<Store>,
     ledger: CentralLedger,
     content: ContentStore,
     started: Instant,
@@ -110,28 +129,65 @@ struct Inner {
     limiter: Option<Limiter>,
 }
 
-/// A token bucket shared by every download. Each chunk reserves its bytes and sleeps until
-/// the bucket has paid for them, so the aggregate rate never exceeds `rate` (after a burst of
-/// at most `rate / 20` bytes).
+/// The upload cap shared by every download: a pacer, behind a lock.
 struct Limiter {
-    rate: f64,
-    /// (tokens, when) — tokens go negative while chunks wait.
-    state: std::sync::Mutex<(f64, Instant)>,
+    pacer: std::sync::Mutex<Pacer>,
 }
 
 impl Limiter {
-    fn delay(&self, n: usize) -> Duration {
-        let mut st = self.state.lock().expect("limiter lock");
-        let now = Instant::now();
-        let burst = self.rate / 20.0;
-        st.0 = (st.0 + now.duration_since(st.1).as_secs_f64() * self.rate).min(burst);
-        st.1 = now;
-        st.0 -= n as f64;
-        if st.0 >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-st.0 / self.rate)
+    /// When a chunk of `n` bytes may be released.
+    fn release_at(&self, n: usize) -> Instant {
+        self.pacer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reserve(n, Instant::now())
+    }
+}
+
+/// A pacer that never lets bytes out faster than `rate`: a chunk reserved at `now` is
+/// released only once the rate has paid for it, after every chunk before it.
+///
+/// Invariant (tested with a simulated clock): over a busy period that began at `s` (the first
+/// reservation after the pacer was idle), the bytes released by any time `t` are at most
+/// `rate · (t − s)`. There is no initial credit and no credit saved while idle. The only
+/// leeway is `slack`: a reservation that comes up to `slack` after the previous release was
+/// due (the sleeper woke late) continues the schedule instead of restarting it, so timer
+/// lateness does not lower the rate; from a point inside a busy period, that lets at most
+/// `rate · slack` bytes out early.
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    /// Bytes per second (> 0).
+    rate: u64,
+    slack: Duration,
+    /// When the last reserved byte is paid for: the next chunk's schedule starts there.
+    next_free: Option<Instant>,
+}
+
+impl Pacer {
+    /// Timer lateness forgiven (tokio's timer has a 1 ms resolution).
+    const SLACK: Duration = Duration::from_millis(5);
+
+    pub(crate) fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate: rate.max(1),
+            slack: Pacer::SLACK,
+            next_free: None,
         }
+    }
+
+    /// Reserves `n` bytes at `now`; returns when they may be released (≥ `now` or already
+    /// past, when the schedule is behind).
+    pub(crate) fn reserve(&mut self, n: usize, now: Instant) -> Instant {
+        let start = match self.next_free {
+            Some(f) if f + self.slack >= now => f,
+            // Idle (or first use): a new busy period with no credit.
+            _ => now,
+        };
+        // Rounded up to the nanosecond, so rounding never lets a byte out early.
+        let nanos = (n as u128 * 1_000_000_000).div_ceil(self.rate as u128);
+        let at = start + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        self.next_free = Some(at);
+        at
     }
 }
 
@@ -163,6 +219,7 @@ pub struct RunningServer {
     shutdown: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
     dying: tokio::sync::watch::Sender<bool>,
+    maintenance: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -178,6 +235,9 @@ impl RunningServer {
     /// Stops accepting, lets requests in flight finish (at most 5 s), closes the store.
     pub async fn stop(self) {
         let _ = self.shutdown.send(());
+        // Its handle on the store would keep the database open (and locked) after the stop.
+        self.maintenance.abort();
+        let _ = self.maintenance.await;
         let mut task = self.task;
         if tokio::time::timeout(Duration::from_secs(5), &mut task)
             .await
@@ -189,11 +249,37 @@ impl RunningServer {
 }
 
 /// Opens the store in `cfg.data_dir`, binds `listen` and serves until stopped.
+///
+/// Errors: a damaged or unopenable database ([`ServerError::Store`], naming the file and how
+/// to recover), a new database next to a non-empty content directory
+/// ([`ContentError::Unrecorded`]), an address that cannot be bound.
 pub async fn start(listen: SocketAddr, cfg: ServerConfig) -> Result<RunningServer, ServerError> {
+    start_inner(listen, cfg, None).await
+}
+
+/// [`start`] with the [`Faults`] seam under the database and the content files. Hidden: for
+/// tests of a full disk.
+#[doc(hidden)]
+pub async fn start_with_faults(
+    listen: SocketAddr,
+    cfg: ServerConfig,
+    faults: Arc<Faults>,
+) -> Result<RunningServer, ServerError> {
+    start_inner(listen, cfg, Some(faults)).await
+}
+
+async fn start_inner(
+    listen: SocketAddr,
+    cfg: ServerConfig,
+    faults: Option<Arc<Faults>>,
+) -> Result<RunningServer, ServerError> {
     let dir = cfg.data_dir.clone();
-    let inner = tokio::task::spawn_blocking(move || open(&cfg))
+    let inner = tokio::task::spawn_blocking(move || open(&cfg, faults))
         .await
-        .expect("the open task does not panic")?;
+        .map_err(|e| ServerError::Db {
+            path: dir.join(DB_FILE).display().to_string(),
+            reason: format!("the open task failed: {e}"),
+        })??;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| ServerError::Io(listen.to_string(), e))?;
@@ -201,6 +287,7 @@ pub async fn start(listen: SocketAddr, cfg: ServerConfig) -> Result<RunningServe
         .local_addr()
         .map_err(|e| ServerError::Io(listen.to_string(), e))?;
     let dying = inner.dying.clone();
+    let maintenance = tokio::spawn(maintain(inner.clone()));
     let app = router(inner);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -219,22 +306,80 @@ pub async fn start(listen: SocketAddr, cfg: ServerConfig) -> Result<RunningServe
         shutdown: tx,
         task,
         dying,
+        maintenance,
     })
 }
 
-fn open(cfg: &ServerConfig) -> Result<Shared, ServerError> {
+/// Offers a down store a reopen, and refreshes the log length the long polls wait on once it
+/// is back (a commit that failed with an I/O error may have been durable after all).
+async fn maintain(s: Shared) {
+    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if s.store.health() == Health::Ok {
+            continue;
+        }
+        let st = s.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let m = st.store.maintain();
+            if m == Maintained::Reopened {
+                if let Ok((_, count)) = st.ledger.head() {
+                    st.count.send_replace(count);
+                }
+            }
+        })
+        .await;
+        if r.is_err() {
+            tracing::error!("the store's maintenance failed; it is retried");
+        }
+    }
+}
+
+/// Opens the data directory's store. Blocking. Never panics on damaged files: they are
+/// errors that name the file and how to recover.
+fn open(cfg: &ServerConfig, faults: Option<Arc<Faults>>) -> Result<Shared, ServerError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServerError::Io(cfg.data_dir.display().to_string(), e))?;
     let path = cfg.data_dir.join(DB_FILE);
-    let db = redb::Database::create(&path).map_err(|e| ServerError::Db {
-        path: path.display().to_string(),
-        reason: e.to_string(),
+    let store = Arc::new(match faults {
+        Some(f) => Store::open_with_faults(&path, f)?,
+        None => Store::open(&path)?,
+    });
+    // A store error while opening is damage, unless it was an I/O error (a full disk at
+    // start-up is not a damaged file).
+    let damaged = |reason: String| match store.check() {
+        Err(StoreError::Unavailable { reason }) => StoreError::Open {
+            path: path.display().to_string(),
+            reason,
+        },
+        _ => StoreError::Damaged {
+            path: path.display().to_string(),
+            reason,
+        },
+    };
+    // Content first: a new database next to stored files is refused before the ledger
+    // initializes anything, so the refusal holds at the next start too.
+    let content = ContentStore::open(
+        store.clone(),
+        &cfg.data_dir.join("content"),
+        cfg.max_upload_bytes,
+    )
+    .map_err(|e| match e {
+        e @ (ContentError::Store(_) | ContentError::Manifest(_)) => damaged(e.to_string()).into(),
+        e => ServerError::from(e),
     })?;
-    let db = Arc::new(db);
-    let ledger = CentralLedger::open(db.clone(), cfg.spec.clone())?;
-    let content = ContentStore::open(db, &cfg.data_dir.join("content"), cfg.max_upload_bytes)?;
-    let (_, count) = ledger.head()?;
+    let opened = CentralLedger::open(store.clone(), cfg.spec.clone())
+        .and_then(|l| l.head().map(|(_, count)| (l, count)));
+    let (ledger, count) = match opened {
+        Ok(v) => v,
+        Err(e @ (LedgerError::Inconsistent(_) | LedgerError::Store(_))) => {
+            return Err(damaged(e.to_string()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(Arc::new(Inner {
+        store,
         ledger,
         content,
         started: Instant::now(),
@@ -245,8 +390,7 @@ fn open(cfg: &ServerConfig) -> Result<Shared, ServerError> {
         piece_size: cfg.piece_size,
         uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
         limiter: cfg.upload_limit.filter(|r| *r > 0).map(|r| Limiter {
-            rate: r as f64,
-            state: std::sync::Mutex::new((0.0, Instant::now())),
+            pacer: std::sync::Mutex::new(Pacer::new(r)),
         }),
     }))
 }
@@ -254,6 +398,7 @@ fn open(cfg: &ServerConfig) -> Result<Shared, ServerError> {
 fn router(s: Shared) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
+        .route("/api/v1/health", get(health))
         .route("/api/v1/chain", get(chain))
         .route("/api/v1/tx", post(submit_tx))
         .route("/api/v1/tx/{id}", get(tx_status))
@@ -274,14 +419,35 @@ fn router(s: Shared) -> Router {
 }
 
 /// Runs blocking store work off the async runtime.
-async fn blocking<T: Send + 'static>(
+///
+/// A panic in that work (redb on a damaged page, say) becomes the operation's error, so the
+/// client gets a 500 with a reason rather than a dropped connection.
+async fn blocking<T: Send + 'static, E: FromPanic + Send + 'static>(
     s: &Shared,
-    f: impl FnOnce(&Inner) -> T + Send + 'static,
-) -> T {
+    f: impl FnOnce(&Inner) -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
     let s = s.clone();
-    tokio::task::spawn_blocking(move || f(&s))
-        .await
-        .expect("store work does not panic")
+    match tokio::task::spawn_blocking(move || f(&s)).await {
+        Ok(r) => r,
+        Err(e) => Err(E::from_panic(format!("the store failed: {e}"))),
+    }
+}
+
+/// Errors that a panicked store operation becomes.
+trait FromPanic {
+    fn from_panic(what: String) -> Self;
+}
+
+impl FromPanic for LedgerError {
+    fn from_panic(what: String) -> Self {
+        LedgerError::Store(what)
+    }
+}
+
+impl FromPanic for ContentError {
+    fn from_panic(what: String) -> Self {
+        ContentError::Store(what)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -296,7 +462,41 @@ pub struct ServerStatus {
     pub uptime_s: u64,
 }
 
+/// The answer to a failed store operation: 503 with the reason while the store is down (it
+/// logged the reason once), else 500 (logged).
+fn failure(s: &Inner, e: impl std::fmt::Display) -> Response {
+    match s.store.check() {
+        Err(down) => error(StatusCode::SERVICE_UNAVAILABLE, down),
+        Ok(()) => internal(e),
+    }
+}
+
+/// 503 with the reason while the store is down.
+fn unavailable(s: &Inner) -> Option<Response> {
+    match s.store.health() {
+        Health::Ok => None,
+        Health::Down { reason, since } => Some(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({
+                    "status": "unavailable",
+                    "error": StoreError::Unavailable { reason }.to_string(),
+                    "down_s": since.elapsed().as_secs(),
+                })),
+            )
+                .into_response(),
+        ),
+    }
+}
+
+async fn health(State(s): State<Shared>) -> Response {
+    unavailable(&s).unwrap_or_else(|| Json(serde_json::json!({"status": "ok"})).into_response())
+}
+
 async fn status(State(s): State<Shared>) -> Response {
+    if let Some(r) = unavailable(&s) {
+        return r;
+    }
     let r = blocking(&s, |i| {
         let (head, count) = i.ledger.head()?;
         let contents = i
@@ -317,7 +517,7 @@ async fn status(State(s): State<Shared>) -> Response {
     .await;
     match r {
         Ok(v) => Json(v).into_response(),
-        Err(e) => internal(e),
+        Err(e) => failure(&s, e),
     }
 }
 
@@ -331,7 +531,7 @@ async fn chain(State(s): State<Shared>) -> Response {
             "tip": head.to_string(),
         }))
         .into_response(),
-        Err(e) => internal(e),
+        Err(e) => failure(&s, e),
     }
 }
 
@@ -374,7 +574,8 @@ async fn submit_tx(State(s): State<Shared>, body: Option<Json<SubmitTx>>) -> Res
                 .into_response()
         }
         Err(LedgerError::Refused(e)) => error(StatusCode::BAD_REQUEST, e),
-        Err(e) => internal(e),
+        Err(LedgerError::Unavailable(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => failure(&s, e),
     }
 }
 
@@ -399,7 +600,7 @@ async fn tx_status(State(s): State<Shared>, Path(id): Path<String>) -> Response 
         Ok((None, _)) => {
             Json(serde_json::json!({"id": id.to_string(), "state": "unknown"})).into_response()
         }
-        Err(e) => internal(e),
+        Err(e) => failure(&s, e),
     }
 }
 
@@ -417,7 +618,7 @@ async fn account(State(s): State<Shared>, Path(addr): Path<String>) -> Response 
             "next_nonce": a.nonce,
         }))
         .into_response(),
-        Err(e) => internal(e),
+        Err(e) => failure(&s, e),
     }
 }
 
@@ -463,7 +664,7 @@ async fn history(
     let limit = p.limit.unwrap_or(100).min(MAX_PAGE);
     match blocking(&s, move |i| i.ledger.history(&addr, limit)).await {
         Ok(v) => Json(v.iter().map(|(s, t)| entry(*s, t)).collect::<Vec<_>>()).into_response(),
-        Err(e) => internal(e),
+        Err(e) => failure(&s, e),
     }
 }
 
@@ -496,11 +697,11 @@ async fn log(State(s): State<Shared>, Query(p): Query<Page>) -> Response {
             entries: v.iter().map(|(s, t)| entry(*s, t)).collect(),
         })
         .into_response(),
-        Err(e) => internal(e),
+        Err(e) => failure(&s, e),
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ContentSummary {
     pub id: String,
     pub name: String,
@@ -522,7 +723,7 @@ fn summary(id: &ContentId, m: &Manifest) -> ContentSummary {
 async fn content_list(State(s): State<Shared>) -> Response {
     match blocking(&s, |i| i.content.list()).await {
         Ok(v) => Json(v.iter().map(|(id, m)| summary(id, m)).collect::<Vec<_>>()).into_response(),
-        Err(e) => internal(e),
+        Err(e) => failure(&s, e),
     }
 }
 
@@ -535,7 +736,7 @@ async fn lookup(s: &Shared, id: &str) -> Result<(ContentId, Manifest), Response>
             StatusCode::NOT_FOUND,
             format!("content {id} not found"),
         )),
-        Err(e) => Err(internal(e)),
+        Err(e) => Err(failure(s, e)),
     }
 }
 
@@ -640,9 +841,9 @@ async fn content_bytes(
                 }
                 if let Ok(c) = &chunk {
                     if let Some(l) = &counter.limiter {
-                        let d = l.delay(c.len());
-                        if !d.is_zero() {
-                            tokio::time::sleep(d).await;
+                        let at = l.release_at(c.len());
+                        if at > Instant::now() {
+                            tokio::time::sleep_until(at.into()).await;
                         }
                     }
                     counter
@@ -687,9 +888,13 @@ async fn upload(
         Some(len) => meshwork_swarm::manifest::default_piece_size(len),
         None => meshwork_swarm::manifest::DEFAULT_PIECE_SIZE,
     });
+    let mut stream = body.into_data_stream();
     let up = match s.content.begin(&name, piece_size) {
         Ok(u) => u,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => {
+            drain(&mut stream).await;
+            return upload_failure(&s, e);
+        }
     };
     // The body goes to a blocking writer through a small channel: backpressure reaches the
     // client's TCP window when the disk is slower than the network.
@@ -706,13 +911,14 @@ async fn upload(
         }
         st.content.commit(up).map(Some)
     });
-    let mut stream = body.into_data_stream();
     let mut failed = None;
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(c) => {
                 if tx.send(Some(c)).await.is_err() {
-                    break; // the writer stopped: its error is below
+                    // The writer stopped: its error is below.
+                    drain(&mut stream).await;
+                    break;
                 }
             }
             Err(e) => {
@@ -728,18 +934,199 @@ async fn upload(
         return error(StatusCode::BAD_REQUEST, format!("upload cut short: {e}"));
     }
     drop(tx);
-    match writer.await.expect("the writer does not panic") {
-        Ok(Some((id, m))) => (StatusCode::CREATED, Json(summary(&id, &m))).into_response(),
-        Ok(None) => internal("an upload was abandoned and reported as finished"),
-        Err(e @ ContentError::TooLarge(_)) => error(StatusCode::PAYLOAD_TOO_LARGE, e),
-        Err(e @ ContentError::Manifest(_)) => error(StatusCode::BAD_REQUEST, e),
-        Err(e) => internal(e),
+    match writer.await {
+        Ok(Ok(Some((id, m)))) => (StatusCode::CREATED, Json(summary(&id, &m))).into_response(),
+        Ok(Ok(None)) => internal("an upload was abandoned and reported as finished"),
+        Ok(Err(e)) => upload_failure(&s, e),
+        Err(e) => internal(format!("the upload's writer failed: {e}")),
+    }
+}
+
+/// Reads (and discards) a bounded rest of a refused upload's body, so that the client, still
+/// sending, hears the reason instead of a reset connection.
+async fn drain(stream: &mut axum::body::BodyDataStream) {
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT {
+        match stream.next().await {
+            Some(Ok(c)) => drained += c.len(),
+            _ => break,
+        }
+    }
+}
+
+/// The answer to a refused upload, with the reason: 413 too large, 400 a bad name or
+/// manifest, 507 no room on the disk, 503 the store down, else 500.
+fn upload_failure(s: &Inner, e: ContentError) -> Response {
+    match e {
+        e @ ContentError::TooLarge(_) => error(StatusCode::PAYLOAD_TOO_LARGE, e),
+        e @ ContentError::Manifest(_) => error(StatusCode::BAD_REQUEST, e),
+        e @ ContentError::NoSpace(..) => {
+            // Per upload, not per request of every kind: the disk filling is worth a line.
+            tracing::warn!("upload refused: {e}");
+            error(StatusCode::INSUFFICIENT_STORAGE, e)
+        }
+        e @ ContentError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        e => failure(s, e),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::*;
+
+    /// `released·10⁹ ≤ rate·elapsed_ns`: no more bytes out by `t` than the rate paid for
+    /// since `s`.
+    fn within(released: u64, rate: u64, s: Instant, t: Instant) -> bool {
+        released as u128 * 1_000_000_000 <= rate as u128 * t.duration_since(s).as_nanos()
+    }
+
+    /// The download cap never lets out more than `rate × elapsed` since a transfer began
+    /// (no initial credit, none saved while idle), over chunks of every size, with sleepers
+    /// that wake late; and it still reaches its rate over a long run.
+    #[test]
+    fn the_pacer_never_beats_its_rate_and_still_reaches_it() {
+        let rate = 20_000_000; // 20 MB/s: a 64 KiB chunk takes 3.3 ms, as long as a late wake-up
+        let sizes = [
+            65_536, 1, 1_500, 65_536, 300_000, 7, 4_096, 65_536, 20_000, 131_072,
+        ];
+        let mut p = Pacer::new(rate);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut released = 0u64;
+        // A deterministic timer lateness of 0 to 3 ms per wake-up.
+        let mut lcg = 12345u64;
+        let mut late = || {
+            lcg = lcg
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            Duration::from_micros((lcg >> 33) % 3_000)
+        };
+        let mut last = t0;
+        for i in 0..3_000 {
+            let n = sizes[i % sizes.len()];
+            let at = p.reserve(n, now);
+            // The chunk goes out when the pacer says, or at once when that is past.
+            let out = at.max(now);
+            released += n as u64;
+            assert!(
+                within(released, rate, t0, out),
+                "chunk {i}: {released} bytes out {:?} after the start",
+                out - t0
+            );
+            last = out;
+            // A sleeper wakes late; a chunk let out at once costs only its handling.
+            now = if at > now {
+                out + late()
+            } else {
+                out + Duration::from_micros(5)
+            };
+        }
+        let achieved = released as f64 / (last - t0).as_secs_f64();
+        assert!(
+            achieved >= 0.95 * rate as f64,
+            "reached only {:.1} % of the rate",
+            100.0 * achieved / rate as f64
+        );
+
+        // After an idle minute, a new transfer gets no credit for it: its first chunk waits
+        // its full time, and the same bound holds from its own start.
+        let t1 = last + Duration::from_secs(60);
+        let first = p.reserve(65_536, t1);
+        let full = Duration::from_secs_f64(65_536.0 / rate as f64);
+        assert!(first >= t1 + full, "{:?} < {full:?}", first - t1);
+        let mut out_bytes = 65_536u64;
+        assert!(within(out_bytes, rate, t1, first));
+        // Many downloads asking at once share the rate: released one after another.
+        let mut at = first;
+        for _ in 0..50 {
+            at = p.reserve(10_000, t1).max(t1);
+            out_bytes += 10_000;
+            assert!(within(out_bytes, rate, t1, at));
+        }
+        assert!(at >= t1 + Duration::from_secs_f64(out_bytes as f64 / rate as f64));
+    }
+
+    /// A small store (transfers and an upload), then copies of its `server.redb` truncated
+    /// or with one byte flipped at many offsets: opening each returns Ok or an error, never
+    /// a panic, and an opened one answers reads without panicking either.
+    #[test]
+    fn damaged_copies_of_a_store_open_or_fail_without_panicking() {
+        use meshwork_ledger::spec::DEV_FAUCET_SECRET;
+        use meshwork_ledger::Wallet;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ChainSpec::test("test-central-fuzz");
+        let orig = dir.path().join("orig");
+        {
+            let cfg = ServerConfig::new(&orig, spec.clone());
+            let s = open(&cfg, None).unwrap();
+            let faucet = Wallet::from_secret(&DEV_FAUCET_SECRET);
+            let id = s.ledger.chain_id();
+            for nonce in 0..20 {
+                let t = faucet.transfer(id, Wallet::generate().address(), 5, 1, nonce);
+                s.ledger.submit(&t).unwrap();
+            }
+            let mut up = s.content.begin("a.bin", 16 << 10).unwrap();
+            up.write(&[9u8; 40_000]).unwrap();
+            s.content.commit(up).unwrap();
+        }
+        let bytes = std::fs::read(orig.join(DB_FILE)).unwrap();
+        let len = bytes.len();
+        let mut offsets: Vec<usize> = vec![0, 1, 8, 9, 16, 32, 64, 100, 511, 512, 1024, 2048];
+        offsets.extend((1..=16).map(|i| i * len / 17));
+        offsets.extend([4095, 4096, 4097, 8192, len - 4096, len - 1]);
+        offsets.retain(|o| *o < len);
+        offsets.sort();
+        offsets.dedup();
+        let mut outcomes = (0, 0);
+        for (i, off) in offsets.iter().enumerate() {
+            for flip in [false, true] {
+                let case = dir.path().join(format!("case-{i}-{flip}"));
+                std::fs::create_dir_all(case.join("content")).unwrap();
+                for e in std::fs::read_dir(orig.join("content")).unwrap() {
+                    let e = e.unwrap();
+                    std::fs::copy(e.path(), case.join("content").join(e.file_name())).unwrap();
+                }
+                let mut damaged = bytes.clone();
+                if flip {
+                    damaged[*off] ^= 0x5a;
+                } else {
+                    damaged.truncate(*off);
+                }
+                std::fs::write(case.join(DB_FILE), &damaged).unwrap();
+                let cfg = ServerConfig::new(&case, spec.clone());
+                let r = std::panic::catch_unwind(|| match open(&cfg, None) {
+                    Ok(s) => {
+                        // Whatever it answers, it answers.
+                        let _ = s.ledger.verify();
+                        let _ = s.ledger.log_after(0, MAX_PAGE);
+                        let _ = s.content.list();
+                        true
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        assert!(!msg.is_empty());
+                        false
+                    }
+                });
+                match r {
+                    Ok(true) => outcomes.0 += 1,
+                    Ok(false) => outcomes.1 += 1,
+                    Err(_) => panic!(
+                        "opening server.redb {} at offset {off} panicked",
+                        if flip {
+                            "with a flipped byte"
+                        } else {
+                            "truncated"
+                        }
+                    ),
+                }
+            }
+        }
+        // Truncation to 0 is a new database next to stored content: refused; some flips land
+        // in unused space and open fine.
+        eprintln!("opened {}, refused {}", outcomes.0, outcomes.1);
+        assert!(outcomes.0 > 0 && outcomes.1 > 0, "{outcomes:?}");
+    }
 
     #[test]
     fn ranges() {

@@ -296,3 +296,54 @@ async fn an_upload_gets_the_content_id_a_node_would_give_it() -> Result<()> {
     srv.stop().await;
     Ok(())
 }
+
+/// Issue 13, case 10: with an upload cap, N downloads of an F-byte file can never finish
+/// before N·F/cap (the client-server bound the lab compares against), even right after a
+/// long idle spell (no credit saved); and they do not take much longer either.
+#[tokio::test]
+async fn capped_downloads_never_beat_the_client_server_bound() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = ServerConfig::new(
+        &dir.path().join("server"),
+        ChainSpec::test("test-central-cap"),
+    );
+    let cap: u64 = 8 << 20; // bytes per second
+    cfg.upload_limit = Some(cap);
+    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let base = format!("http://{}", srv.addr);
+    let file = dir.path().join("f.bin");
+    let size: u64 = 2 << 20;
+    std::fs::write(
+        &file,
+        (0..size).map(|i| (i % 241) as u8).collect::<Vec<u8>>(),
+    )?;
+    let sum = client::upload(&base, &file).await?;
+    let id: meshwork_swarm::ContentId = sum.id.parse()?;
+    // Idle before the transfers: an old bucket would have filled up meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n = 3u64;
+    let t0 = std::time::Instant::now();
+    let mut tasks = vec![];
+    for i in 0..n {
+        let (base, out) = (base.clone(), dir.path().join(format!("copy-{i}.bin")));
+        tasks.push(tokio::spawn(async move {
+            client::download(&base, &id, &out, |_, _| {}).await
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let bound = (n * size) as f64 / cap as f64;
+    eprintln!(
+        "{n} downloads of {size} bytes at {cap} B/s: {secs:.3} s, {:.3}x the bound",
+        secs / bound
+    );
+    assert!(secs >= bound, "{secs:.3} s beats the bound of {bound:.3} s");
+    assert!(
+        secs < bound * 3.0,
+        "{secs:.3} s against a bound of {bound:.3} s"
+    );
+    srv.stop().await;
+    Ok(())
+}

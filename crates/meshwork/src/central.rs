@@ -40,9 +40,12 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
     };
     let mut cfg = ServerConfig::new(&dir, spec);
     cfg.refuse_senders = refuse;
-    let srv = server::start(listen, cfg)
-        .await
-        .with_context(|| format!("cannot start the server on {listen}"))?;
+    let srv = server::start(listen, cfg).await.with_context(|| {
+        format!(
+            "cannot start the server (data dir {}, listening on {listen})",
+            dir.display()
+        )
+    })?;
     println!("data dir    {}", dir.display());
     println!("api         http://{}/api/v1/status", srv.addr);
     println!("server is ready");
