@@ -563,3 +563,66 @@ async fn a_download_that_fills_its_disk_says_why_and_resumes_once_space_returns(
     drop(disk);
     Ok(())
 }
+
+/// While the node runs, a complete content's file that changes is noticed (its stat moved)
+/// without being asked: a download re-fetches the changed piece, a shared file stops being
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_while_the_node_runs_is_noticed_and_handled() -> Result<()> {
+    common::init_logs();
+    let dir = tempfile::tempdir()?;
+    let origin = random_file(dir.path(), "origin.bin", 1 << 20, 71)?;
+    let want = std::fs::read(&origin)?;
+    let h = HarnessBuilder::new("test-files-running")?
+        .topology(Topology::Star)
+        .tweak(|_, cfg| cfg.content.change_check = Duration::from_millis(200))
+        .spawn(2)
+        .await?;
+    let shared = share(&h.running(0)?.handle, &origin).await?;
+    let out = dir.path().join("copy.bin");
+    h.running(1)?
+        .handle
+        .content
+        .fetch(fetch_req(&shared.ticket, Some(&out)))
+        .await?;
+    seeding(&h, 1, &shared.id, Duration::from_secs(60)).await?;
+    let f = std::fs::OpenOptions::new().write(true).open(&out)?;
+    f.write_all_at(b"EVIL", 5 * PIECE as u64 + 9)?;
+    drop(f);
+    wait_for(
+        "the changed piece fetched again",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let c = info(&h.running(1)?.handle, &shared.id).await?;
+            Ok(c.state == State::Seeding && std::fs::read(&out)? == want)
+        },
+    )
+    .await?;
+    let c = info(&h.running(1)?.handle, &shared.id).await?;
+    ensure!(
+        c.downloaded - c.wasted == PIECE as u64,
+        "only the changed piece fetched again: {c:?}"
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&origin)?;
+    f.write_all_at(b"EVIL", 9)?;
+    drop(f);
+    wait_for(
+        "the changed origin no longer served",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async { Ok(info(&h.running(0)?.handle, &shared.id).await?.state == State::Failed) },
+    )
+    .await?;
+    let c = info(&h.running(0)?.handle, &shared.id).await?;
+    ensure!(
+        c.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("changed since it was shared"),
+        "{:?}",
+        c.error
+    );
+    h.shutdown().await;
+    Ok(())
+}

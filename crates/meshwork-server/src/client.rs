@@ -1,10 +1,10 @@
 //! The client side of the content server: upload a file, download one with every piece
 //! verified against the manifest the content id names.
 //!
-//! A download writes a partial file beside `out` named by the content id
-//! ([`part_path`]: `.<id>.part`), never through a symbolic link, and holds an exclusive lock
+//! A download writes a partial file beside `out` named by the content and the final name
+//! ([`part_path`]), never through a symbolic link, and holds an exclusive lock
 //! on it while it writes. When it is cut short, the verified whole pieces stay there, and the
-//! next download of the same content into the same directory re-hashes them and asks for the
+//! next download of the same content to the same name re-hashes them and asks for the
 //! rest with a `Range` request. The file gets its final name only once every piece has
 //! verified, and never over an existing file (a hard link, which fails if the name is taken,
 //! then the partial name removed), so a file at `out` is always a verified copy and never
@@ -141,9 +141,19 @@ pub struct Downloaded {
     pub size: u64,
 }
 
-/// The partial file of a download of `id` to `out`: `.<id>.part` in `out`'s directory.
+/// The partial file of a download of `id` to `out`, in `out`'s directory:
+/// `.<16 hex digits of the id>-<16 of the hash of the id and out's name>.part`. Fixed in
+/// length (any name fits beside it), its own for each content and each final name (several
+/// downloads of one content into one directory do not meet), and the same again for the same
+/// download (which resumes from it).
 pub fn part_path(out: &Path, id: &ContentId) -> PathBuf {
-    out.with_file_name(format!(".{id}.part"))
+    use std::os::unix::ffi::OsStrExt;
+    let mut h = blake3::Hasher::new();
+    h.update(&id.0);
+    h.update(out.file_name().map_or(&[][..], |n| n.as_bytes()));
+    let key = h.finalize().to_hex();
+    let id = id.to_string();
+    out.with_file_name(format!(".{}-{}.part", &id[..16], &key.as_str()[..16]))
 }
 
 /// Opens `path` for the download: created if missing, never through a symbolic link, and
