@@ -137,20 +137,28 @@ store_from!(
     postcard::Error
 );
 
+/// Why a chain store did not open.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// The disk refused (permissions, no space, an I/O error): the file may be fine.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another process holds the store open.
+    #[error("the store is open in another process (is a node running on this data directory?)")]
+    Locked,
     #[error("the store holds chain {stored}, but the spec describes {expected}: wrong data directory or spec")]
     SpecMismatch { stored: Hash, expected: Hash },
     #[error("invalid chain spec: {0}")]
     Spec(String),
-    #[error("the store is inconsistent: {0}")]
+    /// The file is damaged: it does not parse, or fails the consistency check at open (see
+    /// `Chain::open`). Opening it again will not help; moving it aside and syncing will.
+    #[error("the store is damaged: {0}")]
     Corrupt(String),
 }
 
-impl From<redb::DatabaseError> for OpenError {
-    fn from(e: redb::DatabaseError) -> Self {
-        OpenError::Store(e.into())
+impl OpenError {
+    /// Whether the file itself is damaged (and the remedy is to set it aside and re-sync).
+    pub fn is_damage(&self) -> bool {
+        matches!(self, OpenError::Corrupt(_))
     }
 }
