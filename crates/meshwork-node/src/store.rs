@@ -6,11 +6,17 @@
 //! never a mix. A value that does not decode (written by a future version, or damaged) is
 //! kept aside under `<key>.unreadable` and the node starts with an empty book rather than
 //! refusing to start: the book is a cache of the network, which the node can learn again.
+//!
+//! For the same reason a damaged *file* (one that redb cannot open, or whose table does not
+//! read: truncated, overwritten) does not stop the node: [`Store::open_or_rebuild`] renames
+//! it to `node.redb.damaged-<unix time>` (kept for inspection, never deleted), logs a warning
+//! and starts a new, empty store. Errors that are not damage (permissions, a full disk, the
+//! file locked by another node) are returned: moving the file would not help.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use libp2p::{Multiaddr, PeerId};
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::addrbook::Snapshot;
@@ -35,15 +41,110 @@ pub struct Store {
     db: Database,
 }
 
+/// Why a store did not open.
+enum Opened {
+    /// The file's bytes are wrong: setting it aside helps.
+    Damaged(String),
+    /// Anything else (permissions, a lock, the disk): setting it aside would not.
+    Failed(String),
+}
+
+/// Opens the database and reads its one table whole (it is small), so that damage shows at
+/// open rather than at the first write. redb panics on some damaged files; that is caught
+/// here and reported as damage.
+fn open_checked(path: &Path) -> Result<Database, Opened> {
+    use redb::{DatabaseError, StorageError as S};
+    let damage_io = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+        )
+    };
+    let opened = meshwork_ledger::faults::catch_quietly(|| Database::create(path));
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(DatabaseError::Storage(S::Corrupted(m)))) => return Err(Opened::Damaged(m)),
+        Ok(Err(DatabaseError::Storage(S::Io(e)))) if damage_io(&e) => {
+            return Err(Opened::Damaged(e.to_string()))
+        }
+        Ok(Err(e)) => return Err(Opened::Failed(e.to_string())),
+        Err(_) => return Err(Opened::Damaged("the database engine cannot read it".into())),
+    };
+    let probe = meshwork_ledger::faults::catch_quietly(|| -> Result<(), String> {
+        let tx = db.begin_read().map_err(|e| e.to_string())?;
+        let t = match tx.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        for item in t.iter().map_err(|e| e.to_string())? {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            let _ = (k.value().len(), v.value().len());
+        }
+        Ok(())
+    });
+    match probe {
+        Ok(Ok(())) => Ok(db),
+        Ok(Err(e)) => Err(Opened::Damaged(e)),
+        Err(_) => Err(Opened::Damaged("the database engine cannot read it".into())),
+    }
+}
+
+/// `<path>.damaged-<unix time>`, with a counter if that exists already.
+fn damaged_name(path: &Path) -> PathBuf {
+    let base = format!("{}.damaged-{}", path.display(), crate::unix_now());
+    let mut candidate = PathBuf::from(&base);
+    let mut n = 1;
+    while candidate.exists() {
+        candidate = PathBuf::from(format!("{base}.{n}"));
+        n += 1;
+    }
+    candidate
+}
+
 pub type Anchors = Vec<(PeerId, Vec<Multiaddr>)>;
 
 impl Store {
+    /// Opens (or creates) the store at `path`. A damaged file is an error here; see
+    /// [`Store::open_or_rebuild`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError::Open {
+        let open_err = |reason: String| StoreError::Open {
             path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Ok(Self { db })
+            reason,
+        };
+        match open_checked(path) {
+            Ok(db) => Ok(Self { db }),
+            Err(Opened::Damaged(reason)) => Err(open_err(format!("damaged: {reason}"))),
+            Err(Opened::Failed(reason)) => Err(open_err(reason)),
+        }
+    }
+
+    /// Opens the store at `path`, setting a damaged file aside (see the module docs) and
+    /// starting a new one in its place. Returns an error only for what is not damage.
+    pub fn open_or_rebuild(path: &Path) -> Result<Self, StoreError> {
+        match open_checked(path) {
+            Ok(db) => return Ok(Self { db }),
+            Err(Opened::Failed(reason)) => {
+                return Err(StoreError::Open {
+                    path: path.display().to_string(),
+                    reason,
+                })
+            }
+            Err(Opened::Damaged(reason)) => {
+                let aside = damaged_name(path);
+                std::fs::rename(path, &aside).map_err(|e| StoreError::Open {
+                    path: path.display().to_string(),
+                    reason: format!("damaged ({reason}), and cannot be moved aside: {e}"),
+                })?;
+                tracing::warn!(
+                    "{}: the node store is damaged ({reason}); kept as {} and starting a new \
+                     one: the address book is rebuilt from the network",
+                    path.display(),
+                    aside.display()
+                );
+            }
+        }
+        Self::open(path)
     }
 
     fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
@@ -93,6 +194,15 @@ impl Store {
 
     pub fn load_addrbook(&self) -> Result<Option<Snapshot>, StoreError> {
         self.get(ADDRBOOK)
+    }
+
+    /// The saved address book; `None` (with a warning) when there is none or it cannot be
+    /// read: the node then starts with an empty book, which it refills from the network.
+    pub fn load_addrbook_or_none(&self) -> Option<Snapshot> {
+        self.load_addrbook().unwrap_or_else(|e| {
+            tracing::warn!("{e}; starting with an empty address book");
+            None
+        })
     }
 
     pub fn save_anchors(&self, anchors: &Anchors) -> Result<(), StoreError> {
