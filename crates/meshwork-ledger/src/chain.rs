@@ -26,7 +26,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::block::{merkle_root, Block, Header};
-use crate::error::{BlockError, OpenError, StoreError, TxError};
+use crate::error::{BlockError, OpenError, StoreError, TxError, CORRUPT_PREFIX};
 use crate::faults::{catch_quietly, DiskFull, FaultyFile};
 use crate::spec::ChainSpec;
 use crate::tx::{verify_all, Coinbase, SignedTransfer, Transaction};
@@ -482,7 +482,7 @@ pub struct Chain {
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("corrupt store: {what}"))
+    StoreError(format!("{CORRUPT_PREFIX}{what}"))
 }
 
 fn decode_block(bytes: &[u8]) -> Result<Block, StoreError> {
@@ -1273,8 +1273,18 @@ impl Chain {
     }
 
     /// Replays the main chain from genesis and compares with the stored state, the
-    /// transaction index and the undo data: invariants 2 and 4, checked from scratch.
+    /// transaction index and the undo data: invariants 2 and 4, checked from scratch. Never
+    /// panics: a panic of the database engine on a damaged page is an error too.
     pub fn verify_consistency(&self) -> Result<(), String> {
+        catch_quietly(|| self.replay_and_compare()).unwrap_or_else(|panic| {
+            Err(format!(
+                "the database engine failed reading the file ({})",
+                panic_message(&panic)
+            ))
+        })
+    }
+
+    fn replay_and_compare(&self) -> Result<(), String> {
         let mut state = genesis_state(&self.spec);
         let r = self
             .db()

@@ -116,10 +116,22 @@ impl BlockError {
     }
 }
 
-/// A failure of the embedded database: the disk, not the data.
+/// A failure of the embedded database: the disk, or (see [`StoreError::is_corrupt`]) damaged
+/// data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct StoreError(pub String);
+
+/// How the chain's own damage reports begin (`chain::corrupt`).
+pub(crate) const CORRUPT_PREFIX: &str = "corrupt store: ";
+
+impl StoreError {
+    /// Whether the error reports damaged data (a stored value that does not decode, a record
+    /// that should be there and is not, redb's own "DB corrupted") rather than a failing disk.
+    pub fn is_corrupt(&self) -> bool {
+        self.0.starts_with(CORRUPT_PREFIX) || self.0.starts_with("DB corrupted")
+    }
+}
 
 macro_rules! store_from {
     ($($t:ty),*) => {$(
@@ -142,7 +154,7 @@ store_from!(
 pub enum OpenError {
     /// The disk refused (permissions, no space, an I/O error): the file may be fine.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     /// Another process holds the store open.
     #[error("the store is open in another process (is a node running on this data directory?)")]
     Locked,
@@ -154,6 +166,18 @@ pub enum OpenError {
     /// `Chain::open`). Opening it again will not help; moving it aside and syncing will.
     #[error("the store is damaged: {0}")]
     Corrupt(String),
+}
+
+/// Damage found while reading the store at open is [`OpenError::Corrupt`].
+impl From<StoreError> for OpenError {
+    fn from(e: StoreError) -> Self {
+        if e.is_corrupt() {
+            let what = e.0.strip_prefix(CORRUPT_PREFIX).unwrap_or(&e.0);
+            OpenError::Corrupt(what.to_string())
+        } else {
+            OpenError::Store(e)
+        }
+    }
 }
 
 impl OpenError {

@@ -101,10 +101,10 @@ pub enum NodeError {
     #[error("cannot open the chain store: {0}")]
     Ledger(#[from] meshwork_ledger::OpenError),
     /// The chain store file did not open; for a damaged file the message says how to recover.
-    #[error("{}: cannot open the chain store: {source}{}", path.display(), chain_store_hint(source, path))]
+    #[error("{}: cannot open the chain store: {error}{}", path.display(), chain_store_hint(error, path))]
     ChainStore {
         path: PathBuf,
-        source: meshwork_ledger::OpenError,
+        error: meshwork_ledger::OpenError,
     },
 }
 
@@ -665,7 +665,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                 Some(full) => Ledger::open_with_faults(&path, cfg.chain.clone(), full.clone()),
                 None => Ledger::open(&path, cfg.chain.clone()),
             };
-            opened.map_err(|source| NodeError::ChainStore { path, source })?
+            opened.map_err(|error| NodeError::ChainStore { path, error })?
         }
         None => Ledger::in_memory(cfg.chain.clone())?,
     };
