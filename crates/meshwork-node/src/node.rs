@@ -1029,8 +1029,9 @@ impl Actor {
         }
         let (store, snap) = (store.clone(), self.book.snapshot());
         self.flush_task = Some(tokio::task::spawn_blocking(move || {
+            // The store logs a failing disk once, and its recovery.
             if let Err(e) = store.save_addrbook(&snap) {
-                tracing::error!("cannot save the address book: {e}");
+                tracing::debug!("cannot save the address book: {e}");
             }
         }));
     }

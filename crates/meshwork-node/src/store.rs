@@ -12,8 +12,14 @@
 //! it to `node.redb.damaged-<unix time>` (kept for inspection, never deleted), logs a warning
 //! and starts a new, empty store. Errors that are not damage (permissions, a full disk, the
 //! file locked by another node) are returned: moving the file would not help.
+//!
+//! A failed write (a full disk) closes the database and the next use opens it again: redb
+//! refuses every transaction after an I/O error until then. The failure is logged once, and
+//! so is the first write that works again.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use libp2p::{Multiaddr, PeerId};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -38,7 +44,12 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
 }
 
 pub struct Store {
-    db: Database,
+    path: PathBuf,
+    /// `None` after a failed transaction: redb refuses everything after an I/O error until
+    /// the database is closed and opened again, so the next use reopens it.
+    db: Mutex<Option<Database>>,
+    /// Whether the last write failed (so that a failing disk is logged once, not per flush).
+    failing: AtomicBool,
 }
 
 /// Why a store did not open.
@@ -113,7 +124,7 @@ impl Store {
             reason,
         };
         match open_checked(path) {
-            Ok(db) => Ok(Self { db }),
+            Ok(db) => Ok(Self::with(path, db)),
             Err(Opened::Damaged(reason)) => Err(open_err(format!("damaged: {reason}"))),
             Err(Opened::Failed(reason)) => Err(open_err(reason)),
         }
@@ -123,7 +134,7 @@ impl Store {
     /// starting a new one in its place. Returns an error only for what is not damage.
     pub fn open_or_rebuild(path: &Path) -> Result<Self, StoreError> {
         match open_checked(path) {
-            Ok(db) => return Ok(Self { db }),
+            Ok(db) => return Ok(Self::with(path, db)),
             Err(Opened::Failed(reason)) => {
                 return Err(StoreError::Open {
                     path: path.display().to_string(),
@@ -147,42 +158,83 @@ impl Store {
         Self::open(path)
     }
 
+    fn with(path: &Path, db: Database) -> Self {
+        Self {
+            path: path.to_owned(),
+            db: Mutex::new(Some(db)),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` on the database, reopening it first if the last use failed; a failure closes
+    /// it (see the field docs).
+    fn use_db<R>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut slot = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(Database::create(&self.path).map_err(db_err)?);
+        }
+        let r = f(slot.as_ref().expect("opened just above"));
+        if r.is_err() {
+            *slot = None;
+        }
+        r
+    }
+
     fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         let bytes = postcard::to_stdvec(value).map_err(db_err)?;
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = tx.open_table(META).map_err(db_err)?;
-            t.insert(key, bytes.as_slice()).map_err(db_err)?;
+        let r = self.use_db(|db| {
+            let tx = db.begin_write().map_err(db_err)?;
+            {
+                let mut t = tx.open_table(META).map_err(db_err)?;
+                t.insert(key, bytes.as_slice()).map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        });
+        match &r {
+            Err(e) if !self.failing.swap(true, Ordering::SeqCst) => tracing::error!(
+                "{}: cannot write the node store: {e}; the address book stays in memory and \
+                 is written again at the next flush",
+                self.path.display()
+            ),
+            Ok(()) if self.failing.swap(false, Ordering::SeqCst) => {
+                tracing::info!("{}: the node store is written again", self.path.display())
+            }
+            _ => {}
         }
-        tx.commit().map_err(db_err)
+        r
     }
 
     /// Reads a value; an undecodable one is moved aside (see the module docs) and `None` returned.
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        let bytes = {
-            let tx = self.db.begin_read().map_err(db_err)?;
+        let bytes = self.use_db(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
             let t = match tx.open_table(META) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
                 Err(e) => return Err(db_err(e)),
             };
-            match t.get(key).map_err(db_err)? {
-                Some(v) => v.value().to_vec(),
-                None => return Ok(None),
-            }
+            Ok(t.get(key).map_err(db_err)?.map(|v| v.value().to_vec()))
+        })?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
         };
         match postcard::from_bytes(&bytes) {
             Ok(v) => Ok(Some(v)),
             Err(e) => {
                 tracing::warn!("node store: {key} does not decode ({e}); keeping it as {key}.unreadable and starting without it");
-                let tx = self.db.begin_write().map_err(db_err)?;
-                {
-                    let mut t = tx.open_table(META).map_err(db_err)?;
-                    t.insert(format!("{key}.unreadable").as_str(), bytes.as_slice())
-                        .map_err(db_err)?;
-                    t.remove(key).map_err(db_err)?;
-                }
-                tx.commit().map_err(db_err)?;
+                self.use_db(|db| {
+                    let tx = db.begin_write().map_err(db_err)?;
+                    {
+                        let mut t = tx.open_table(META).map_err(db_err)?;
+                        t.insert(format!("{key}.unreadable").as_str(), bytes.as_slice())
+                            .map_err(db_err)?;
+                        t.remove(key).map_err(db_err)?;
+                    }
+                    tx.commit().map_err(db_err)
+                })?;
                 Ok(None)
             }
         }
@@ -215,9 +267,13 @@ impl Store {
 
     #[cfg(test)]
     fn put_raw(&self, key: &str, bytes: &[u8]) {
-        let tx = self.db.begin_write().unwrap();
-        tx.open_table(META).unwrap().insert(key, bytes).unwrap();
-        tx.commit().unwrap();
+        self.use_db(|db| {
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META).unwrap().insert(key, bytes).unwrap();
+            tx.commit().unwrap();
+            Ok(())
+        })
+        .unwrap();
     }
 }
 
@@ -225,6 +281,26 @@ impl Store {
 mod tests {
     use super::*;
     use crate::addrbook::{AddrBook, AddrBookConfig, Origin, Via};
+
+    /// redb refuses every transaction after an I/O error until it is reopened: a failed use
+    /// closes the database, and the next one opens it again (and works).
+    #[test]
+    fn a_failed_transaction_closes_the_store_and_the_next_use_reopens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("node.redb")).unwrap();
+        let r: Result<(), _> = store.use_db(|_| Err(StoreError::Db("injected".into())));
+        assert!(r.is_err());
+        assert!(
+            store.db.lock().unwrap().is_none(),
+            "closed after the failure"
+        );
+        store.save_anchors(&vec![]).unwrap();
+        assert!(
+            store.db.lock().unwrap().is_some(),
+            "reopened by the next use"
+        );
+        assert!(store.load_anchors().unwrap().is_empty());
+    }
 
     #[test]
     fn round_trip_and_damaged_values() {
