@@ -114,12 +114,16 @@ impl Default for RebroadcastConfig {
     }
 }
 
-/// How the chain store is reopened after a storage error: the first attempt at once, then
-/// after `initial`, doubling up to `max`.
+/// How the chain store is reopened after a storage error: tried at once, then after
+/// `initial`, doubling up to `max`; and only while the disk of the data directory has
+/// `min_free_bytes` free. A full disk still takes writes that land in pages the file already
+/// holds, so without that bar a reopen would succeed at once and the next commit fail again:
+/// the node would flap between healthy and not several times a second.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreRetry {
     pub initial: Duration,
     pub max: Duration,
+    pub min_free_bytes: u64,
 }
 
 impl Default for StoreRetry {
@@ -127,8 +131,32 @@ impl Default for StoreRetry {
         Self {
             initial: Duration::from_secs(1),
             max: Duration::from_secs(60),
+            min_free_bytes: 8 << 20,
         }
     }
+}
+
+/// After a recovery, a new fault within this time is logged at debug level only: an
+/// intermittent disk says why once, not at every flap.
+const QUIET_AFTER_RECOVERY: Duration = Duration::from_secs(60);
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`, if known.
+#[cfg(unix)]
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a properly sized, writable struct;
+    // statvfs only writes into it.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_dir: &std::path::Path) -> Option<u64> {
+    None
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,8 +250,12 @@ struct Worker {
     gens: Arc<Generations>,
     last_tip: Hash,
     retry: StoreRetry,
+    /// The directory of the chain store (for its free space); `None` in memory.
+    store_dir: Option<std::path::PathBuf>,
     /// While the store is stopped: when to try reopening it next, and the wait after that.
     reopen_at: Option<(Instant, Duration)>,
+    /// Until when a new fault is logged quietly (see [`QUIET_AFTER_RECOVERY`]).
+    quiet_until: Option<Instant>,
 }
 
 impl Worker {
@@ -306,18 +338,41 @@ impl Worker {
             None => {
                 let reason = format!(
                     "chain store: {fault}; not mining and refusing transfers until it is \
-                     reopened (retrying with backoff)"
+                     reopened (retrying with backoff, once the disk has {} MiB free)",
+                    self.retry.min_free_bytes >> 20
                 );
-                tracing::error!("{reason}");
+                if self.quiet_until.is_some_and(|t| now < t) {
+                    tracing::debug!("{reason}");
+                } else {
+                    tracing::error!("{reason}");
+                    self.quiet_until = None;
+                }
                 self.gens.set_fault(Some(reason));
                 // The first attempt at once: redb needs the database closed and reopened.
                 self.reopen_at = Some((now, self.retry.initial));
                 self.check_store();
             }
             Some((at, _)) if now < at => {}
+            Some((_, wait))
+                if self
+                    .store_dir
+                    .as_deref()
+                    .and_then(free_bytes)
+                    .is_some_and(|free| free < self.retry.min_free_bytes) =>
+            {
+                tracing::debug!("chain store: the disk is still full; next look in {wait:?}");
+                self.reopen_at = Some((now + wait, (wait * 2).min(self.retry.max)));
+            }
             Some((_, wait)) => match self.ledger.reopen() {
                 Ok(()) => {
-                    tracing::info!("chain store reopened: healthy again (it failed with: {fault})");
+                    if self.quiet_until.is_none() {
+                        tracing::info!(
+                            "chain store reopened: healthy again (it failed with: {fault})"
+                        );
+                    } else {
+                        tracing::debug!("chain store reopened again");
+                    }
+                    self.quiet_until = Some(now + QUIET_AFTER_RECOVERY);
                     self.reopen_at = None;
                     self.gens.set_fault(None);
                     self.after_import();
@@ -584,6 +639,7 @@ pub fn spawn(
     gens: Arc<Generations>,
     jobs: mpsc::Receiver<Job>,
     retry: StoreRetry,
+    store_dir: Option<std::path::PathBuf>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let last_tip = ledger.tip().hash;
     gens.mempool
@@ -594,7 +650,9 @@ pub fn spawn(
         gens,
         last_tip,
         retry,
+        store_dir,
         reopen_at: None,
+        quiet_until: None,
     };
     std::thread::Builder::new()
         .name("meshwork-ledger".into())

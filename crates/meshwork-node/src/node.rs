@@ -686,6 +686,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         gens.clone(),
         jobs_rx,
         cfg.store_retry.clone(),
+        cfg.data_dir.clone(),
     )
     .map_err(|source| NodeError::Io {
         path: "meshwork-ledger thread".into(),

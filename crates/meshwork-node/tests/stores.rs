@@ -111,6 +111,7 @@ async fn a_full_disk_stops_mining_and_transfers_until_the_store_reopens() {
     cfg.store_retry = StoreRetry {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(100),
+        min_free_bytes: 0, // the switch, not the real disk, says when it is full
     };
     cfg.mining = Some(MinerConfig {
         address: Wallet::from_secret(&[9; 32]).address(),
@@ -319,4 +320,92 @@ async fn a_damaged_account_state_stops_the_start_with_the_recovery() {
         e.contains(&format!("mv {p} {p}.damaged", p = path.display())),
         "{e}"
     );
+}
+
+/// Unmounts a tmpfs when the test ends, however it ends: lazily, since after a failed
+/// assertion the node still holds its files open.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The same on a real full disk: a 16 MiB tmpfs under the data directory, filled by another
+/// file, then freed. Needs root (to mount); skips with a message otherwise. It checks what the
+/// fault switch cannot: a full disk still takes writes into pages the file already holds, so
+/// the node must not call itself healthy (and fail again) until space has returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_real_full_tmpfs_the_node_stops_and_recovers() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&mnt)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        println!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let _unmount = Unmount(mnt.clone());
+    let mut cfg = config("test-tmpfs", &mnt.join("node"));
+    cfg.store_retry.initial = Duration::from_millis(20);
+    cfg.store_retry.max = Duration::from_millis(100);
+    cfg.mining = Some(MinerConfig {
+        address: Wallet::from_secret(&[9; 32]).address(),
+        pace: Some(Duration::from_millis(30)),
+    });
+    let node = meshwork_node::start(cfg).await.unwrap();
+    wait_for("a few blocks", || async { height(&node).await >= 3 }).await;
+
+    let fill = mnt.join("fill");
+    let mut f = std::fs::File::create(&fill).unwrap();
+    while f.write_all(&[0u8; 1 << 20]).is_ok() {}
+    drop(f);
+    wait_for("the node to notice", || async {
+        node.handle.health().is_some()
+    })
+    .await;
+    assert!(node.handle.health().unwrap().contains("No space left"));
+    let stuck = height(&node).await;
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_millis(500) {
+        assert!(
+            node.handle.health().is_some(),
+            "no flapping back to healthy while full"
+        );
+        assert_eq!(height(&node).await, stuck);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let chain_id = node.handle.ledger(|l| l.chain().chain_id()).await.unwrap();
+    let t = Wallet::from_secret(&DEV_FAUCET_SECRET).transfer(
+        chain_id,
+        Wallet::from_secret(&[5; 32]).address(),
+        42,
+        2,
+        0,
+    );
+    assert!(matches!(
+        node.handle.submit(t).await.unwrap(),
+        Err(meshwork_ledger::TxError::Storage(_))
+    ));
+
+    std::fs::remove_file(&fill).unwrap();
+    wait_for("healthy again", || async { node.handle.health().is_none() }).await;
+    wait_for("the chain to advance", || async {
+        height(&node).await > stuck + 2
+    })
+    .await;
+    node.handle.submit(t).await.unwrap().unwrap();
+    node.shutdown().await;
 }

@@ -100,6 +100,10 @@ pub async fn tx_send(data_dir: Option<&Path>, client: ClientArgs, a: SendArgs<'_
         let e: ApiError = resp.json().await.unwrap_or(ApiError {
             error: code.to_string(),
         });
+        if code == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            // Not the transfer's fault: try again once the node is healthy (`meshwork status`).
+            bail!("the node cannot take transfers now: {}", e.error)
+        }
         bail!("transaction refused: {}", e.error)
     }
 }
