@@ -21,6 +21,7 @@ use redb::StorageBackend;
 pub struct DiskFull(Arc<AtomicBool>);
 
 impl DiskFull {
+    /// A switch in the off position: the disk has space.
     pub fn new() -> Self {
         Self::default()
     }
@@ -30,6 +31,7 @@ impl DiskFull {
         self.0.store(full, Ordering::SeqCst);
     }
 
+    /// Whether writes fail now.
     pub fn is_full(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }

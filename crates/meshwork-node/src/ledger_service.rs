@@ -121,8 +121,11 @@ impl Default for RebroadcastConfig {
 /// the node would flap between healthy and not several times a second.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreRetry {
+    /// The wait after the first (immediate) failed attempt.
     pub initial: Duration,
+    /// The longest wait between two attempts.
     pub max: Duration,
+    /// Free bytes the data directory's disk must have before an attempt (0: no bar).
     pub min_free_bytes: u64,
 }
 
@@ -213,6 +216,7 @@ impl Generations {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// Whether the chain store is usable (no storage fault since the last reopen).
     pub fn is_healthy(&self) -> bool {
         !self.unhealthy.load(Ordering::SeqCst)
     }

@@ -221,6 +221,7 @@ impl Default for Health {
 }
 
 impl Health {
+    /// Healthy without a fault; else not, with the fault as the error.
     pub fn of(fault: Option<String>) -> Health {
         Health {
             healthy: fault.is_none(),
