@@ -179,6 +179,9 @@ pub enum LedgerEvent {
         offence: Option<String>,
     },
     Publish(Topic, Vec<u8>),
+    /// A pending transfer announced again (published, but not a new arrival: the lab's
+    /// "first published" times stay the first).
+    Republish(Vec<u8>),
     Tip(ChainStatus, Vec<Hash>),
     Orphan(PeerId),
     Headers {
@@ -628,7 +631,7 @@ impl Worker {
                     .ledger
                     .due_rebroadcasts(now_ms(), MAX_REBROADCAST_PER_ROUND)
                 {
-                    self.emit(LedgerEvent::Publish(Topic::Tx, t.encode()));
+                    self.emit(LedgerEvent::Republish(t.encode()));
                 }
             }
             Job::Stop => {}

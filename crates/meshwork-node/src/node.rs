@@ -1542,6 +1542,13 @@ impl Actor {
     /// (Bitcoin Core's "unbroadcast set").
     fn publish(&mut self, topic: Topic, bytes: Vec<u8>) {
         self.remember(blake3::hash(&bytes).as_bytes().to_vec(), topic);
+        self.publish_again(topic, bytes);
+    }
+
+    /// Publishes without recording an arrival: for what was published (or accepted) before.
+    /// gossipsub refuses an id it saw within its seen TTL (`Duplicate`): such a copy is
+    /// dropped here, and the ledger's next re-announcement of it comes later.
+    fn publish_again(&mut self, topic: Topic, bytes: Vec<u8>) {
         let t = self.topic(topic);
         match self
             .swarm
@@ -1572,8 +1579,9 @@ impl Actor {
     }
 
     fn retry_unbroadcast(&mut self) {
+        // Remembered at the first attempt: a retry is not a new arrival.
         for (topic, bytes) in std::mem::take(&mut self.unbroadcast) {
-            self.publish(topic, bytes);
+            self.publish_again(topic, bytes);
         }
     }
 
@@ -1666,6 +1674,7 @@ impl Actor {
                 }
             }
             LedgerEvent::Publish(topic, bytes) => self.publish(topic, bytes),
+            LedgerEvent::Republish(bytes) => self.publish_again(Topic::Tx, bytes),
             LedgerEvent::Tip(status, locator) => {
                 self.metrics.chain_height.set(status.height as i64);
                 let acts = self.syncer.on_tip(status, locator);
