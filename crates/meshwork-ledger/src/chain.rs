@@ -20,13 +20,14 @@
 //! invalid.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::block::{merkle_root, Block, Header};
-use crate::error::{BlockError, OpenError, StoreError, TxError};
+use crate::error::{BlockError, OpenError, StoreError, TxError, CORRUPT_PREFIX};
+use crate::faults::{catch_quietly, DiskFull, FaultyFile};
 use crate::spec::ChainSpec;
 use crate::tx::{verify_all, Coinbase, SignedTransfer, Transaction};
 use crate::types::{Account, Address, Hash, Millis};
@@ -111,12 +112,49 @@ impl Accounts for HashMap<Address, Account> {
     }
 }
 
-struct TableAccounts<'a, 't>(&'a mut redb::Table<'t, &'static [u8; 32], (u64, u64)>);
+/// A commitment to the whole account state: the XOR of one keyed hash per stored account.
+///
+/// Order-independent and updated in O(1) per changed account (XOR out the old record, XOR in
+/// the new one), so each main-chain change maintains it at the cost of the accounts it
+/// touches, and opening the store recomputes it with one scan of the `accounts` table (far
+/// cheaper than replaying the chain). Addresses are unique keys, so every record enters once
+/// and any change of one record (a flipped byte in a balance) changes the digest. It detects
+/// damage, not a forger who can rewrite the file (such a person can rewrite anything).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccountsDigest(pub [u8; 32]);
+
+impl AccountsDigest {
+    fn toggle(&mut self, addr: &Address, acct: Account) {
+        let mut h = blake3::Hasher::new();
+        h.update(b"meshwork account v1");
+        h.update(&addr.0);
+        h.update(&acct.balance.to_le_bytes());
+        h.update(&acct.nonce.to_le_bytes());
+        for (d, x) in self.0.iter_mut().zip(h.finalize().as_bytes()) {
+            *d ^= x;
+        }
+    }
+
+    /// The digest of a whole state.
+    pub fn of<'a>(state: impl IntoIterator<Item = (&'a Address, &'a Account)>) -> Self {
+        let mut d = AccountsDigest::default();
+        for (a, acct) in state {
+            d.toggle(a, *acct);
+        }
+        d
+    }
+}
+
+/// The `accounts` table of a write transaction, keeping a running [`AccountsDigest`].
+struct TableAccounts<'a, 't> {
+    table: &'a mut redb::Table<'t, &'static [u8; 32], (u64, u64)>,
+    digest: &'a mut AccountsDigest,
+}
 
 impl Accounts for TableAccounts<'_, '_> {
     fn get(&mut self, addr: &Address) -> Result<Account, StoreError> {
         Ok(self
-            .0
+            .table
             .get(&addr.0)?
             .map(|v| {
                 let (balance, nonce) = v.value();
@@ -125,10 +163,18 @@ impl Accounts for TableAccounts<'_, '_> {
             .unwrap_or_default())
     }
     fn set(&mut self, addr: Address, acct: Account) -> Result<(), StoreError> {
-        if acct == Account::default() {
-            self.0.remove(&addr.0)?;
+        let old = if acct == Account::default() {
+            self.table.remove(&addr.0)?.map(|v| v.value())
         } else {
-            self.0.insert(&addr.0, (acct.balance, acct.nonce))?;
+            self.table
+                .insert(&addr.0, (acct.balance, acct.nonce))?
+                .map(|v| v.value())
+        };
+        if let Some((balance, nonce)) = old {
+            self.digest.toggle(&addr, Account { balance, nonce });
+        }
+        if acct != Account::default() {
+            self.digest.toggle(&addr, acct);
         }
         Ok(())
     }
@@ -198,7 +244,8 @@ pub fn apply_block<A: Accounts>(
         seen: HashSet::new(),
     };
     let mut fees: u64 = 0;
-    for tx in &block.txs[1..] {
+    // `get`, not an index: a block read back from a damaged store may hold no transaction.
+    for tx in block.txs.get(1..).unwrap_or_default() {
         let Transaction::Transfer(t) = tx else {
             return Err(BlockError::ExtraCoinbase);
         };
@@ -345,13 +392,89 @@ pub fn check_transfer_fields(
     Ok(())
 }
 
+/// Where a chain's database lives, so that it can be opened again after a storage error.
+#[derive(Clone, Debug)]
+enum Source {
+    File(PathBuf),
+    /// In memory: there is no file to reopen, so a reopen reloads the same database.
+    Memory,
+    /// A file behind a switch that can make the disk act full ([`crate::faults`], tests only).
+    Faulty(PathBuf, DiskFull),
+}
+
+impl Source {
+    /// Opens the database. redb panics on some damaged files rather than returning an error;
+    /// such a panic is caught here and reported as damage, so a bad file never takes the
+    /// process down.
+    fn open(&self) -> Result<Database, OpenError> {
+        let open = || match self {
+            Source::File(path) => Database::create(path),
+            Source::Memory => {
+                redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new())
+            }
+            Source::Faulty(path, switch) => {
+                redb::Builder::new().create_with_backend(FaultyFile::open(path, switch.clone())?)
+            }
+        };
+        match catch_quietly(open) {
+            Ok(r) => r.map_err(open_error),
+            Err(panic) => Err(OpenError::Corrupt(format!(
+                "the database engine cannot read the file ({})",
+                panic_message(&panic)
+            ))),
+        }
+    }
+}
+
+/// Runs a load of stored data; a panic in the database engine on damaged pages becomes
+/// [`OpenError::Corrupt`] (whatever it touched is dropped with it).
+fn guarded(load: impl FnOnce() -> Result<Chain, OpenError>) -> Result<Chain, OpenError> {
+    catch_quietly(load).unwrap_or_else(|panic| {
+        Err(OpenError::Corrupt(format!(
+            "the database engine failed on the file ({})",
+            panic_message(&panic)
+        )))
+    })
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Sorts redb's errors at open into damage, a lock held elsewhere, and other storage errors.
+fn open_error(e: redb::DatabaseError) -> OpenError {
+    use redb::{DatabaseError, StorageError as S};
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => OpenError::Locked,
+        DatabaseError::Storage(S::Corrupted(m)) => OpenError::Corrupt(m),
+        DatabaseError::Storage(S::Io(io))
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+            ) =>
+        {
+            OpenError::Corrupt(io.to_string())
+        }
+        other => OpenError::Store(other.into()),
+    }
+}
+
 pub struct Chain {
     spec: ChainSpec,
     chain_id: Hash,
-    db: Database,
+    source: Source,
+    /// `None` while closed: after a storage error, between closing and a successful reopen.
+    db: Option<Database>,
     index: HashMap<Hash, Entry>,
     children: HashMap<Hash, Vec<Hash>>,
     main: Vec<Hash>,
+    /// The committed [`AccountsDigest`] of the `accounts` table (meta `accounts_digest`).
+    digest: AccountsDigest,
     /// Main-chain changes not yet taken by [`Chain::take_reorgs`].
     reorgs: Vec<Reorg>,
     /// Why the last block marked invalid failed.
@@ -359,27 +482,102 @@ pub struct Chain {
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("corrupt store: {what}"))
+    StoreError(format!("{CORRUPT_PREFIX}{what}"))
 }
 
 fn decode_block(bytes: &[u8]) -> Result<Block, StoreError> {
     Block::decode(bytes, usize::MAX).map_err(corrupt)
 }
 
+/// Meta key of the [`AccountsDigest`], written with every move of the tip.
+const DIGEST_KEY: &str = "accounts_digest";
+
+/// The digest of a stored `accounts` table, by a full scan.
+fn scan_digest(
+    t: &impl ReadableTable<&'static [u8; 32], (u64, u64)>,
+) -> Result<AccountsDigest, StoreError> {
+    let mut d = AccountsDigest::default();
+    for item in t.iter()? {
+        let (k, v) = item?;
+        let (balance, nonce) = v.value();
+        d.toggle(&Address(*k.value()), Account { balance, nonce });
+    }
+    Ok(d)
+}
+
 impl Chain {
     /// Opens (or creates) the chain stored at `path`.
+    ///
+    /// Opening checks the store's consistency cheaply (see [`Chain::reopen`] and
+    /// `docs/architecture.md`): the tip is present and is the last main-chain block; the main
+    /// chain runs from genesis with consecutive heights, each block linking to the one
+    /// before; every stored block's parent is stored one height below; every main-chain
+    /// block but genesis has undo data; and the `accounts` table matches the digest committed
+    /// with the tip. A store that fails any of these gives [`OpenError::Corrupt`]; a damaged
+    /// file never panics.
     pub fn open(path: &Path, spec: ChainSpec) -> Result<Chain, OpenError> {
-        Chain::with_db(Database::create(path)?, spec)
+        Chain::from_source(Source::File(path.to_owned()), spec)
     }
 
     /// A chain in memory: for tests and benchmarks.
     pub fn in_memory(spec: ChainSpec) -> Result<Chain, OpenError> {
-        let db = redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Chain::with_db(db, spec)
+        Chain::from_source(Source::Memory, spec)
     }
 
-    fn with_db(db: Database, spec: ChainSpec) -> Result<Chain, OpenError> {
+    /// Tests only: the chain at `path` on a disk that `full` can make act full (every write,
+    /// resize and sync fails with ENOSPC until it is switched off). See [`crate::faults`].
+    pub fn open_with_faults(
+        path: &Path,
+        spec: ChainSpec,
+        full: DiskFull,
+    ) -> Result<Chain, OpenError> {
+        Chain::from_source(Source::Faulty(path.to_owned(), full), spec)
+    }
+
+    fn from_source(source: Source, spec: ChainSpec) -> Result<Chain, OpenError> {
         spec.validate().map_err(OpenError::Spec)?;
+        let db = source.open()?;
+        guarded(|| Chain::with_db(db, spec, source))
+    }
+
+    /// Closes the database and opens it again, reloading the index, the main chain and the
+    /// digest from disk (and checking them, as [`Chain::open`] does). After an I/O error redb
+    /// refuses every transaction ("Previous I/O error occurred") until its database is closed
+    /// and opened again; this is that. On error the chain stays closed: its reads and writes
+    /// fail with a [`StoreError`], its in-memory view (tip, index) stays the last committed
+    /// one, and a later reopen may succeed (say, once the disk has space again).
+    pub fn reopen(&mut self) -> Result<(), OpenError> {
+        let db = match self.source {
+            // Nothing to close: the same database is reloaded.
+            Source::Memory => self
+                .db
+                .take()
+                .ok_or_else(|| OpenError::Corrupt("the in-memory store was lost".into()))?,
+            _ => {
+                // Closed first: redb holds an exclusive lock on the file while open.
+                drop(self.db.take());
+                self.source.open()?
+            }
+        };
+        let (spec, source) = (self.spec.clone(), self.source.clone());
+        *self = guarded(|| Chain::with_db(db, spec, source))?;
+        Ok(())
+    }
+
+    /// Whether the database is open (it is closed between a failed reopen and the next).
+    pub fn is_open(&self) -> bool {
+        self.db.is_some()
+    }
+
+    fn db(&self) -> Result<&Database, StoreError> {
+        self.db.as_ref().ok_or_else(|| {
+            StoreError(
+                "the chain store is closed after a storage error; it is being reopened".into(),
+            )
+        })
+    }
+
+    fn with_db(db: Database, spec: ChainSpec, source: Source) -> Result<Chain, OpenError> {
         let genesis = genesis_block(&spec);
         let chain_id = genesis.hash();
         let w = db.begin_write().map_err(StoreError::from)?;
@@ -391,14 +589,36 @@ impl Chain {
                 .map(|v| v.value().to_vec());
             match stored {
                 Some(id) if id != chain_id.0 => {
-                    let stored = Hash(id.try_into().map_err(|_| corrupt("chain id"))?);
+                    let stored = Hash(id.try_into().map_err(|_| {
+                        OpenError::Corrupt("the stored chain id is not 32 bytes".into())
+                    })?);
                     return Err(OpenError::SpecMismatch {
                         stored,
                         expected: chain_id,
                     });
                 }
-                Some(_) => {}
+                Some(_) => {
+                    // A store written before the digest existed gets one now, from its
+                    // current state (which `meshwork chain verify` can still check).
+                    if meta.get(DIGEST_KEY).map_err(StoreError::from)?.is_none() {
+                        let accounts = w.open_table(ACCOUNTS).map_err(StoreError::from)?;
+                        let d = scan_digest(&accounts)?;
+                        meta.insert(DIGEST_KEY, d.0.as_slice())
+                            .map_err(StoreError::from)?;
+                    }
+                }
                 None => {
+                    // No chain id but blocks: the meta table was lost, not a new store.
+                    let held = w
+                        .open_table(INDEX)
+                        .map_err(StoreError::from)?
+                        .len()
+                        .map_err(StoreError::from)?;
+                    if held > 0 {
+                        return Err(OpenError::Corrupt(format!(
+                            "{held} blocks are stored but the chain id is missing"
+                        )));
+                    }
                     meta.insert("chain_id", chain_id.0.as_slice())
                         .map_err(StoreError::from)?;
                     meta.insert("tip", chain_id.0.as_slice())
@@ -421,9 +641,16 @@ impl Chain {
                         .insert(0, &chain_id.0)
                         .map_err(StoreError::from)?;
                     let mut accounts = w.open_table(ACCOUNTS).map_err(StoreError::from)?;
+                    let mut digest = AccountsDigest::default();
                     for (a, acct) in genesis_state(&spec) {
-                        TableAccounts(&mut accounts).set(a, acct)?;
+                        TableAccounts {
+                            table: &mut accounts,
+                            digest: &mut digest,
+                        }
+                        .set(a, acct)?;
                     }
+                    meta.insert(DIGEST_KEY, digest.0.as_slice())
+                        .map_err(StoreError::from)?;
                 }
             }
             // Create the remaining tables so that readers never meet a missing one.
@@ -435,10 +662,12 @@ impl Chain {
         let mut chain = Chain {
             spec,
             chain_id,
-            db,
+            source,
+            db: Some(db),
             index: HashMap::new(),
             children: HashMap::new(),
             main: vec![],
+            digest: AccountsDigest::default(),
             reorgs: vec![],
             last_failure: None,
         };
@@ -450,31 +679,48 @@ impl Chain {
         Ok(chain)
     }
 
+    /// Loads the index, the main chain and the digest, checking what can be checked without
+    /// reading every block (see [`Chain::open`]).
     fn load(&mut self) -> Result<(), OpenError> {
-        let r = self.db.begin_read().map_err(StoreError::from)?;
+        let c = |m: String| OpenError::Corrupt(m);
+        let r = self.db()?.begin_read().map_err(StoreError::from)?;
         let index = r.open_table(INDEX).map_err(StoreError::from)?;
         let mut records = Vec::with_capacity(index.len().map_err(StoreError::from)? as usize);
         for item in index.iter().map_err(StoreError::from)? {
             let (k, v) = item.map_err(StoreError::from)?;
-            let rec: IndexRecord = postcard::from_bytes(v.value()).map_err(corrupt)?;
-            records.push((Hash(*k.value()), rec));
+            let hash = Hash(*k.value());
+            let rec: IndexRecord = postcard::from_bytes(v.value())
+                .map_err(|e| c(format!("index record of block {hash} does not decode: {e}")))?;
+            records.push((hash, rec));
         }
         // Parents before children: heights increase along every branch.
         records.sort_by_key(|(_, r)| r.header.height);
         for (hash, rec) in records {
             let parent_work = if rec.header.height == 0 {
+                if hash != self.chain_id {
+                    return Err(c(format!(
+                        "block {hash} at height 0 is not the genesis block"
+                    )));
+                }
                 0
             } else {
-                self.index
+                let parent = self
+                    .index
                     .get(&rec.header.prev)
-                    .ok_or_else(|| corrupt(format!("block {hash} without its parent")))?
-                    .work
+                    .ok_or_else(|| c(format!("block {hash} is stored without its parent")))?;
+                if parent.header.height + 1 != rec.header.height {
+                    return Err(c(format!(
+                        "block {hash} at height {} has its parent at height {}",
+                        rec.header.height, parent.header.height
+                    )));
+                }
+                parent.work
             };
             self.children.entry(rec.header.prev).or_default().push(hash);
             self.index.insert(
                 hash,
                 Entry {
-                    work: parent_work + rec.header.target as u128,
+                    work: parent_work.saturating_add(rec.header.target as u128),
                     header: rec.header,
                     invalid: rec.invalid,
                 },
@@ -484,22 +730,72 @@ impl Chain {
         for (i, item) in main.iter().map_err(StoreError::from)?.enumerate() {
             let (k, v) = item.map_err(StoreError::from)?;
             if k.value() != i as u64 {
-                return Err(OpenError::Corrupt(format!("main chain has a gap at {i}")));
+                return Err(c(format!("the main chain has a gap at height {i}")));
             }
-            self.main.push(Hash(*v.value()));
+            let hash = Hash(*v.value());
+            let e = self.index.get(&hash).ok_or_else(|| {
+                c(format!(
+                    "main-chain block {hash} at height {i} is not in the index"
+                ))
+            })?;
+            if e.header.height != i as u64 || e.invalid {
+                return Err(c(format!(
+                    "main-chain block {hash} at height {i} is indexed at height {}{}",
+                    e.header.height,
+                    if e.invalid { ", marked invalid" } else { "" }
+                )));
+            }
+            if i == 0 && hash != self.chain_id {
+                return Err(c("the main chain does not start at genesis".into()));
+            }
+            if i > 0 && e.header.prev != self.main[i - 1] {
+                return Err(c(format!(
+                    "main-chain block {hash} at height {i} does not extend the block below it"
+                )));
+            }
+            self.main.push(hash);
         }
         let meta = r.open_table(META).map_err(StoreError::from)?;
         let tip = meta
             .get("tip")
             .map_err(StoreError::from)?
-            .ok_or_else(|| OpenError::Corrupt("no tip".into()))?
+            .ok_or_else(|| c("no tip".into()))?
             .value()
             .to_vec();
         if self.main.last().map(|h| h.0.as_slice()) != Some(tip.as_slice()) {
-            return Err(OpenError::Corrupt(
-                "the tip is not the last main-chain block".into(),
+            return Err(c("the tip is not the last main-chain block".into()));
+        }
+        let tip = *self.main.last().expect("checked just above");
+        let blocks = r.open_table(BLOCKS).map_err(StoreError::from)?;
+        match blocks.get(&tip.0).map_err(StoreError::from)? {
+            Some(v) if decode_block(v.value()).is_ok_and(|b| b.hash() == tip) => {}
+            Some(_) => return Err(c(format!("the stored tip block {tip} is damaged"))),
+            None => return Err(c(format!("the tip block {tip} is missing"))),
+        }
+        let undo = r.open_table(UNDO).map_err(StoreError::from)?;
+        let undo_count = undo.len().map_err(StoreError::from)?;
+        if undo_count != self.main.len() as u64 - 1 {
+            return Err(c(format!(
+                "{undo_count} undo records for {} main-chain blocks after genesis",
+                self.main.len() - 1
+            )));
+        }
+        let stored = meta
+            .get(DIGEST_KEY)
+            .map_err(StoreError::from)?
+            .ok_or_else(|| c("no account-state digest".into()))?
+            .value()
+            .to_vec();
+        let accounts = r.open_table(ACCOUNTS).map_err(StoreError::from)?;
+        let actual = scan_digest(&accounts)?;
+        if stored != actual.0 {
+            return Err(c(
+                "the account state does not match the digest committed with the tip \
+                 (the accounts table is damaged)"
+                    .into(),
             ));
         }
+        self.digest = actual;
         Ok(())
     }
 
@@ -551,7 +847,7 @@ impl Chain {
     }
 
     pub fn block(&self, hash: &Hash) -> Result<Option<Block>, StoreError> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(BLOCKS)?;
         let v = t.get(&hash.0)?;
         v.map(|v| decode_block(v.value())).transpose()
@@ -559,14 +855,14 @@ impl Chain {
 
     /// The stored bytes of a block: what sync serves without re-encoding.
     pub fn block_bytes(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(BLOCKS)?;
         let v = t.get(&hash.0)?;
         Ok(v.map(|v| v.value().to_vec()))
     }
 
     pub fn account(&self, addr: &Address) -> Result<Account, StoreError> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(ACCOUNTS)?;
         let v = t.get(&addr.0)?;
         Ok(v.map(|v| {
@@ -577,7 +873,7 @@ impl Chain {
     }
 
     pub fn tx_location(&self, id: &Hash) -> Result<Option<TxLocation>, StoreError> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(TXS)?;
         let Some(v) = t.get(&id.0)? else {
             return Ok(None);
@@ -751,7 +1047,7 @@ impl Chain {
         // Not fsynced on its own: the main-chain change that usually follows commits durably,
         // and a durable commit persists the non-durable ones before it. A side-chain block lost
         // in a crash is simply fetched again.
-        let mut w = self.db.begin_write().map_err(StoreError::from)?;
+        let mut w = self.db()?.begin_write().map_err(StoreError::from)?;
         w.set_durability(redb::Durability::None);
         {
             let rec = postcard::to_allocvec(&IndexRecord {
@@ -850,8 +1146,10 @@ impl Chain {
         let fork_height = self.index[&h].header.height;
         let tip_height = self.tip().height;
 
-        let w = self.db.begin_write()?;
+        let w = self.db()?.begin_write()?;
         let mut reorg = Reorg::default();
+        // Updated with every account changed; committed with the tip, adopted after commit.
+        let mut digest = self.digest;
         let outcome = (|| -> Result<Result<(), (Hash, BlockError)>, StoreError> {
             let blocks = w.open_table(BLOCKS)?;
             let mut accounts = w.open_table(ACCOUNTS)?;
@@ -872,7 +1170,10 @@ impl Chain {
                         .ok_or_else(|| corrupt("undo data missing"))?
                         .value(),
                 )?;
-                let mut state = TableAccounts(&mut accounts);
+                let mut state = TableAccounts {
+                    table: &mut accounts,
+                    digest: &mut digest,
+                };
                 for (a, before) in undo.into_iter().rev() {
                     state.set(a, before)?;
                 }
@@ -890,8 +1191,11 @@ impl Chain {
                         .ok_or_else(|| corrupt("indexed block missing"))?
                         .value(),
                 )?;
-                let undo = match apply_block(&mut TableAccounts(&mut accounts), &block, &self.spec)
-                {
+                let mut state = TableAccounts {
+                    table: &mut accounts,
+                    digest: &mut digest,
+                };
+                let undo = match apply_block(&mut state, &block, &self.spec) {
                     Ok(undo) => undo,
                     Err(BlockError::Storage(e)) => return Err(e),
                     Err(e) => return Ok(Err((*hash, e))),
@@ -903,7 +1207,9 @@ impl Chain {
                 main_t.insert(block.header.height, &hash.0)?;
                 reorg.connected.push(block);
             }
-            w.open_table(META)?.insert("tip", target.0.as_slice())?;
+            let mut meta = w.open_table(META)?;
+            meta.insert("tip", target.0.as_slice())?;
+            meta.insert(DIGEST_KEY, digest.0.as_slice())?;
             Ok(Ok(()))
         })()?;
         if let Err(bad) = outcome {
@@ -911,31 +1217,40 @@ impl Chain {
             return Ok(Err(bad));
         }
         w.commit()?;
+        self.digest = digest;
         self.main.truncate(fork_height as usize + 1);
         self.main.extend(connect);
         Ok(Ok(reorg))
     }
 
-    /// Marks `hash` and all its descendants invalid, in memory and on disk.
+    /// Marks `hash` and all its descendants invalid, on disk and then in memory (so that a
+    /// failed commit, a storage error, leaves nothing marked: a storage error is never taken
+    /// for an invalid block).
     fn mark_invalid(&mut self, hash: Hash) -> Result<(), StoreError> {
         let mut queue = VecDeque::from([hash]);
-        let w = self.db.begin_write()?;
+        let mut marked = vec![];
+        let w = self.db()?.begin_write()?;
         {
             let mut index = w.open_table(INDEX)?;
             while let Some(h) = queue.pop_front() {
-                let Some(e) = self.index.get_mut(&h) else {
+                let Some(e) = self.index.get(&h) else {
                     continue;
                 };
-                e.invalid = true;
                 let rec = postcard::to_allocvec(&IndexRecord {
                     header: e.header,
                     invalid: true,
                 })?;
                 index.insert(&h.0, rec.as_slice())?;
+                marked.push(h);
                 queue.extend(self.children.get(&h).into_iter().flatten().copied());
             }
         }
         w.commit()?;
+        for h in marked {
+            if let Some(e) = self.index.get_mut(&h) {
+                e.invalid = true;
+            }
+        }
         Ok(())
     }
 
@@ -946,7 +1261,7 @@ impl Chain {
 
     /// All stored accounts (for consistency checks and tests).
     pub fn all_accounts(&self) -> Result<HashMap<Address, Account>, StoreError> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(ACCOUNTS)?;
         let mut out = HashMap::new();
         for item in t.iter()? {
@@ -958,10 +1273,24 @@ impl Chain {
     }
 
     /// Replays the main chain from genesis and compares with the stored state, the
-    /// transaction index and the undo data: invariants 2 and 4, checked from scratch.
+    /// transaction index and the undo data: invariants 2 and 4, checked from scratch. Never
+    /// panics: a panic of the database engine on a damaged page is an error too.
     pub fn verify_consistency(&self) -> Result<(), String> {
+        catch_quietly(|| self.replay_and_compare()).unwrap_or_else(|panic| {
+            Err(format!(
+                "the database engine failed reading the file ({})",
+                panic_message(&panic)
+            ))
+        })
+    }
+
+    fn replay_and_compare(&self) -> Result<(), String> {
         let mut state = genesis_state(&self.spec);
-        let r = self.db.begin_read().map_err(|e| e.to_string())?;
+        let r = self
+            .db()
+            .map_err(|e| e.to_string())?
+            .begin_read()
+            .map_err(|e| e.to_string())?;
         let txs_t = r.open_table(TXS).map_err(|e| e.to_string())?;
         let undo_t = r.open_table(UNDO).map_err(|e| e.to_string())?;
         let mut tx_count = 0u64;
@@ -998,6 +1327,9 @@ impl Chain {
             ));
         }
         let stored = self.all_accounts().map_err(|e| e.to_string())?;
+        if AccountsDigest::of(&stored) != self.digest {
+            return Err("the stored account state does not match its committed digest".into());
+        }
         if stored != state {
             return Err(format!(
                 "stored state ({} accounts) differs from the replayed main chain ({} accounts)",

@@ -116,10 +116,22 @@ impl BlockError {
     }
 }
 
-/// A failure of the embedded database: the disk, not the data.
+/// A failure of the embedded database: the disk, or (see [`StoreError::is_corrupt`]) damaged
+/// data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct StoreError(pub String);
+
+/// How the chain's own damage reports begin (`chain::corrupt`).
+pub(crate) const CORRUPT_PREFIX: &str = "corrupt store: ";
+
+impl StoreError {
+    /// Whether the error reports damaged data (a stored value that does not decode, a record
+    /// that should be there and is not, redb's own "DB corrupted") rather than a failing disk.
+    pub fn is_corrupt(&self) -> bool {
+        self.0.starts_with(CORRUPT_PREFIX) || self.0.starts_with("DB corrupted")
+    }
+}
 
 macro_rules! store_from {
     ($($t:ty),*) => {$(
@@ -137,20 +149,40 @@ store_from!(
     postcard::Error
 );
 
+/// Why a chain store did not open.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// The disk refused (permissions, no space, an I/O error): the file may be fine.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+    /// Another process holds the store open.
+    #[error("the store is open in another process (is a node running on this data directory?)")]
+    Locked,
     #[error("the store holds chain {stored}, but the spec describes {expected}: wrong data directory or spec")]
     SpecMismatch { stored: Hash, expected: Hash },
     #[error("invalid chain spec: {0}")]
     Spec(String),
-    #[error("the store is inconsistent: {0}")]
+    /// The file is damaged: it does not parse, or fails the consistency check at open (see
+    /// `Chain::open`). Opening it again will not help; moving it aside and syncing will.
+    #[error("the store is damaged: {0}")]
     Corrupt(String),
 }
 
-impl From<redb::DatabaseError> for OpenError {
-    fn from(e: redb::DatabaseError) -> Self {
-        OpenError::Store(e.into())
+/// Damage found while reading the store at open is [`OpenError::Corrupt`].
+impl From<StoreError> for OpenError {
+    fn from(e: StoreError) -> Self {
+        if e.is_corrupt() {
+            let what = e.0.strip_prefix(CORRUPT_PREFIX).unwrap_or(&e.0);
+            OpenError::Corrupt(what.to_string())
+        } else {
+            OpenError::Store(e)
+        }
+    }
+}
+
+impl OpenError {
+    /// Whether the file itself is damaged (and the remedy is to set it aside and re-sync).
+    pub fn is_damage(&self) -> bool {
+        matches!(self, OpenError::Corrupt(_))
     }
 }

@@ -12,7 +12,7 @@
 //! (unless the winning chain spent the same nonce differently, which is the double spend that
 //! the chain exists to resolve).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::block::{merkle_root, Block};
 use crate::chain::{apply_transfer, check_transfer_fields, Accounts, AddOutcome, Chain, TipInfo};
 use crate::error::{BlockError, OpenError, StoreError, TxError};
+use crate::faults::DiskFull;
 use crate::mempool::{Mempool, DEFAULT_CAPACITY};
 use crate::spec::ChainSpec;
 use crate::tx::{verify_all, Coinbase, SignedTransfer, Transaction};
@@ -133,6 +134,65 @@ impl Accounts for Overlay<'_> {
     }
 }
 
+/// Default first wait before a tracked transfer is announced again (see [`Ledger::set_rebroadcast`]).
+pub const REBROADCAST_INITIAL_MS: u64 = 30_000;
+/// Default longest wait between two announcements of one transfer.
+pub const REBROADCAST_MAX_MS: u64 = 600_000;
+
+/// The pending transfers this node announces again until they leave the mempool (confirmed,
+/// or invalid on the new chain): its own (submitted through [`Ledger::submit_own`]) and those
+/// a reorganization returned. Each waits `initial` before its first re-announcement, then
+/// twice as long each time, up to `max`. At most [`DEFAULT_CAPACITY`] are tracked.
+struct Rebroadcast {
+    initial: u64,
+    max: u64,
+    /// Transfer id → (when it is due, the wait after that announcement).
+    entries: HashMap<Hash, (Millis, u64)>,
+    due: BTreeSet<(Millis, Hash)>,
+}
+
+impl Rebroadcast {
+    /// Tracks `id` (again), due `initial` from `now`.
+    fn track(&mut self, id: Hash, now: Millis) {
+        if let Some((at, _)) = self.entries.remove(&id) {
+            self.due.remove(&(at, id));
+        } else if self.entries.len() >= DEFAULT_CAPACITY {
+            return; // bounded: the transfer stays pending, only not re-announced
+        }
+        let at = now.saturating_add(self.initial);
+        let then = self.initial.saturating_mul(2).clamp(1, self.max.max(1));
+        self.entries.insert(id, (at, then));
+        self.due.insert((at, id));
+    }
+
+    /// Up to `max` ids due at `now`, each rescheduled after twice its last wait (capped).
+    fn take_due(&mut self, now: Millis, max: usize) -> Vec<Hash> {
+        let mut out = vec![];
+        while out.len() < max {
+            let Some(&(at, id)) = self.due.first() else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            self.due.pop_first();
+            let wait = self.entries.get(&id).map_or(self.initial, |e| e.1);
+            let next = wait.saturating_mul(2).clamp(1, self.max.max(1));
+            let at = now.saturating_add(wait);
+            self.entries.insert(id, (at, next));
+            self.due.insert((at, id));
+            out.push(id);
+        }
+        out
+    }
+
+    fn forget(&mut self, id: &Hash) {
+        if let Some((at, _)) = self.entries.remove(id) {
+            self.due.remove(&(at, *id));
+        }
+    }
+}
+
 pub struct Ledger {
     chain: Chain,
     mempool: Mempool,
@@ -140,6 +200,9 @@ pub struct Ledger {
     changes: Vec<ChainChange>,
     /// Senders whose transfers this node neither admits nor mines (see [`Ledger::set_refused`]).
     refused: HashSet<Address>,
+    /// The storage error that made the store unusable, until [`Ledger::reopen`] works.
+    fault: Option<StoreError>,
+    rebroadcast: Rebroadcast,
 }
 
 impl Ledger {
@@ -149,6 +212,18 @@ impl Ledger {
 
     pub fn in_memory(spec: ChainSpec) -> Result<Ledger, OpenError> {
         Ok(Ledger::with_chain(Chain::in_memory(spec)?))
+    }
+
+    /// Tests only: the ledger at `path` on a disk that `full` can make act full (see
+    /// [`crate::faults`]).
+    pub fn open_with_faults(
+        path: &Path,
+        spec: ChainSpec,
+        full: DiskFull,
+    ) -> Result<Ledger, OpenError> {
+        Ok(Ledger::with_chain(Chain::open_with_faults(
+            path, spec, full,
+        )?))
     }
 
     fn with_chain(chain: Chain) -> Ledger {
@@ -163,7 +238,66 @@ impl Ledger {
             },
             changes: vec![],
             refused: HashSet::new(),
+            fault: None,
+            rebroadcast: Rebroadcast {
+                initial: REBROADCAST_INITIAL_MS,
+                max: REBROADCAST_MAX_MS,
+                entries: HashMap::new(),
+                due: BTreeSet::new(),
+            },
         }
+    }
+
+    /// The waits of re-announcement, in ms: the first after `initial`, then doubling up to
+    /// `max` (defaults [`REBROADCAST_INITIAL_MS`], [`REBROADCAST_MAX_MS`]).
+    pub fn set_rebroadcast(&mut self, initial_ms: u64, max_ms: u64) {
+        self.rebroadcast.initial = initial_ms;
+        self.rebroadcast.max = max_ms.max(initial_ms);
+    }
+
+    /// The storage error that stopped the store, while it is stopped. Every write (a block,
+    /// a transfer, a template) is then refused with it, rather than accepted and lost; the
+    /// caller retries [`Ledger::reopen`].
+    pub fn store_fault(&self) -> Option<&StoreError> {
+        self.fault.as_ref()
+    }
+
+    /// Records a storage error met outside the ledger's own methods (a query through
+    /// [`Ledger::chain`]), so that the store is reopened.
+    pub fn note_store_error(&mut self, e: &StoreError) {
+        if self.fault.is_none() {
+            self.fault = Some(e.clone());
+        }
+    }
+
+    /// Closes and reopens the chain store (redb needs that after an I/O error), then brings
+    /// the mempool in line with the state read back: confirmed transfers leave, and every
+    /// sender's pending ones are re-checked. Clears the fault on success; on error the store
+    /// stays closed and the fault stays.
+    pub fn reopen(&mut self) -> Result<(), OpenError> {
+        self.chain.reopen()?;
+        self.fault = None;
+        let pending = self.mempool.list(usize::MAX);
+        let mut senders = HashSet::new();
+        for t in &pending {
+            let id = t.id();
+            if self.chain.tx_location(&id)?.is_some() {
+                self.mempool.remove(&id);
+                self.rebroadcast.forget(&id);
+            }
+            senders.insert(t.transfer.from);
+        }
+        for s in senders {
+            let acct = self.chain.account(&s)?;
+            self.mempool.revalidate(&s, acct);
+        }
+        Ok(())
+    }
+
+    /// A storage error from the chain: recorded, and passed on.
+    fn fail<E: Clone>(&mut self, e: &StoreError, out: E) -> E {
+        self.note_store_error(e);
+        out
     }
 
     /// An operator's policy: transfers from `senders` are refused by the mempool (submitted,
@@ -199,9 +333,56 @@ impl Ledger {
         self.submit_many(vec![t]).pop().expect("one in, one out")
     }
 
+    /// Submits this node's own transfer (from its API): once admitted, it is announced again
+    /// while it stays pending (see [`Ledger::due_rebroadcasts`]).
+    pub fn submit_own(&mut self, t: SignedTransfer, now: Millis) -> Result<Hash, TxError> {
+        let id = self.submit(t)?;
+        self.rebroadcast.track(id, now);
+        Ok(id)
+    }
+
+    /// The tracked transfers due for another announcement at `now`, at most `max` (the bound
+    /// of one round's work), each rescheduled; those no longer pending are forgotten.
+    pub fn due_rebroadcasts(&mut self, now: Millis, max: usize) -> Vec<SignedTransfer> {
+        let mut out = vec![];
+        // Ids that left the mempool are dropped without counting toward `max`.
+        while out.len() < max {
+            let ids = self.rebroadcast.take_due(now, max - out.len());
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids {
+                match self.mempool.get(&id) {
+                    Some(t) => out.push(t),
+                    None => self.rebroadcast.forget(&id),
+                }
+            }
+        }
+        out
+    }
+
     /// Checks and admits transfers: stateless rules, then one batch verification of every
     /// signature that got that far, then the mempool's rules against the confirmed state.
+    /// While the store is stopped ([`Ledger::store_fault`]) every transfer is refused with
+    /// [`TxError::Storage`]: the node does not acknowledge what it may not keep.
     pub fn submit_many(&mut self, txs: Vec<SignedTransfer>) -> Vec<Result<Hash, TxError>> {
+        if let Some(e) = &self.fault {
+            return txs
+                .iter()
+                .map(|_| Err(TxError::Storage(e.clone())))
+                .collect();
+        }
+        let results = self.submit_checked(txs);
+        for r in &results {
+            if let Err(TxError::Storage(e)) = r {
+                let e = e.clone();
+                self.note_store_error(&e);
+            }
+        }
+        results
+    }
+
+    fn submit_checked(&mut self, txs: Vec<SignedTransfer>) -> Vec<Result<Hash, TxError>> {
         // Each id is a postcard encoding and a hash: computed once per transfer here.
         let ids: Vec<Hash> = txs.iter().map(|t| t.id()).collect();
         let mut results: Vec<Result<Hash, TxError>> = {
@@ -245,10 +426,23 @@ impl Ledger {
     }
 
     /// Imports a block from anywhere: gossip, sync, or the local miner.
+    /// While the store is stopped every block is refused with [`BlockError::Storage`] (not
+    /// punishable, and nothing is marked invalid).
     pub fn import(&mut self, block: Block, now: Millis) -> Result<BlockOutcome, BlockError> {
+        if let Some(e) = &self.fault {
+            return Err(BlockError::Storage(e.clone()));
+        }
+        let r = self.import_checked(block, now);
+        if let Err(BlockError::Storage(e)) = &r {
+            return Err(self.fail(e, BlockError::Storage(e.clone())));
+        }
+        r
+    }
+
+    fn import_checked(&mut self, block: Block, now: Millis) -> Result<BlockOutcome, BlockError> {
         let hash = block.hash();
         let result = self.chain.add_block(&block, now);
-        self.after_chain_change()?;
+        self.after_chain_change(now)?;
         match result? {
             AddOutcome::Duplicate => Ok(BlockOutcome::Duplicate),
             AddOutcome::MissingParent(missing) => {
@@ -279,7 +473,7 @@ impl Ledger {
             for child in self.orphans.take_children(&p) {
                 let h = child.hash();
                 let r = self.chain.add_block(&child, now);
-                self.after_chain_change()?;
+                self.after_chain_change(now)?;
                 if let Ok(AddOutcome::Stored { .. }) = r {
                     unlocked += 1;
                     queue.push_back(h);
@@ -289,7 +483,7 @@ impl Ledger {
         Ok(unlocked)
     }
 
-    fn after_chain_change(&mut self) -> Result<(), StoreError> {
+    fn after_chain_change(&mut self, now: Millis) -> Result<(), StoreError> {
         for reorg in self.chain.take_reorgs() {
             let mut touched: HashSet<Address> = HashSet::new();
             for b in &reorg.connected {
@@ -312,7 +506,10 @@ impl Ledger {
             }
             let mut back = 0;
             for t in returned {
-                if self.admit_verified(t, t.id()).is_ok() {
+                let id = t.id();
+                if self.admit_verified(t, id).is_ok() {
+                    // Peers on the winning chain may never have seen it: announce it again.
+                    self.rebroadcast.track(id, now);
                     back += 1;
                 }
             }
@@ -327,7 +524,12 @@ impl Ledger {
 
     /// A block extending the tip, paying `miner`, with the best-paying pending transfers that
     /// apply in order and fit the limits. Its nonce is 0: the miner searches from there.
+    ///
+    /// While the store is stopped this fails with the fault: nothing mined could be stored.
     pub fn template(&self, miner: Address, now: Millis) -> Result<Block, StoreError> {
+        if let Some(e) = &self.fault {
+            return Err(e.clone());
+        }
         let spec = self.chain.spec();
         let mut header = self.chain.next_header(now);
         let candidates = self.mempool.select(spec.max_block_txs - 1, |a| {

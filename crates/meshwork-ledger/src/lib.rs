@@ -6,6 +6,7 @@
 pub mod block;
 pub mod chain;
 pub mod error;
+pub mod faults;
 pub mod ledger;
 pub mod mempool;
 pub mod spec;
@@ -13,7 +14,7 @@ pub mod tx;
 pub mod types;
 
 pub use block::{Block, Header};
-pub use chain::{Chain, Reorg, TipInfo, TxLocation};
+pub use chain::{AccountsDigest, Chain, Reorg, TipInfo, TxLocation};
 pub use error::{BlockError, OpenError, StoreError, TxError};
 pub use ledger::{BlockOutcome, ChainChange, Ledger, TxStatus};
 pub use spec::ChainSpec;

@@ -59,6 +59,11 @@ impl Mempool {
         self.by_id.contains_key(id)
     }
 
+    /// The pending transfer with this id.
+    pub fn get(&self, id: &Hash) -> Option<SignedTransfer> {
+        self.by_id.get(id).copied()
+    }
+
     /// Pending transfers, highest fee first.
     pub fn list(&self, max: usize) -> Vec<SignedTransfer> {
         self.by_fee

@@ -9,11 +9,13 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use meshwork_ledger::{Address, Block, Hash, Ledger, SignedTransfer, Transaction, TxStatus};
+use meshwork_ledger::{
+    Address, Block, Hash, Ledger, SignedTransfer, Transaction, TxError, TxStatus,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::content::{ContentError, FetchRequest, ShareRequest};
-use crate::node::{NodeError, NodeHandle};
+use crate::node::{Health, NodeError, NodeHandle};
 use meshwork_swarm::ContentId;
 
 /// A command that the node does not answer within this time gets a 503.
@@ -22,6 +24,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn router(handle: NodeHandle) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
+        .route("/api/v1/health", get(health))
         .route("/api/v1/peers", get(peers))
         .route("/api/v1/addrbook", get(addrbook))
         .route("/api/v1/tx", post(submit_tx))
@@ -309,6 +312,19 @@ async fn status(State(h): State<NodeHandle>) -> Response {
     answer(h.status()).await
 }
 
+/// `GET /api/v1/health`: 200 `{"healthy": true}`, or 503 `{"healthy": false, "error": "..."}`
+/// while the chain store is stopped by a storage error. Answered from shared state, so it
+/// answers even when the node's threads are busy.
+async fn health(State(h): State<NodeHandle>) -> Response {
+    let health = Health::of(h.health());
+    let code = if health.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(health)).into_response()
+}
+
 async fn peers(State(h): State<NodeHandle>) -> Response {
     answer(h.peers()).await
 }
@@ -343,6 +359,8 @@ async fn submit_tx(State(h): State<NodeHandle>, body: Option<Json<SubmitTx>>) ->
     };
     match tokio::time::timeout(ANSWER_TIMEOUT, h.submit(t)).await {
         Ok(Ok(Ok(id))) => Json(Submitted { id: id.to_string() }).into_response(),
+        // Not the client's fault: the node cannot store it now, and says so.
+        Ok(Ok(Err(e @ TxError::Storage(_)))) => unavailable(e),
         Ok(Ok(Err(e))) => bad_request(e),
         Ok(Err(e)) => unavailable(e),
         Err(_) => unavailable("the ledger did not answer in time"),

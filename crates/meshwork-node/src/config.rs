@@ -3,7 +3,9 @@
 //! Layout of a data directory:
 //! - `identity.key`: the node's ed25519 key, libp2p protobuf encoding, mode 0600;
 //! - `config.toml`: settings, written commented by `meshwork init`;
-//! - `node.redb`: the address book, bans and anchors;
+//! - `node.redb`: the address book, bans and anchors (a cache: a damaged one is set aside as
+//!   `node.redb.damaged-<unix time>` and rebuilt);
+//! - `chain.redb`: the chain store (blocks, state, undo data);
 //! - `api`: the address of the running node's HTTP API (present while it runs).
 //!
 //! Precedence: command-line flags override environment variables, which override the file,
@@ -408,7 +410,23 @@ pub struct NodeConfig {
     pub refuse_senders: std::collections::HashSet<meshwork_ledger::Address>,
     /// The content service's options.
     pub content: ContentConfig,
+    /// When pending transfers (our own, and those a reorganization returned) are announced
+    /// again.
+    pub rebroadcast: crate::ledger_service::RebroadcastConfig,
+    /// How the chain store is reopened after a storage error.
+    pub store_retry: crate::ledger_service::StoreRetry,
+    /// How long gossipsub remembers a message id it has seen (and so drops copies and refuses
+    /// to publish it again): libp2p's `duplicate_cache_time`. Shorter than
+    /// `rebroadcast.initial`, so that a re-announcement is published. Messages circulate for a
+    /// few heartbeats (gossip history: 3 s), far less than this.
+    pub gossip_seen_ttl: Duration,
+    /// Tests only: the chain store sits on a disk that this switch can make full (see
+    /// `meshwork_ledger::faults`). Never set outside tests.
+    pub disk_fault: Option<meshwork_ledger::faults::DiskFull>,
 }
+
+/// Default [`NodeConfig::gossip_seen_ttl`].
+pub const GOSSIP_SEEN_TTL: Duration = Duration::from_secs(20);
 
 /// Options of the content service.
 #[derive(Clone, Debug)]
@@ -461,6 +479,10 @@ impl NodeConfig {
             mining: None,
             refuse_senders: Default::default(),
             content: ContentConfig::default(),
+            rebroadcast: Default::default(),
+            store_retry: Default::default(),
+            gossip_seen_ttl: GOSSIP_SEEN_TTL,
+            disk_fault: None,
             network,
         }
     }
@@ -547,6 +569,10 @@ impl NodeConfig {
             mining: None,
             refuse_senders,
             content: ContentConfig::default(),
+            rebroadcast: Default::default(),
+            store_retry: Default::default(),
+            gossip_seen_ttl: GOSSIP_SEEN_TTL,
+            disk_fault: None,
         })
     }
 }

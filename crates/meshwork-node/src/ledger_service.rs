@@ -13,10 +13,23 @@
 //! The miner is a second thread. It asks the ledger for a template, searches nonces in slices
 //! of [`MINER_SLICE`], and between slices checks whether the tip moved (start over on the new
 //! tip) or the mempool changed (rebuild after a second, to include new transfers).
+//!
+//! # Storage errors
+//! A storage error (a full disk, an I/O error) stops the store: redb refuses every transaction
+//! after one until the database is closed and opened again. The ledger then refuses blocks,
+//! transfers and templates with the error (never taking it for an invalid block), the node
+//! reports itself unhealthy ([`Generations::store_fault`]: `status`, `GET /api/v1/health`),
+//! the miner pauses, and this thread logs the reason once and reopens the store with backoff
+//! ([`StoreRetry`]). Once a reopen works the node is healthy again and a paused miner resumes.
+//!
+//! # Re-announcing transfers
+//! The node's own pending transfers and those a reorganization returned are announced again
+//! ([`Job::Rebroadcast`], sent by the event loop every [`RebroadcastConfig::round`]) until they
+//! leave the mempool, with the waits of [`meshwork_ledger::Ledger::due_rebroadcasts`].
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::gossipsub::{MessageAcceptance, MessageId};
@@ -70,7 +83,83 @@ pub enum Job {
         hashes: Vec<Hash>,
     },
     Query(Query),
+    /// Announce the tracked transfers that are due again (see the module docs).
+    Rebroadcast,
     Stop,
+}
+
+/// The most transfers announced again in one round.
+pub const MAX_REBROADCAST_PER_ROUND: usize = 256;
+
+/// When pending transfers are announced again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebroadcastConfig {
+    /// How often the due ones are looked for.
+    pub round: Duration,
+    /// The wait before a transfer's first re-announcement. It must exceed gossipsub's seen
+    /// TTL ([`crate::config::NodeConfig::gossip_seen_ttl`]): gossipsub refuses to publish a
+    /// message id it has seen within that time, and ids are the hash of the payload.
+    pub initial: Duration,
+    /// The longest wait between two announcements (the wait doubles up to it).
+    pub max: Duration,
+}
+
+impl Default for RebroadcastConfig {
+    fn default() -> Self {
+        Self {
+            round: Duration::from_secs(5),
+            initial: Duration::from_millis(meshwork_ledger::ledger::REBROADCAST_INITIAL_MS),
+            max: Duration::from_millis(meshwork_ledger::ledger::REBROADCAST_MAX_MS),
+        }
+    }
+}
+
+/// How the chain store is reopened after a storage error: tried at once, then after
+/// `initial`, doubling up to `max`; and only while the disk of the data directory has
+/// `min_free_bytes` free. A full disk still takes writes that land in pages the file already
+/// holds, so without that bar a reopen would succeed at once and the next commit fail again:
+/// the node would flap between healthy and not several times a second.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreRetry {
+    /// The wait after the first (immediate) failed attempt.
+    pub initial: Duration,
+    /// The longest wait between two attempts.
+    pub max: Duration,
+    /// Free bytes the data directory's disk must have before an attempt (0: no bar).
+    pub min_free_bytes: u64,
+}
+
+impl Default for StoreRetry {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            min_free_bytes: 8 << 20,
+        }
+    }
+}
+
+/// After a recovery, a new fault within this time is logged at debug level only: an
+/// intermittent disk says why once, not at every flap.
+const QUIET_AFTER_RECOVERY: Duration = Duration::from_secs(60);
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`, if known.
+#[cfg(unix)]
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a properly sized, writable struct;
+    // statvfs only writes into it.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_dir: &std::path::Path) -> Option<u64> {
+    None
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +179,9 @@ pub enum LedgerEvent {
         offence: Option<String>,
     },
     Publish(Topic, Vec<u8>),
+    /// A pending transfer announced again (published, but not a new arrival: the lab's
+    /// "first published" times stay the first).
+    Republish(Vec<u8>),
     Tip(ChainStatus, Vec<Hash>),
     Orphan(PeerId),
     Headers {
@@ -107,11 +199,39 @@ pub enum LedgerEvent {
     Serve(u64, SyncResponse),
 }
 
-/// Shared counters the miner watches without asking the ledger thread.
+/// Shared state the miner, the event loop and the API read without asking the ledger thread.
 #[derive(Default)]
 pub struct Generations {
     pub tip: AtomicU64,
     pub mempool: AtomicU64,
+    /// Set while the chain store is stopped by a storage error (mirrors `fault`).
+    unhealthy: AtomicBool,
+    fault: Mutex<Option<String>>,
+}
+
+impl Generations {
+    /// Why the chain store is stopped, while it is: the node is then unhealthy, does not mine
+    /// and refuses transfers.
+    pub fn store_fault(&self) -> Option<String> {
+        self.fault
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Whether the chain store is usable (no storage fault since the last reopen).
+    pub fn is_healthy(&self) -> bool {
+        !self.unhealthy.load(Ordering::SeqCst)
+    }
+
+    fn set_fault(&self, fault: Option<String>) {
+        let unhealthy = fault.is_some();
+        match self.fault.lock() {
+            Ok(mut f) => *f = fault,
+            Err(p) => *p.into_inner() = fault,
+        }
+        self.unhealthy.store(unhealthy, Ordering::SeqCst);
+    }
 }
 
 pub fn status_of(ledger: &Ledger) -> ChainStatus {
@@ -136,6 +256,13 @@ struct Worker {
     events: mpsc::Sender<LedgerEvent>,
     gens: Arc<Generations>,
     last_tip: Hash,
+    retry: StoreRetry,
+    /// The directory of the chain store (for its free space); `None` in memory.
+    store_dir: Option<std::path::PathBuf>,
+    /// While the store is stopped: when to try reopening it next, and the wait after that.
+    reopen_at: Option<(Instant, Duration)>,
+    /// Until when a new fault is logged quietly (see [`QUIET_AFTER_RECOVERY`]).
+    quiet_until: Option<Instant>,
 }
 
 impl Worker {
@@ -205,6 +332,98 @@ impl Worker {
             });
         }
         self.after_import();
+    }
+
+    /// After every job: notices a new storage fault (logged once, the node turns unhealthy)
+    /// and, while the store is stopped, tries to reopen it when the backoff says so.
+    fn check_store(&mut self) {
+        let Some(fault) = self.ledger.store_fault().cloned() else {
+            return;
+        };
+        let now = Instant::now();
+        match self.reopen_at {
+            None => {
+                let reason = format!(
+                    "chain store: {fault}; not mining and refusing transfers until it is \
+                     reopened (retrying with backoff, once the disk has {} MiB free)",
+                    self.retry.min_free_bytes >> 20
+                );
+                if self.quiet_until.is_some_and(|t| now < t) {
+                    tracing::debug!("{reason}");
+                } else {
+                    tracing::error!("{reason}");
+                    self.quiet_until = None;
+                }
+                self.gens.set_fault(Some(reason));
+                // The first attempt at once: redb needs the database closed and reopened.
+                self.reopen_at = Some((now, self.retry.initial));
+                self.check_store();
+            }
+            Some((at, _)) if now < at => {}
+            Some((_, wait))
+                if self
+                    .store_dir
+                    .as_deref()
+                    .and_then(free_bytes)
+                    .is_some_and(|free| free < self.retry.min_free_bytes) =>
+            {
+                tracing::debug!("chain store: the disk is still full; next look in {wait:?}");
+                self.reopen_at = Some((now + wait, (wait * 2).min(self.retry.max)));
+            }
+            Some((_, wait)) => match self.ledger.reopen() {
+                Ok(()) => {
+                    if self.quiet_until.is_none() {
+                        tracing::info!(
+                            "chain store reopened: healthy again (it failed with: {fault})"
+                        );
+                    } else {
+                        tracing::debug!("chain store reopened again");
+                    }
+                    self.quiet_until = Some(now + QUIET_AFTER_RECOVERY);
+                    self.reopen_at = None;
+                    self.gens.set_fault(None);
+                    self.after_import();
+                }
+                Err(e) => {
+                    tracing::debug!("chain store not reopened yet: {e}; next try in {wait:?}");
+                    if e.is_damage() {
+                        let reason = format!(
+                            "chain store: {e}; not mining and refusing transfers. To recover, \
+                             stop the node, move chain.redb aside and start again: the chain \
+                             is synced from peers"
+                        );
+                        if self.gens.store_fault().as_deref() != Some(reason.as_str()) {
+                            tracing::error!("{reason}");
+                            self.gens.set_fault(Some(reason));
+                        }
+                    }
+                    self.reopen_at = Some((now + wait, (wait * 2).min(self.retry.max)));
+                }
+            },
+        }
+    }
+
+    /// The next job; while the store is stopped, wakes up for the next reopen attempt too.
+    /// `None` when every sender is gone.
+    fn next_job(&mut self, jobs: &mut mpsc::Receiver<Job>) -> Option<Job> {
+        loop {
+            let Some((at, _)) = self.reopen_at else {
+                return jobs.blocking_recv();
+            };
+            match jobs.try_recv() {
+                Ok(job) => return Some(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= at {
+                self.check_store();
+                continue;
+            }
+            // The channel cannot be waited on with a deadline from a plain thread: poll it,
+            // only while the store is stopped.
+            std::thread::sleep((at - now).min(Duration::from_millis(20)));
+        }
     }
 
     fn import(&mut self, block: Block) -> Result<BlockOutcome, BlockError> {
@@ -340,60 +559,82 @@ impl Worker {
     fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
         let mut held: Option<Job> = None;
         loop {
-            let Some(job) = held.take().or_else(|| jobs.blocking_recv()) else {
-                return;
+            let job = match held.take() {
+                Some(job) => job,
+                None => match self.next_job(&mut jobs) {
+                    Some(job) => job,
+                    None => return,
+                },
             };
-            match job {
-                Job::GossipTx { id, source, bytes } => {
-                    let mut batch = vec![(id, source, bytes)];
-                    while batch.len() < TX_BATCH {
-                        match jobs.try_recv() {
-                            Ok(Job::GossipTx { id, source, bytes }) => {
-                                batch.push((id, source, bytes))
-                            }
-                            Ok(other) => {
-                                held = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.gossip_txs(batch);
-                }
-                Job::GossipBlock { id, source, bytes } => self.gossip_block(id, source, bytes),
-                Job::Submit(t, reply) => {
-                    let r = self.ledger.submit(t);
-                    if r.is_ok() {
-                        self.emit(LedgerEvent::Publish(Topic::Tx, t.encode()));
-                    }
-                    self.after_import();
-                    let _ = reply.send(r);
-                }
-                Job::Mined(block) => {
-                    let (hash, bytes) = (block.hash(), block.encode());
-                    match self.import(block) {
-                        Ok(BlockOutcome::Stored { on_main: true, .. }) => {
-                            tracing::info!(
-                                "mined block {} at height {}",
-                                hash.short(),
-                                self.ledger.tip().height
-                            );
-                            self.emit(LedgerEvent::Publish(Topic::Block, bytes));
-                        }
-                        Ok(other) => tracing::debug!("mined block not taken: {other:?}"),
-                        Err(e) => tracing::warn!("mined an invalid block: {e}"),
-                    }
-                }
-                Job::Headers { peer, headers } => self.check_headers(peer, headers),
-                Job::Blocks { peer, blocks } => self.sync_blocks(peer, blocks),
-                Job::ServeHeaders { key, locator, max } => self.serve_headers(key, locator, max),
-                Job::ServeBlocks { key, hashes } => self.serve_blocks(key, hashes),
-                Job::Query(f) => {
-                    f(&mut self.ledger);
-                    self.after_import();
-                }
-                Job::Stop => return,
+            if matches!(job, Job::Stop) {
+                return;
             }
+            self.run_job(job, &mut jobs, &mut held);
+            self.check_store();
+        }
+    }
+
+    fn run_job(&mut self, job: Job, jobs: &mut mpsc::Receiver<Job>, held: &mut Option<Job>) {
+        match job {
+            Job::GossipTx { id, source, bytes } => {
+                let mut batch = vec![(id, source, bytes)];
+                while batch.len() < TX_BATCH {
+                    match jobs.try_recv() {
+                        Ok(Job::GossipTx { id, source, bytes }) => batch.push((id, source, bytes)),
+                        Ok(other) => {
+                            *held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                self.gossip_txs(batch);
+            }
+            Job::GossipBlock { id, source, bytes } => self.gossip_block(id, source, bytes),
+            Job::Submit(t, reply) => {
+                let r = self.ledger.submit_own(t, now_ms());
+                if r.is_ok() {
+                    self.emit(LedgerEvent::Publish(Topic::Tx, t.encode()));
+                }
+                self.after_import();
+                let _ = reply.send(r);
+            }
+            Job::Mined(block) => {
+                let (hash, bytes) = (block.hash(), block.encode());
+                match self.import(block) {
+                    Ok(BlockOutcome::Stored { on_main: true, .. }) => {
+                        tracing::info!(
+                            "mined block {} at height {}",
+                            hash.short(),
+                            self.ledger.tip().height
+                        );
+                        self.emit(LedgerEvent::Publish(Topic::Block, bytes));
+                    }
+                    Ok(other) => tracing::debug!("mined block not taken: {other:?}"),
+                    // Ours, not the block's: logged once as the store's fault.
+                    Err(e @ BlockError::Storage(_)) => {
+                        tracing::debug!("mined block not stored: {e}")
+                    }
+                    Err(e) => tracing::warn!("mined an invalid block: {e}"),
+                }
+            }
+            Job::Headers { peer, headers } => self.check_headers(peer, headers),
+            Job::Blocks { peer, blocks } => self.sync_blocks(peer, blocks),
+            Job::ServeHeaders { key, locator, max } => self.serve_headers(key, locator, max),
+            Job::ServeBlocks { key, hashes } => self.serve_blocks(key, hashes),
+            Job::Query(f) => {
+                f(&mut self.ledger);
+                self.after_import();
+            }
+            Job::Rebroadcast => {
+                for t in self
+                    .ledger
+                    .due_rebroadcasts(now_ms(), MAX_REBROADCAST_PER_ROUND)
+                {
+                    self.emit(LedgerEvent::Republish(t.encode()));
+                }
+            }
+            Job::Stop => {}
         }
     }
 }
@@ -404,6 +645,8 @@ pub fn spawn(
     events: mpsc::Sender<LedgerEvent>,
     gens: Arc<Generations>,
     jobs: mpsc::Receiver<Job>,
+    retry: StoreRetry,
+    store_dir: Option<std::path::PathBuf>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let last_tip = ledger.tip().hash;
     gens.mempool
@@ -413,6 +656,10 @@ pub fn spawn(
         events,
         gens,
         last_tip,
+        retry,
+        store_dir,
+        reopen_at: None,
+        quiet_until: None,
     };
     std::thread::Builder::new()
         .name("meshwork-ledger".into())
@@ -481,6 +728,11 @@ fn mine(cfg: MinerConfig, jobs: mpsc::Sender<Job>, gens: Arc<Generations>, stop:
     // Paced: when this miner may find its next block.
     let mut next_at: Option<Instant> = cfg.pace.map(|p| Instant::now() + exponential(p));
     while !stop.load(Ordering::Relaxed) {
+        // Paused while the store is stopped: nothing mined could be stored.
+        if !gens.is_healthy() {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         if let Some(at) = next_at {
             let now = Instant::now();
             if now < at {
@@ -493,10 +745,20 @@ fn mine(cfg: MinerConfig, jobs: mpsc::Sender<Job>, gens: Arc<Generations>, stop:
         let (tx, rx) = oneshot::channel();
         let address = cfg.address;
         let ask = jobs.blocking_send(Job::Query(Box::new(move |l: &mut Ledger| {
-            let _ = tx.send(l.template(address, now_ms()));
+            let r = l.template(address, now_ms());
+            if let Err(e) = &r {
+                l.note_store_error(e);
+            }
+            let _ = tx.send(r);
         })));
-        let Ok(Ok(Ok(mut block))) = ask.map(|_| rx.blocking_recv()) else {
-            return; // the ledger has stopped, or its store failed
+        let mut block = match ask.map(|_| rx.blocking_recv()) {
+            Ok(Ok(Ok(block))) => block,
+            // The store failed: the ledger thread reports it; wait until it is healthy again.
+            Ok(Ok(Err(_))) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            _ => return, // the ledger has stopped
         };
         let built = Instant::now();
         let mut nonce: u64 = rand::random();
@@ -526,7 +788,10 @@ fn mine(cfg: MinerConfig, jobs: mpsc::Sender<Job>, gens: Arc<Generations>, stop:
             }
             // Wait until the ledger has taken it, so the next template builds on it.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while gens.tip.load(Ordering::Relaxed) == tip_gen && Instant::now() < deadline {
+            while gens.tip.load(Ordering::Relaxed) == tip_gen
+                && Instant::now() < deadline
+                && gens.is_healthy()
+            {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }

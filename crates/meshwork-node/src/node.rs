@@ -100,6 +100,26 @@ pub enum NodeError {
     Busy,
     #[error("cannot open the chain store: {0}")]
     Ledger(#[from] meshwork_ledger::OpenError),
+    /// The chain store file did not open; for a damaged file the message says how to recover.
+    #[error("{}: cannot open the chain store: {error}{}", path.display(), chain_store_hint(error, path))]
+    ChainStore {
+        path: PathBuf,
+        error: meshwork_ledger::OpenError,
+    },
+}
+
+/// What an operator can do about a chain store that does not open.
+pub fn chain_store_hint(e: &meshwork_ledger::OpenError, path: &std::path::Path) -> String {
+    if e.is_damage() {
+        format!(
+            ". To recover: stop the node, move the file aside (mv {p} {p}.damaged) and start \
+             it again; the node creates an empty store and syncs the chain from its peers \
+             (your keys and the address book are in other files)",
+            p = path.display()
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// How a connection came to be.
@@ -177,6 +197,37 @@ pub struct Status {
     pub address_book: AddrBookCounts,
     pub uptime_s: u64,
     pub chain: ChainSummary,
+    /// Whether the node is healthy, and if not why (see [`NodeHandle::health`]).
+    #[serde(default)]
+    pub health: Health,
+}
+
+/// `GET /api/v1/health`, and the `health` of `GET /api/v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    pub healthy: bool,
+    /// Why not, when not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            healthy: true,
+            error: None,
+        }
+    }
+}
+
+impl Health {
+    /// Healthy without a fault; else not, with the fault as the error.
+    pub fn of(fault: Option<String>) -> Health {
+        Health {
+            healthy: fault.is_none(),
+            error: fault,
+        }
+    }
 }
 
 /// The chain as the network loop last heard from the ledger.
@@ -187,7 +238,12 @@ pub struct ChainSummary {
     pub total_work: String,
     /// Blocks queued or in flight for sync.
     pub sync_pending: usize,
+    /// Whether the node is mining now: a miner is configured and the chain store is
+    /// healthy (a paused miner resumes once it is).
     pub mining: bool,
+    /// A miner is configured (it may be paused: see `mining`).
+    #[serde(default)]
+    pub miner_configured: bool,
 }
 
 /// One record of `GET /api/v1/peers`: one per open connection.
@@ -250,6 +306,7 @@ pub struct NodeHandle {
     /// The content service (share, fetch, list, remove).
     pub content: crate::content::ContentClient,
     stream_control: libp2p_stream::Control,
+    gens: Arc<Generations>,
 }
 
 impl NodeHandle {
@@ -299,6 +356,13 @@ impl NodeHandle {
 
     pub fn is_running(&self) -> bool {
         !self.tx.is_closed()
+    }
+
+    /// `None` when healthy; else why not (the chain store is stopped by a storage error: the
+    /// node neither mines nor accepts transfers until it has reopened the store). Answered
+    /// without asking the node's threads.
+    pub fn health(&self) -> Option<String> {
+        self.gens.store_fault()
     }
 
     /// Runs `f` on the ledger thread and returns its result (reads, or anything a test needs).
@@ -489,6 +553,7 @@ const MAX_SERVING: usize = 64;
 fn gossipsub_behaviour(
     topics: &[gossipsub::TopicHash; 2],
     max_block_bytes: usize,
+    seen_ttl: Duration,
     registry: &mut Registry,
 ) -> Result<gossipsub::Behaviour, NodeError> {
     use gossipsub::{PeerScoreParams, PeerScoreThresholds, TopicScoreParams};
@@ -498,6 +563,8 @@ fn gossipsub_behaviour(
             gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
         })
         .validate_messages()
+        // Re-announcements of pending transfers must get through (see `NodeConfig`).
+        .duplicate_cache_time(seen_ttl)
         // A block of the largest size, its framing and the protobuf envelope.
         .max_transmit_size(max_block_bytes + (64 << 10))
         .build()
@@ -574,7 +641,12 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         gossipsub::IdentTopic::new(network.protocol("block", 1)),
     ];
     let topic_hashes = [topics[0].hash(), topics[1].hash()];
-    let mut gossip = gossipsub_behaviour(&topic_hashes, cfg.chain.max_block_bytes, &mut registry)?;
+    let mut gossip = gossipsub_behaviour(
+        &topic_hashes,
+        cfg.chain.max_block_bytes,
+        cfg.gossip_seen_ttl,
+        &mut registry,
+    )?;
     for t in &topics {
         gossip
             .subscribe(t)
@@ -589,24 +661,38 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                 path: dir.clone(),
                 source,
             })?;
-            Ledger::open(&dir.join(crate::config::CHAIN_FILE), cfg.chain.clone())?
+            let path = dir.join(crate::config::CHAIN_FILE);
+            let opened = match &cfg.disk_fault {
+                Some(full) => Ledger::open_with_faults(&path, cfg.chain.clone(), full.clone()),
+                None => Ledger::open(&path, cfg.chain.clone()),
+            };
+            opened.map_err(|error| NodeError::ChainStore { path, error })?
         }
         None => Ledger::in_memory(cfg.chain.clone())?,
     };
     let mut ledger = ledger;
     ledger.set_refused(cfg.refuse_senders.clone());
+    ledger.set_rebroadcast(
+        cfg.rebroadcast.initial.as_millis() as u64,
+        cfg.rebroadcast.max.as_millis() as u64,
+    );
     let status0 = ledger_service::status_of(&ledger);
     let locator0 = ledger.chain().locator();
     let gens = Arc::new(Generations::default());
     let (jobs, jobs_rx) = mpsc::channel(ledger_service::JOB_CAPACITY);
     let (events_tx, ledger_events) = mpsc::channel(ledger_service::EVENT_CAPACITY);
-    let ledger_thread =
-        ledger_service::spawn(ledger, events_tx, gens.clone(), jobs_rx).map_err(|source| {
-            NodeError::Io {
-                path: "meshwork-ledger thread".into(),
-                source,
-            }
-        })?;
+    let ledger_thread = ledger_service::spawn(
+        ledger,
+        events_tx,
+        gens.clone(),
+        jobs_rx,
+        cfg.store_retry.clone(),
+        cfg.data_dir.clone(),
+    )
+    .map_err(|source| NodeError::Io {
+        path: "meshwork-ledger thread".into(),
+        source,
+    })?;
     let miner =
         match &cfg.mining {
             Some(m) => Some(Miner::spawn(m.clone(), jobs.clone(), gens.clone()).map_err(
@@ -685,16 +771,11 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                 path: dir.clone(),
                 source,
             })?;
-            Some(Arc::new(Store::open(&dir.join(STORE_FILE))?))
+            Some(Arc::new(Store::open_or_rebuild(&dir.join(STORE_FILE))?))
         }
         None => None,
     };
-    let mut book = match store
-        .as_ref()
-        .map(|s| s.load_addrbook())
-        .transpose()?
-        .flatten()
-    {
+    let mut book = match store.as_ref().and_then(|s| s.load_addrbook_or_none()) {
         Some(snap) => AddrBook::restore(
             cfg.addrbook.clone(),
             snap,
@@ -710,7 +791,10 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         ),
     };
     let anchors: Anchors = match (&store, cfg.anchors) {
-        (Some(s), true) => s.load_anchors()?,
+        (Some(s), true) => s.load_anchors().unwrap_or_else(|e| {
+            tracing::warn!("{e}; starting without anchors");
+            vec![]
+        }),
         _ => vec![],
     };
     swarm.behaviour_mut().gate.set_bans(book.bans().clone());
@@ -747,6 +831,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         network: network.clone(),
         registry: Arc::new(registry),
         content,
+        gens: gens.clone(),
     };
     let pieces_protocol = StreamProtocol::try_from_owned(network.protocol("pieces", 1))
         .map_err(|e| NodeError::Swarm(e.to_string()))?;
@@ -883,6 +968,8 @@ impl Actor {
         walk.tick().await; // the first tick is immediate; the bootstrap does the first walk
         let mut flush = tokio::time::interval(self.cfg.timings.flush_interval);
         flush.tick().await;
+        let mut rebroadcast = tokio::time::interval(self.cfg.rebroadcast.round);
+        rebroadcast.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let reply = loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
@@ -896,6 +983,8 @@ impl Actor {
                 _ = flush.tick() => self.flush_in_background(),
                 Some(ev) = ledger_events.recv() => self.on_ledger_event(ev),
                 _ = sync_tick.tick() => self.sync_round(),
+                // A full queue skips a round: the transfers stay due for the next.
+                _ = rebroadcast.tick() => { self.to_ledger(Job::Rebroadcast); }
             }
         };
         // Stop the miner, then the ledger thread (after the jobs already queued), so that the
@@ -942,8 +1031,9 @@ impl Actor {
         }
         let (store, snap) = (store.clone(), self.book.snapshot());
         self.flush_task = Some(tokio::task::spawn_blocking(move || {
+            // The store logs a failing disk once, and its recovery.
             if let Err(e) = store.save_addrbook(&snap) {
-                tracing::error!("cannot save the address book: {e}");
+                tracing::debug!("cannot save the address book: {e}");
             }
         }));
     }
@@ -1438,9 +1528,11 @@ impl Actor {
                     tip: ours.tip.to_string(),
                     total_work: ours.work.to_string(),
                     sync_pending: self.syncer.pending(),
-                    mining: self.miner.is_some(),
+                    mining: self.miner.is_some() && self.gens.is_healthy(),
+                    miner_configured: self.miner.is_some(),
                 }
             },
+            health: Health::of(self.gens.store_fault()),
         }
     }
 
@@ -1450,6 +1542,13 @@ impl Actor {
     /// (Bitcoin Core's "unbroadcast set").
     fn publish(&mut self, topic: Topic, bytes: Vec<u8>) {
         self.remember(blake3::hash(&bytes).as_bytes().to_vec(), topic);
+        self.publish_again(topic, bytes);
+    }
+
+    /// Publishes without recording an arrival: for what was published (or accepted) before.
+    /// gossipsub refuses an id it saw within its seen TTL (`Duplicate`): such a copy is
+    /// dropped here, and the ledger's next re-announcement of it comes later.
+    fn publish_again(&mut self, topic: Topic, bytes: Vec<u8>) {
         let t = self.topic(topic);
         match self
             .swarm
@@ -1480,8 +1579,9 @@ impl Actor {
     }
 
     fn retry_unbroadcast(&mut self) {
+        // Remembered at the first attempt: a retry is not a new arrival.
         for (topic, bytes) in std::mem::take(&mut self.unbroadcast) {
-            self.publish(topic, bytes);
+            self.publish_again(topic, bytes);
         }
     }
 
@@ -1574,6 +1674,7 @@ impl Actor {
                 }
             }
             LedgerEvent::Publish(topic, bytes) => self.publish(topic, bytes),
+            LedgerEvent::Republish(bytes) => self.publish_again(Topic::Tx, bytes),
             LedgerEvent::Tip(status, locator) => {
                 self.metrics.chain_height.set(status.height as i64);
                 let acts = self.syncer.on_tip(status, locator);

@@ -704,8 +704,18 @@ async fn status(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
         } else {
             String::new()
         },
-        if s.chain.mining { ", mining" } else { "" }
+        if s.chain.mining {
+            ", mining"
+        } else if s.chain.miner_configured {
+            ", mining paused"
+        } else {
+            ""
+        }
     );
+    match &s.health.error {
+        None => println!("health        ok"),
+        Some(why) => println!("health        UNHEALTHY: {why}"),
+    }
     Ok(())
 }
 

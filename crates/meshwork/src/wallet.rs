@@ -100,6 +100,10 @@ pub async fn tx_send(data_dir: Option<&Path>, client: ClientArgs, a: SendArgs<'_
         let e: ApiError = resp.json().await.unwrap_or(ApiError {
             error: code.to_string(),
         });
+        if code == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            // Not the transfer's fault: try again once the node is healthy (`meshwork status`).
+            bail!("the node cannot take transfers now: {}", e.error)
+        }
         bail!("transaction refused: {}", e.error)
     }
 }
@@ -154,12 +158,22 @@ pub fn chain_verify(data_dir: Option<&Path>) -> Result<()> {
     if !path.exists() {
         bail!("{}: no chain store", path.display());
     }
-    let ledger = meshwork_ledger::Ledger::open(&path, spec)
-        .with_context(|| format!("{}: cannot open (is the node running?)", path.display()))?;
-    ledger
-        .chain()
-        .verify_consistency()
-        .map_err(|e| anyhow::anyhow!("{}: inconsistent: {e}", path.display()))?;
+    // Every failure names the file and, for damage, how to recover (no panic on any file).
+    let ledger = meshwork_ledger::Ledger::open(&path, spec).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: cannot open the chain store: {e}{}",
+            path.display(),
+            meshwork_node::node::chain_store_hint(&e, &path)
+        )
+    })?;
+    ledger.chain().verify_consistency().map_err(|e| {
+        let damage = meshwork_ledger::OpenError::Corrupt(e);
+        anyhow::anyhow!(
+            "{}: inconsistent: {damage}{}",
+            path.display(),
+            meshwork_node::node::chain_store_hint(&damage, &path)
+        )
+    })?;
     let tip = ledger.tip();
     println!(
         "consistent: height {}, tip {}, {} blocks held",
