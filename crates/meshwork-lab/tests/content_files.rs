@@ -626,3 +626,70 @@ async fn a_file_changed_while_the_node_runs_is_noticed_and_handled() -> Result<(
     h.shutdown().await;
     Ok(())
 }
+
+/// A crash between creating a download's file and recording it leaves the pending fetch and
+/// the journal: the restarted fetch takes up its own file (the journal proves it) instead of
+/// refusing it as someone else's. And a recorded download whose file the user removed while
+/// the node was down is not downloaded again unasked; a fetch of it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_record_orphans_nothing_and_a_removed_file_is_not_fetched_unasked(
+) -> Result<()> {
+    common::init_logs();
+    let dir = tempfile::tempdir()?;
+    let origin = random_file(dir.path(), "origin.bin", 1 << 20, 91)?;
+    let mut h = HarnessBuilder::new("test-files-crash")?
+        .topology(Topology::Star)
+        .persistent(true)
+        .spawn(2)
+        .await?;
+    let shared = share(&h.running(0)?.handle, &origin).await?;
+    let out = dir.path().join("copy.bin");
+    h.running(1)?
+        .handle
+        .content
+        .fetch(fetch_req(&shared.ticket, Some(&out)))
+        .await?;
+    seeding(&h, 1, &shared.id, Duration::from_secs(60)).await?;
+    h.stop(1).await?;
+    // The state a crash right after the file was created leaves: the pending fetch and the
+    // journal, no record.
+    let content_dir = h.data_dir(1).context("a data dir")?.join("content");
+    std::fs::remove_file(content_dir.join(format!("{}.json", shared.id)))?;
+    std::fs::remove_file(content_dir.join(format!("{}.manifest", shared.id)))?;
+    let pending = serde_json::json!({"target": shared.ticket, "out": out, "tracker": null});
+    std::fs::write(
+        content_dir.join(format!("{}.fetch", shared.id)),
+        serde_json::to_vec(&pending)?,
+    )?;
+    let seeder = h.dial_addr(0)?;
+    h.restart(1, vec![seeder.clone()], |_| {}).await?;
+    seeding(&h, 1, &shared.id, Duration::from_secs(60)).await?;
+    ensure!(
+        std::fs::read(&out)? == std::fs::read(&origin)?,
+        "the file differs"
+    );
+    // Removed while the node is down: failed with the reason, not fetched again unasked.
+    h.stop(1).await?;
+    std::fs::remove_file(&out)?;
+    h.restart(1, vec![seeder], |_| {}).await?;
+    let c = info(&h.running(1)?.handle, &shared.id).await?;
+    ensure!(c.state == State::Failed, "{c:?}");
+    ensure!(!out.exists(), "downloaded again unasked");
+    ensure!(
+        c.error.as_deref().unwrap_or("").contains("removed"),
+        "{:?}",
+        c.error
+    );
+    h.running(1)?
+        .handle
+        .content
+        .fetch(fetch_req(&shared.ticket, None))
+        .await?;
+    seeding(&h, 1, &shared.id, Duration::from_secs(60)).await?;
+    ensure!(
+        std::fs::read(&out)? == std::fs::read(&origin)?,
+        "the file differs"
+    );
+    h.shutdown().await;
+    Ok(())
+}

@@ -43,6 +43,8 @@ pub enum ClientError {
     Busy(PathBuf),
     #[error("{0} is a symbolic link: a download never writes through one")]
     Symlink(PathBuf),
+    #[error("{0} is not this user's partial file ({1}): remove it to download again")]
+    Foreign(PathBuf, String),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
 }
@@ -156,23 +158,41 @@ pub fn part_path(out: &Path, id: &ContentId) -> PathBuf {
     out.with_file_name(format!(".{}-{}.part", &id[..16], &key.as_str()[..16]))
 }
 
-/// Opens `path` for the download: created if missing, never through a symbolic link, and
+/// Opens `path` for the download: created if missing (mode 0600), never through a symbolic
+/// link, only if it is this user's own and nobody else may write it (a partial file planted
+/// by another local user would become the "verified" output, still theirs to change), and
 /// locked (`flock`, exclusive) so that a second download of the same content waits its turn
 /// rather than writing over the first.
 fn open_part(path: &Path) -> Result<std::fs::File, ClientError> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
         .create(true)
         .read(true)
         .write(true)
         .truncate(false)
+        .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => ClientError::Symlink(path.to_owned()),
             _ => io(path)(e),
         })?;
+    let meta = f.metadata().map_err(io(path))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(ClientError::Foreign(
+            path.to_owned(),
+            format!("owned by uid {}", meta.uid()),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(ClientError::Foreign(
+            path.to_owned(),
+            format!("writable by others (mode {:o})", meta.mode() & 0o777),
+        ));
+    }
     // SAFETY: flock on a descriptor we own; it has no memory effects.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(ClientError::Busy(path.to_owned()));

@@ -177,6 +177,19 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
         .unwrap_err();
     assert!(matches!(e, client::ClientError::Symlink(_)), "{e}");
     assert_eq!(std::fs::read(&victim)?, b"untouched");
+    // Nor is a partial file anyone may write (planted by another user) taken up.
+    let out6 = dir.path().join("sub").join("copy6.bin");
+    let planted = client::part_path(&out6, &want.id());
+    std::fs::write(&planted, &data[..1000])?;
+    std::fs::set_permissions(
+        &planted,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )?;
+    let e = client::download(&base, &want.id(), &out6, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, client::ClientError::Foreign(..)), "{e}");
+    assert!(!out6.exists());
     srv.stop().await;
     std::fs::write(&stored, &data)?;
     let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;

@@ -24,7 +24,8 @@
 //! header  "MWJ2" | content id (32 bytes) | device (u64 LE) | inode (u64 LE)
 //!         | birth time in ns (u128 LE, 0 where the file system keeps none)
 //! record  'P' | piece index (u32 LE)                       a piece, verified and written
-//!       | 'S' | size (u64 LE) | mtime s (i64 LE) | ns (u32 LE)  the file after a flush
+//!       | 'S' | size (u64) | mtime s (i64) | ns (u32) | ctime s (i64) | ns (u32)
+//!                                                          the file after a flush (all LE)
 //! ```
 //!
 //! Each flush appends the pieces made durable since the last one and then one stat record, in
@@ -58,12 +59,13 @@ const MAGIC: &[u8; 4] = b"MWJ2";
 const HEADER_LEN: usize = 4 + 32 + 8 + 8 + 16;
 const TAG_PIECE: u8 = b'P';
 const TAG_STAT: u8 = b'S';
-const STAT_LEN: usize = 8 + 8 + 4;
+const STAT_LEN: usize = 8 + 8 + 4 + 8 + 4;
 
 /// Which file a path names and how it last changed, from `statx(2)`: device, inode and
 /// birth time say *which* file (the birth time guards against an inode number reused by a
-/// later file, where the file system records it), size and modification time (seconds and
-/// nanoseconds) whether it changed.
+/// later file, where the file system records it); size, modification time and change time
+/// (seconds and nanoseconds) whether it changed. The change time cannot be set by a user
+/// (`touch -d` moves it to now), so a change with its mtime put back is still seen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileStat {
     pub dev: u64,
@@ -74,6 +76,10 @@ pub struct FileStat {
     pub size: u64,
     pub mtime_s: i64,
     pub mtime_ns: u32,
+    #[serde(default)]
+    pub ctime_s: i64,
+    #[serde(default)]
+    pub ctime_ns: u32,
 }
 
 impl FileStat {
@@ -99,6 +105,8 @@ impl FileStat {
             size: m.len(),
             mtime_s: m.mtime(),
             mtime_ns: m.mtime_nsec() as u32,
+            ctime_s: m.ctime(),
+            ctime_ns: m.ctime_nsec() as u32,
         }
     }
 
@@ -231,7 +239,12 @@ fn encode_stat(out: &mut Vec<u8>, s: &FileStat) {
     out.extend_from_slice(&s.size.to_le_bytes());
     out.extend_from_slice(&s.mtime_s.to_le_bytes());
     out.extend_from_slice(&s.mtime_ns.to_le_bytes());
+    out.extend_from_slice(&s.ctime_s.to_le_bytes());
+    out.extend_from_slice(&s.ctime_ns.to_le_bytes());
 }
+
+/// Seconds and nanoseconds since the epoch.
+type Timestamp = (i64, u32);
 
 /// A parsed journal: whose it is, and the pieces committed by its last stat record.
 struct JournalView {
@@ -241,8 +254,8 @@ struct JournalView {
     born_ns: Option<u128>,
     /// Pieces listed before the last stat record.
     pieces: Vec<u32>,
-    /// The file's stat at the last flush.
-    last: Option<(u64, i64, u32)>,
+    /// The file's stat at the last flush: size, mtime, ctime.
+    last: Option<(u64, Timestamp, Timestamp)>,
 }
 
 fn parse_journal(path: &Path, bytes: &[u8]) -> Result<JournalView, StoreError> {
@@ -276,10 +289,10 @@ fn parse_journal(path: &Path, bytes: &[u8]) -> Result<JournalView, StoreError> {
                 rest = &r[4..];
             }
             [TAG_STAT, r @ ..] if r.len() >= STAT_LEN => {
-                let size = u64_at(r, 0);
-                let secs = u64_at(r, 8) as i64;
-                let ns = u32::from_le_bytes(r[16..20].try_into().expect("4 bytes"));
-                view.last = Some((size, secs, ns));
+                let u32_at = |at: usize| u32::from_le_bytes(r[at..at + 4].try_into().expect("4"));
+                let m = (u64_at(r, 8) as i64, u32_at(16));
+                let c = (u64_at(r, 20) as i64, u32_at(28));
+                view.last = Some((u64_at(r, 0), m, c));
                 view.pieces.append(&mut pending);
                 rest = &r[STAT_LEN..];
             }
@@ -341,16 +354,30 @@ fn bad_pieces(
     Ok(bad)
 }
 
+/// What [`check_pieces`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// Held pieces that no longer verify.
+    pub bad: Vec<usize>,
+    /// Held pieces hashed.
+    pub checked: usize,
+    /// The file when the check began: what the result is true of.
+    pub before: FileStat,
+    /// Whether the file changed while it was hashed (the result may miss that change).
+    pub moved: bool,
+}
+
 /// Re-hashes the pieces `have` of the file at `path`, which must still be the file `expect`
-/// names (device and inode), and returns the pieces that no longer verify. For `meshwork
-/// content verify` and for a seed whose file changed while it ran: the caller holds the
-/// store, and hashes a second descriptor on another thread. Reads the whole file.
+/// names (device, inode, birth time), and reports the pieces that no longer verify. For
+/// `meshwork content verify` and for a content whose file changed while the node ran: the
+/// caller holds the store, and hashes a second descriptor on another thread. Reads the whole
+/// file.
 pub fn check_pieces(
     path: &Path,
     manifest: &Manifest,
     have: &Bitfield,
     expect: &FileStat,
-) -> Result<Vec<usize>, StoreError> {
+) -> Result<Checked, StoreError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -363,7 +390,14 @@ pub fn check_pieces(
             why: "another file has taken its place".into(),
         });
     }
-    bad_pieces(&file, path, manifest, have.ones())
+    let bad = bad_pieces(&file, path, manifest, have.ones())?;
+    let after = FileStat::of(&file).map_err(io(path))?;
+    Ok(Checked {
+        bad,
+        checked: have.count(),
+        moved: after != now,
+        before: now,
+    })
 }
 
 pub struct PieceStore {
@@ -525,8 +559,13 @@ impl PieceStore {
         let n = manifest.piece_count();
         let mut have = Bitfield::new(n);
         let mut resumed = Resumed::default();
-        let unchanged =
-            view.last == Some((now.size, now.mtime_s, now.mtime_ns)) && now.size == manifest.size;
+        let unchanged = view.last
+            == Some((
+                now.size,
+                (now.mtime_s, now.mtime_ns),
+                (now.ctime_s, now.ctime_ns),
+            ))
+            && now.size == manifest.size;
         let mut last_stat = now;
         if unchanged {
             for &i in &view.pieces {
@@ -716,16 +755,18 @@ impl PieceStore {
             .sum()
     }
 
-    /// Marks `pieces` as no longer held (they failed a re-check), rewriting the journal
-    /// without them. A seed of the user's file just stops serving them.
-    pub fn forget(&mut self, pieces: &[usize]) -> Result<(), StoreError> {
+    /// Marks `pieces` as no longer held (they failed a re-check of the file as it was at
+    /// `as_of`), rewriting the journal without them; the file is taken to be as `as_of`
+    /// describes, so a change after it is still seen as one. A seed of the user's file just
+    /// stops serving them.
+    pub fn forget(&mut self, pieces: &[usize], as_of: FileStat) -> Result<(), StoreError> {
         self.flush()?;
         for &i in pieces {
             if i < self.have.len() {
                 self.have.clear(i);
             }
         }
-        let stat = FileStat::of(&self.file).map_err(io(&self.path))?;
+        let stat = as_of;
         if let Some(j) = &self.journal {
             let listed: Vec<u32> = self.have.ones().map(|i| i as u32).collect();
             let path = j.path.clone();
@@ -990,6 +1031,19 @@ mod tests {
         let (s, r) = PieceStore::resume(&dst, &j, m.clone()).unwrap();
         assert!(!r.rechecked);
         assert_eq!(s.have().ones().collect::<Vec<_>>(), vec![0, 2, 5]);
+        drop(s);
+        // A change with its mtime put back is still seen (the change time moves).
+        let f = OpenOptions::new().write(true).open(&dst).unwrap();
+        let mtime = f.metadata().unwrap().modified().unwrap();
+        f.write_all_at(b"EVIL", m.piece_offset(2) + 3).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        let (s, r) = PieceStore::resume(&dst, &j, m.clone()).unwrap();
+        assert!(r.rechecked && r.dropped == 1, "{r:?}");
+        assert_eq!(s.have().ones().collect::<Vec<_>>(), vec![0, 5]);
+        drop(s);
+        let mut s = PieceStore::resume(&dst, &j, m.clone()).unwrap().0;
+        s.write_piece(2, &piece(&data, &m, 2)).unwrap();
         // The same change found by a check while running, and forgotten.
         let f = OpenOptions::new().write(true).open(&dst).unwrap();
         f.write_all_at(b"EVIL", m.piece_offset(5) + 1).unwrap();
@@ -999,9 +1053,9 @@ mod tests {
             s.changed().unwrap().as_deref(),
             Some("the file was modified")
         );
-        let bad = check_pieces(&dst, &m, s.have(), &s.last_stat()).unwrap();
-        assert_eq!(bad, vec![5]);
-        s.forget(&bad).unwrap();
+        let c = check_pieces(&dst, &m, s.have(), &s.last_stat()).unwrap();
+        assert_eq!((c.bad.clone(), c.moved), (vec![5], false));
+        s.forget(&c.bad, c.before).unwrap();
         assert_eq!(s.changed().unwrap(), None);
         drop(s);
         let (s, _) = PieceStore::resume(&dst, &j, m).unwrap();

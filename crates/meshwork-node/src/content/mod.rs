@@ -81,6 +81,8 @@ pub const MAX_PENDING_FETCHES: usize = 64;
 pub const MAX_FAILED: usize = 256;
 /// A download with no peer and no provider to try for this long is reported as stalled.
 pub const STALL_AFTER: Duration = Duration::from_secs(5);
+/// A file that changes while it is re-checked is hashed again, this many times at most.
+const MAX_CHECK_ATTEMPTS: u32 = 3;
 /// Default file names tried in the downloads directory (`name`, `name (1)`, ...).
 const MAX_NAME_TRIES: usize = 100;
 /// Candidate peers remembered per content, at most.
@@ -371,8 +373,10 @@ enum Event {
     /// A re-check of a content's file: the pieces that no longer verify.
     Checked {
         content: ContentId,
-        result: Result<Vec<usize>, String>,
+        result: Result<meshwork_swarm::store::Checked, String>,
         reply: Option<oneshot::Sender<Result<VerifyReport, ContentError>>>,
+        /// Checks of this request so far (a file that moves while hashed is hashed again).
+        attempt: u32,
     },
 }
 
@@ -886,7 +890,8 @@ impl Service {
     }
 
     /// Refuses a path another content uses, or any existing file (a new download creates its
-    /// file; it never takes over one it did not make).
+    /// file; it never takes over one it did not make) unless this content's own journal
+    /// proves the file is its download (a crash between creating the file and recording it).
     fn check_free(&self, path: &Path, id: &ContentId) -> Result<(), ContentError> {
         if let Some(owner) = self.owner_of(path, id) {
             return Err(ContentError::PathInUse {
@@ -894,7 +899,12 @@ impl Service {
                 owner,
             });
         }
-        if std::fs::symlink_metadata(path).is_ok() {
+        let ours = || {
+            self.records
+                .as_ref()
+                .is_some_and(|r| journal_owns(&r.journal(id), path, id))
+        };
+        if std::fs::symlink_metadata(path).is_ok() && !ours() {
             return Err(ContentError::WouldOverwrite(path.to_owned()));
         }
         Ok(())
@@ -1276,6 +1286,13 @@ impl Service {
             tracker,
             false,
         );
+        // `since` 0: a pending fetch recorded before deadlines were (its age is unknown, so
+        // its deadline starts now).
+        let since = if since == 0 {
+            records::unix_now()
+        } else {
+            since
+        };
         let age = records::unix_now().saturating_sub(since);
         c.since = Instant::now()
             .checked_sub(Duration::from_secs(age))
@@ -1310,9 +1327,32 @@ impl Service {
     }
 
     fn remove(&mut self, id: ContentId) -> Result<(), ContentError> {
-        let Some(mut c) = self.contents.remove(&id) else {
+        let Some(c) = self.contents.get(&id) else {
             return Err(ContentError::Unknown(id));
         };
+        // An unfinished download is ours to delete, when its file is provably the one it
+        // created (its open store, or its journal, says so). A shared file, a finished
+        // download, or a file that is not the download's belongs to the user.
+        let doomed = match (&c.out, c.origin, c.is_complete()) {
+            (Some(path), false, false) => {
+                let ours = match &c.phase {
+                    Phase::Active(e) => e.store().owns_path(),
+                    _ => self
+                        .records
+                        .as_ref()
+                        .is_some_and(|r| journal_owns(&r.journal(&id), path, &id)),
+                };
+                ours.then(|| path.clone())
+            }
+            _ => None,
+        };
+        if let Some(r) = &self.records {
+            // Said, not swallowed, and nothing else done: a record left behind would bring the
+            // content back at the next start.
+            r.remove(&id)
+                .map_err(|e| ContentError::Persist(e.to_string()))?;
+        }
+        let mut c = self.contents.remove(&id).expect("looked up above");
         c.links.clear(); // the writers close their streams
         if let Some(t) = c.tracker.clone() {
             let (url, req) = self.announce_request(&c, t, Some(TrackerEvent::Stopped));
@@ -1324,25 +1364,9 @@ impl Service {
         if c.provided {
             let _ = self.node.try_send(Command::Provide(dht_key(&id), false));
         }
-        let complete = c.is_complete();
-        if let (Some(path), false, false) = (&c.out, c.origin, complete) {
-            // An unfinished download is ours to delete, when its file is provably the one it
-            // created (its open store, or its journal, says so). A shared file, a finished
-            // download, or a file that is not the download's belongs to the user.
-            let ours = match &c.phase {
-                Phase::Active(e) => e.store().owns_path(),
-                _ => self
-                    .records
-                    .as_ref()
-                    .is_some_and(|r| journal_owns(&r.journal(&id), path, &id)),
-            };
-            if ours {
-                let _ = std::fs::remove_file(path);
-            }
-        }
         drop(c);
-        if let Some(r) = &self.records {
-            r.remove(&id);
+        if let Some(path) = doomed {
+            let _ = std::fs::remove_file(path);
         }
         Ok(())
     }
@@ -1484,7 +1508,9 @@ impl Service {
                     let _ = std::fs::remove_file(store.path());
                 }
                 if let Some(r) = &self.records {
-                    r.remove(&id);
+                    if let Err(e) = r.remove(&id) {
+                        tracing::warn!("content {id}: {e}");
+                    }
                 }
             }
             return;
@@ -1639,9 +1665,10 @@ impl Service {
                 content,
                 result,
                 reply,
+                attempt,
             } => {
                 touched.insert(content);
-                self.on_checked(content, result, reply);
+                self.on_checked(content, result, reply, attempt);
             }
             Event::Candidates { content, peers } => {
                 let local = self.local;
@@ -2075,6 +2102,15 @@ impl Service {
         id: ContentId,
         reply: Option<oneshot::Sender<Result<VerifyReport, ContentError>>>,
     ) {
+        self.start_check_attempt(id, reply, 1)
+    }
+
+    fn start_check_attempt(
+        &mut self,
+        id: ContentId,
+        reply: Option<oneshot::Sender<Result<VerifyReport, ContentError>>>,
+        attempt: u32,
+    ) {
         let Some(c) = self.contents.get_mut(&id) else {
             if let Some(r) = reply {
                 let _ = r.send(Err(ContentError::Unknown(id)));
@@ -2101,13 +2137,9 @@ impl Service {
                 .map_err(|e| e.to_string());
             let _ = events.blocking_send(Event::Checked {
                 content: id,
-                result: result.map(|bad| {
-                    // `checked` travels as the count of held pieces.
-                    let mut v = bad;
-                    v.push(have.count());
-                    v
-                }),
+                result,
                 reply,
+                attempt,
             });
         });
     }
@@ -2118,8 +2150,9 @@ impl Service {
     fn on_checked(
         &mut self,
         id: ContentId,
-        result: Result<Vec<usize>, String>,
+        result: Result<meshwork_swarm::store::Checked, String>,
         reply: Option<oneshot::Sender<Result<VerifyReport, ContentError>>>,
+        attempt: u32,
     ) {
         let answer = |svc: &Service, checked: usize, bad: Vec<usize>| {
             let info = svc.contents.get(&id).map(|c| svc.info(c));
@@ -2135,11 +2168,15 @@ impl Service {
             return;
         };
         c.checking = false;
-        let (checked, bad) = match result {
-            Ok(mut v) => {
-                let checked = v.pop().unwrap_or(0);
-                (checked, v)
+        let (checked, bad, as_of) = match result {
+            // Changed while hashed: what was read may predate the change. Hashed again (a
+            // few times; after that the stat the result is true of is kept, and the next
+            // periodic check sees the later change).
+            Ok(r) if r.moved && attempt < MAX_CHECK_ATTEMPTS => {
+                self.start_check_attempt(id, reply, attempt + 1);
+                return;
             }
+            Ok(r) => (r.checked, r.bad, r.before),
             Err(why) => {
                 tracing::error!("content {id}: {why}");
                 c.links.clear();
@@ -2175,7 +2212,7 @@ impl Service {
             };
             c.links.clear();
             let mut store = e.into_store();
-            let forgot = store.forget(&bad);
+            let forgot = store.forget(&bad, as_of);
             let cfg = EngineConfig {
                 super_seed: c.super_seed && bad.is_empty(),
                 ..Default::default()
@@ -2400,6 +2437,15 @@ fn load_contents(records: &Records) -> (Vec<Content>, Vec<Pending>) {
                             s
                         },
                     )
+                } else if std::fs::symlink_metadata(&record.path).is_err() {
+                    // Removed while the node was down: the user's say, not a reason to
+                    // download it all again unasked (a fetch of it does).
+                    Err(meshwork_swarm::store::StoreError::NotOurs {
+                        path: record.path.clone(),
+                        why: "it was removed; fetch the content again to download it anew, \
+                              or remove it (meshwork content rm)"
+                            .into(),
+                    })
                 } else {
                     PieceStore::resume(&record.path, &records.journal(&id), manifest).map(
                         |(s, r)| {
@@ -2468,8 +2514,10 @@ fn numbered(name: &str, k: usize) -> String {
     if k == 0 {
         return name.to_owned();
     }
+    // An extension is kept only while it leaves room for a stem (a "name" of dots and a long
+    // tail is all stem).
     let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => name.split_at(i),
+        Some(i) if i > 0 && name.len() - i <= 32 => name.split_at(i),
         _ => (name, ""),
     };
     let tag = format!(" ({k})");

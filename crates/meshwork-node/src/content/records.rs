@@ -63,7 +63,8 @@ pub(super) struct Pending {
     #[serde(flatten)]
     pub request: FetchRequest,
     /// When it was first asked for (Unix seconds): the manifest deadline runs from here,
-    /// across restarts.
+    /// across restarts. 0 (absent, in a record written before deadlines): unknown, taken as
+    /// the moment it is read back.
     #[serde(default)]
     pub since: u64,
 }
@@ -133,11 +134,20 @@ impl Records {
         self.remove_pending(id)
     }
 
-    /// Forgets a content: its record, manifest, pending fetch and journal.
-    pub fn remove(&self, id: &ContentId) {
-        for s in [RECORD_SUFFIX, MANIFEST_SUFFIX, FETCH_SUFFIX, JOURNAL_SUFFIX] {
-            let _ = remove_if_present(&self.file(id, s));
+    /// Forgets a content: its record first (what would bring it back at a start), then its
+    /// manifest, pending fetch and journal. The first failure is returned; the rest is still
+    /// tried.
+    pub fn remove(&self, id: &ContentId) -> io::Result<()> {
+        let mut first = Ok(());
+        for s in [RECORD_SUFFIX, FETCH_SUFFIX, MANIFEST_SUFFIX, JOURNAL_SUFFIX] {
+            let r = remove_if_present(&self.file(id, s)).map_err(|e| {
+                io::Error::new(e.kind(), format!("{}: {e}", self.file(id, s).display()))
+            });
+            if first.is_ok() {
+                first = r;
+            }
         }
+        first
     }
 
     /// Reads back every content and pending fetch. Unreadable entries are logged and skipped
