@@ -144,6 +144,25 @@ async fn a_fetch_to_a_path_another_content_uses_is_refused_and_leaves_it_whole()
             .await,
         Err(ContentError::PathInUse { .. })
     ));
+    // ... or through a symbolic link to its directory.
+    let alias = dir.path().join("alias");
+    std::os::unix::fs::symlink(dir.path(), &alias)?;
+    ensure!(matches!(
+        leecher
+            .content
+            .fetch(fetch_req(&tp.ticket, Some(&alias.join("z.bin"))))
+            .await,
+        Err(ContentError::PathInUse { .. })
+    ));
+    // A path no file system takes is refused at once.
+    let nul = PathBuf::from("/tmp/a\0b");
+    ensure!(matches!(
+        leecher
+            .content
+            .fetch(fetch_req(&tp.ticket, Some(&nul)))
+            .await,
+        Err(ContentError::BadPath(_))
+    ));
     // A file of the user's, and a symbolic link to it.
     let mine = dir.path().join("mine.txt");
     std::fs::write(&mine, b"mine")?;
@@ -373,6 +392,23 @@ async fn a_share_or_fetch_the_node_cannot_record_is_refused_not_acknowledged() -
     std::fs::remove_file(&content_dir)?;
     let shared = share(&h.running(0)?.handle, &file).await?;
     h.stop(0).await?;
+    h.restart(0, vec![], |_| {}).await?;
+    let c = info(&h.running(0)?.handle, &shared.id).await?;
+    ensure!(c.state == State::Seeding, "{c:?}");
+    // Records the node cannot read stop its start, rather than have it start as if it held
+    // nothing.
+    h.stop(0).await?;
+    let aside = content_dir.with_extension("aside");
+    std::fs::rename(&content_dir, &aside)?;
+    std::fs::write(&content_dir, b"in the way")?;
+    let refused = h.restart(0, vec![], |_| {}).await;
+    let why = format!(
+        "{:#}",
+        refused.err().context("started over unreadable records")?
+    );
+    ensure!(why.contains("cannot read the content records"), "{why}");
+    std::fs::remove_file(&content_dir)?;
+    std::fs::rename(&aside, &content_dir)?;
     h.restart(0, vec![], |_| {}).await?;
     let c = info(&h.running(0)?.handle, &shared.id).await?;
     ensure!(c.state == State::Seeding, "{c:?}");

@@ -661,6 +661,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                 path: dir.clone(),
                 source,
             })?;
+            crate::content::check_records(dir).map_err(NodeError::Swarm)?;
             let path = dir.join(crate::config::CHAIN_FILE);
             let opened = match &cfg.disk_fault {
                 Some(full) => Ledger::open_with_faults(&path, cfg.chain.clone(), full.clone()),

@@ -39,6 +39,10 @@ pub enum ClientError {
     Short { got: u64, want: u64 },
     #[error("{0} already exists")]
     Exists(PathBuf),
+    /// The download completed, but its final name was taken meanwhile: the verified copy
+    /// stays under its partial name.
+    #[error("{0} already exists; the verified copy is kept at {1}")]
+    ExistsKept(PathBuf, PathBuf),
     #[error("{0} is being written by another download of the same content")]
     Busy(PathBuf),
     #[error("{0} is a symbolic link: a download never writes through one")]
@@ -319,7 +323,7 @@ pub async fn download(
     match std::fs::hard_link(&part, out) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(ClientError::Exists(out.to_path_buf()))
+            return Err(ClientError::ExistsKept(out.to_path_buf(), part))
         }
         Err(e) => return Err(io(out)(e)),
     }

@@ -197,7 +197,8 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
     client::download(&base, &want.id(), &out4, |_, _| {}).await?;
     assert_eq!(std::fs::read(&out4)?, data);
     assert_eq!(std::fs::read(&theirs)?, b"another download's progress");
-    // A second download to a name that is now taken does not replace the file.
+    // A second download to a name that is now taken does not replace the file (refused
+    // before it starts).
     let e = client::download(&base, &want.id(), &out4, |_, _| {})
         .await
         .unwrap_err();

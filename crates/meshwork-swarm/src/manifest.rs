@@ -116,12 +116,26 @@ pub enum ManifestError {
 impl Manifest {
     /// Hashes `path` into a manifest, reading it once, piece by piece.
     pub fn from_file(path: &Path, piece_size: u32) -> Result<Manifest, ManifestError> {
+        let f = std::fs::File::open(path).map_err(|source| ManifestError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_open_file(path, f, piece_size)
+    }
+
+    /// Hashes the open file `f` (named by `path`, whose last component becomes the name) into
+    /// a manifest, reading it once from its current offset: the bytes hashed are those of
+    /// the file opened, whatever `path` names by then.
+    pub fn from_open_file(
+        path: &Path,
+        mut f: impl Read,
+        piece_size: u32,
+    ) -> Result<Manifest, ManifestError> {
         let io = |source| ManifestError::Io {
             path: path.display().to_string(),
             source,
         };
         check_piece_size(piece_size)?;
-        let mut f = std::fs::File::open(path).map_err(io)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -143,6 +143,10 @@ pub enum StoreError {
     /// The file at a download's path is not the one its journal recorded (invariant 4).
     #[error("{path} is not this download's file ({why}); it was left untouched")]
     NotOurs { path: PathBuf, why: String },
+    /// The path is a symbolic link: content files are opened only as themselves (a link
+    /// swapped in by another user would publish, or overwrite, the file it points to).
+    #[error("{0} is a symbolic link: give the path of the file itself")]
+    Symlink(PathBuf),
     #[error("{0}: damaged journal ({1})")]
     BadJournal(PathBuf, String),
     #[error("{0}")]
@@ -159,12 +163,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// An open error at a content path, with a symbolic link named as what it is.
 fn open_error(path: &Path, e: std::io::Error) -> StoreError {
     if e.raw_os_error() == Some(libc::ELOOP) {
-        return StoreError::NotOurs {
-            path: path.to_owned(),
-            why: "it is a symbolic link, which a download never follows".into(),
-        };
+        return StoreError::Symlink(path.to_owned());
     }
     io(path)(e)
+}
+
+/// Opens a file to read, never through a symbolic link at `path`.
+fn open_read(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| open_error(path, e))
 }
 
 /// What [`PieceStore::resume`] found.
@@ -632,10 +642,12 @@ impl PieceStore {
     /// ([`crate::manifest::default_piece_size`]), as the server cuts an upload. A file that
     /// changes while it is hashed is refused.
     pub fn share(path: &Path, piece_size: Option<u32>) -> Result<PieceStore, StoreError> {
-        let file = File::open(path).map_err(io(path))?;
+        let file = open_read(path)?;
         let before = FileStat::of(&file).map_err(io(path))?;
         let piece_size = piece_size.unwrap_or_else(|| default_piece_size(before.size));
-        let manifest = Manifest::from_file(path, piece_size)?;
+        // Hashed through our own descriptor: the bytes of the file opened and stat'ed, not
+        // of whatever the path names by then.
+        let manifest = Manifest::from_open_file(path, &file, piece_size)?;
         let after = FileStat::of(&file).map_err(io(path))?;
         if after != before || manifest.size != after.size {
             return Err(StoreError::NotTheContent(path.to_path_buf(), 0));
@@ -663,7 +675,7 @@ impl PieceStore {
         manifest: Manifest,
         recorded: Option<&FileStat>,
     ) -> Result<(PieceStore, bool), StoreError> {
-        let file = File::open(path).map_err(io(path))?;
+        let file = open_read(path)?;
         let now = FileStat::of(&file).map_err(io(path))?;
         if now.size != manifest.size {
             return Err(StoreError::NotTheContent(path.to_path_buf(), 0));
@@ -977,7 +989,12 @@ mod tests {
         std::os::unix::fs::symlink(&src, &dst).unwrap();
         assert!(matches!(
             PieceStore::resume(&dst, &j, m.clone()),
-            Err(StoreError::NotOurs { .. })
+            Err(StoreError::Symlink(_))
+        ));
+        // Nor is a file shared through one.
+        assert!(matches!(
+            PieceStore::share(&dst, None),
+            Err(StoreError::Symlink(_))
         ));
         // No journal at all: a file there is not provably ours.
         std::fs::remove_file(&dst).unwrap();

@@ -131,19 +131,35 @@ pub async fn fetch(
         out: out.map(absolute).transpose()?,
         tracker,
     };
-    let json = send(
+    let url = format!("{base}/api/v1/fetch");
+    let (code, json) = request(
         reqwest::Method::POST,
-        &format!("{base}/api/v1/fetch"),
+        &url,
         Some(&req),
         Duration::from_secs(15),
     )
     .await?;
-    let started: ContentInfo = serde_json::from_value(json)?;
+    let id = if code.is_success() {
+        serde_json::from_value::<ContentInfo>(json)?.id
+    } else if code == reqwest::StatusCode::CONFLICT
+        && api_error(&json).is_some_and(|e| e.contains("is already on this node"))
+    {
+        // The same fetch again (after a restart, say): follow the one the node has.
+        let id = target_id(target)?;
+        eprintln!("content {id} is already on this node; following it");
+        id
+    } else {
+        bail!(
+            "{}",
+            api_error(&json)
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("{url}: {code}"))
+        );
+    };
     let tty = std::io::stderr().is_terminal() && !client.json;
     let begun = Instant::now();
     loop {
-        let (c, raw): (ContentInfo, _) =
-            get(&base, &format!("/api/v1/content/{}", started.id)).await?;
+        let (c, raw): (ContentInfo, _) = get(&base, &format!("/api/v1/content/{id}")).await?;
         if tty {
             eprint!("\r\x1b[2K{}", progress_line(&c));
             let _ = std::io::stderr().flush();
@@ -193,6 +209,17 @@ pub async fn fetch(
     }
 }
 
+/// The content id a ticket or a bare id names.
+fn target_id(target: &str) -> Result<String> {
+    let target = target.trim();
+    if target.starts_with(meshwork_swarm::ticket::PREFIX) {
+        return Ok(meshwork_swarm::ticket::Ticket::decode(target)?
+            .content
+            .to_string());
+    }
+    Ok(target.parse::<meshwork_swarm::ContentId>()?.to_string())
+}
+
 pub async fn list(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
     let base = api_base(data_dir, client.api)?;
     let (all, raw): (Vec<ContentInfo>, _) = get(&base, "/api/v1/content").await?;
@@ -205,7 +232,7 @@ pub async fn list(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<12} {:>7} {:>10} {:>10} {:>5}  name",
+        "{:<16} {:<17} {:>7} {:>10} {:>10} {:>5}  path",
         "id", "state", "done", "down", "up", "peers"
     );
     for c in all {
@@ -217,16 +244,26 @@ pub async fn list(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
             Some(s) if s > 0 => format!("{:.1}%", c.bytes_have as f64 * 100.0 / s as f64),
             _ => "-".into(),
         };
+        // The path says which file (two contents may share a name); a failed one says why,
+        // and a stalled one what it waits for.
+        let what = c
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .or(c.name)
+            .unwrap_or_default();
         println!(
-            "{:<16} {:<12} {:>7} {:>10} {:>10} {:>5}  {}",
+            "{:<16} {:<17} {:>7} {:>10} {:>10} {:>5}  {what}",
             &c.id[..16],
             state,
             pct,
             human(c.downloaded as f64),
             human(c.uploaded as f64),
             c.peers,
-            c.name.unwrap_or_default()
         );
+        if let Some(why) = c.error.as_ref().or(c.stalled.as_ref()) {
+            println!("{:<16} {why}", "");
+        }
     }
     Ok(())
 }

@@ -125,6 +125,8 @@ pub enum ContentError {
     Exists(ContentId),
     #[error("{0} is not an absolute path")]
     RelativePath(PathBuf),
+    #[error("{0:?} is not a usable path (it holds a NUL byte)")]
+    BadPath(PathBuf),
     #[error("no output path: give one (-o PATH), or run the node with a data directory")]
     NoOutput,
     #[error("this node holds its limit of {MAX_CONTENTS} contents")]
@@ -583,6 +585,12 @@ impl Content {
         if !wants || !self.links.is_empty() || now.duration_since(self.since) < STALL_AFTER {
             return None;
         }
+        if self.candidates.is_empty() && !self.banned.is_empty() {
+            return Some(format!(
+                "no providers left: {} banned for sending corrupt pieces",
+                self.banned.len()
+            ));
+        }
         if self.candidates.is_empty() {
             return Some(
                 "no providers: the ticket names none, and no tracker or DHT lookup found any \
@@ -652,6 +660,14 @@ pub(crate) fn channel() -> (ContentClient, mpsc::Receiver<Request>) {
     (ContentClient { tx }, rx)
 }
 
+/// Checks, before a node opens its other stores, that the content records of `data_dir` can
+/// be read: a start that fails later would hold those stores open a while after it returned.
+pub(crate) fn check_records(data_dir: &Path) -> Result<(), String> {
+    Records::new(data_dir.join("content"))
+        .readable()
+        .map_err(|e| e.to_string())
+}
+
 /// Starts the content service on the requests of [`channel`], with the contents of an earlier
 /// run loaded.
 pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Result<(), String> {
@@ -693,7 +709,8 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
     if let Some(records) = records {
         let (loaded, pending) = tokio::task::spawn_blocking(move || load_contents(&records))
             .await
-            .map_err(|e| format!("loading contents: {e}"))?;
+            .map_err(|e| format!("loading contents: {e}"))?
+            .map_err(|e| e.to_string())?;
         for mut c in loaded {
             c.add_providers(&local);
             svc.contents.insert(c.id, c);
@@ -881,11 +898,13 @@ impl Service {
     }
 
     /// The content (other than `id`) whose path `path` is, if any (records' invariant 1).
+    /// Paths are compared with their directories resolved (`..`, `.`, and symbolic links in
+    /// the directories that exist), so one file reached two ways is one path.
     fn owner_of(&self, path: &Path, id: &ContentId) -> Option<ContentId> {
-        let path = normalize(path);
+        let path = resolved(path);
         self.contents
             .values()
-            .find(|c| c.id != *id && c.out.as_deref().is_some_and(|p| normalize(p) == path))
+            .find(|c| c.id != *id && c.out.as_deref().is_some_and(|p| resolved(p) == path))
             .map(|c| c.id)
     }
 
@@ -1120,6 +1139,18 @@ impl Service {
         }
     }
 
+    /// A path from the API: absolute, and one the file system can take (no NUL byte).
+    fn check_path(p: &Path) -> Result<(), ContentError> {
+        use std::os::unix::ffi::OsStrExt;
+        if !p.is_absolute() {
+            return Err(ContentError::RelativePath(p.to_owned()));
+        }
+        if p.as_os_str().as_bytes().contains(&0) {
+            return Err(ContentError::BadPath(p.to_owned()));
+        }
+        Ok(())
+    }
+
     fn check_tracker(t: &Option<String>) -> Result<(), ContentError> {
         match t {
             Some(u)
@@ -1138,9 +1169,7 @@ impl Service {
         reply: oneshot::Sender<Result<ContentInfo, ContentError>>,
     ) {
         let checked = (|| {
-            if !req.path.is_absolute() {
-                return Err(ContentError::RelativePath(req.path.clone()));
-            }
+            Self::check_path(&req.path)?;
             Self::check_tracker(&req.tracker)?;
             if self.held() >= MAX_CONTENTS {
                 return Err(ContentError::Full);
@@ -1243,9 +1272,7 @@ impl Service {
         }
         Self::check_tracker(&tracker)?;
         if let Some(out) = &req.out {
-            if !out.is_absolute() {
-                return Err(ContentError::RelativePath(out.clone()));
-            }
+            Self::check_path(out)?;
         } else if self.data_dir.is_none() {
             return Err(ContentError::NoOutput);
         }
@@ -2414,8 +2441,8 @@ impl Service {
 /// resumes from its journal, which must prove the file is its own, and is hashed again if
 /// the file changed. Also returns the fetches that had no manifest yet, to be asked again.
 /// Blocking (it may read whole files): the caller runs it on a blocking thread.
-fn load_contents(records: &Records) -> (Vec<Content>, Vec<Pending>) {
-    let (loaded, pending) = records.load(MAX_CONTENTS);
+fn load_contents(records: &Records) -> io::Result<(Vec<Content>, Vec<Pending>)> {
+    let (loaded, pending) = records.load(MAX_CONTENTS)?;
     let contents = loaded
         .into_iter()
         .map(
@@ -2489,7 +2516,7 @@ fn load_contents(records: &Records) -> (Vec<Content>, Vec<Pending>) {
             },
         )
         .collect();
-    (contents, pending)
+    Ok((contents, pending))
 }
 
 /// `path` with `.` and `..` resolved lexically (no file system access), for comparing the
@@ -2507,6 +2534,20 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// `path` with its directory canonicalized where it exists (symbolic links and `..`
+/// resolved) and the last component kept as it is (it may not exist yet, and a link there is
+/// refused anyway); lexically normalized otherwise.
+fn resolved(path: &Path) -> PathBuf {
+    let path = normalize(path);
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => match dir.canonicalize() {
+            Ok(dir) => dir.join(name),
+            Err(_) => path,
+        },
+        _ => path,
+    }
 }
 
 /// `name` for `k = 0`, else `stem (k).ext`, shortened to the 255 bytes a file name may have.

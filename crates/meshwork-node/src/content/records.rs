@@ -114,8 +114,13 @@ impl Records {
     /// Records a pending fetch durably (invariant 2).
     pub fn put_pending(&self, id: &ContentId, p: &Pending) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(p).map_err(io::Error::other)?;
-        std::fs::create_dir_all(&self.dir)?;
+        self.make_dir()?;
         write_atomic(&self.file(id, FETCH_SUFFIX), &json)
+    }
+
+    fn make_dir(&self) -> io::Result<()> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.dir.display())))
     }
 
     pub fn remove_pending(&self, id: &ContentId) -> io::Result<()> {
@@ -124,7 +129,7 @@ impl Records {
 
     /// Records a content with its manifest durably and retires its pending fetch.
     pub fn put(&self, id: &ContentId, rec: &Record, manifest: &Manifest) -> io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        self.make_dir()?;
         let m = self.file(id, MANIFEST_SUFFIX);
         if !m.exists() {
             write_atomic(&m, &manifest.encode())?;
@@ -150,11 +155,40 @@ impl Records {
         first
     }
 
+    /// Whether the directory can be read back (absent is fine: nothing recorded yet).
+    pub fn readable(&self) -> io::Result<()> {
+        match std::fs::read_dir(&self.dir) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "{}: cannot read the content records: {e}",
+                    self.dir.display()
+                ),
+            )),
+        }
+    }
+
     /// Reads back every content and pending fetch. Unreadable entries are logged and skipped
     /// (left in place for the operator: invariant 3). Bounded by `max` of each.
-    pub fn load(&self, max: usize) -> (Vec<Loaded>, Vec<Pending>) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return (vec![], vec![]);
+    ///
+    /// # Errors
+    /// The directory exists but cannot be read (not a directory, no permission): the node
+    /// would otherwise start as if it held nothing, and forget every content it records.
+    pub fn load(&self, max: usize) -> io::Result<(Vec<Loaded>, Vec<Pending>)> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((vec![], vec![])),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{}: cannot read the content records: {e}",
+                        self.dir.display()
+                    ),
+                ))
+            }
         };
         let mut loaded = vec![];
         let mut pending = vec![];
@@ -198,7 +232,7 @@ impl Records {
                 _ => tracing::warn!("{}: unreadable content record, skipped", e.path().display()),
             }
         }
-        (loaded, pending)
+        Ok((loaded, pending))
     }
 }
 
@@ -221,13 +255,19 @@ pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    let write = || -> io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp); // no half-written leftovers
+        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    })
 }
