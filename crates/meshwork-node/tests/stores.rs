@@ -45,6 +45,10 @@ impl Write for Sink {
     }
 }
 
+/// The tests whose stores fail take turns: the log capture is one for the whole binary, and a
+/// count of "said once" must not see another test's node say it too.
+static FAILING_DISKS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn count(logs: &Arc<Mutex<Vec<u8>>>, needle: &str) -> usize {
     String::from_utf8_lossy(&logs.lock().unwrap())
         .matches(needle)
@@ -103,7 +107,15 @@ async fn post_tx(
 /// When space returns the store is reopened by itself, mining resumes and the chain advances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_mining_and_transfers_until_the_store_reopens() {
+    let _turn = FAILING_DISKS.lock().await;
     let logs = logs();
+    // What earlier tests in this binary logged is not this node's.
+    let before = |needle: &str| count(&logs, needle);
+    let (said0, invalid0, reopened0) = (
+        before("not mining and refusing transfers"),
+        before("mined an invalid block"),
+        before("chain store reopened"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let full = DiskFull::new();
     let mut cfg = config("test-fulldisk", dir.path());
@@ -159,10 +171,10 @@ async fn a_full_disk_stops_mining_and_transfers_until_the_store_reopens() {
         assert_eq!(height(&node).await, stuck);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let said = count(&logs, "not mining and refusing transfers");
+    let said = count(&logs, "not mining and refusing transfers") - said0;
     assert_eq!(said, 1, "the reason is logged once, not at every retry");
     assert_eq!(
-        count(&logs, "mined an invalid block"),
+        count(&logs, "mined an invalid block") - invalid0,
         0,
         "a storage error is not an invalid block"
     );
@@ -189,7 +201,7 @@ async fn a_full_disk_stops_mining_and_transfers_until_the_store_reopens() {
         )
     })
     .await;
-    assert_eq!(count(&logs, "chain store reopened"), 1);
+    assert_eq!(count(&logs, "chain store reopened") - reopened0, 1);
     node.handle
         .ledger(|l| l.chain().verify_consistency())
         .await
@@ -341,6 +353,7 @@ impl Drop for Unmount {
 /// the node must not call itself healthy (and fail again) until space has returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_real_full_tmpfs_the_node_stops_and_recovers() {
+    let _turn = FAILING_DISKS.lock().await;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         println!("skipped: mounting a tmpfs needs root");
