@@ -721,12 +721,6 @@ impl PieceStore {
         self.have.is_full()
     }
 
-    /// Whether this is a download of ours (its file created by the store or proven its own),
-    /// as opposed to a seed of a file it never writes.
-    pub fn is_download(&self) -> bool {
-        self.written
-    }
-
     /// Whether the path still names this download's own file (so that removing the download
     /// may delete it). Always false for a seed of the user's file.
     pub fn owns_path(&self) -> bool {

@@ -901,11 +901,17 @@ impl Service {
     /// Paths are compared with their directories resolved (`..`, `.`, and symbolic links in
     /// the directories that exist), so one file reached two ways is one path.
     fn owner_of(&self, path: &Path, id: &ContentId) -> Option<ContentId> {
-        let path = resolved(path);
+        self.claims(id).get(&resolved(path)).copied()
+    }
+
+    /// Every path claimed by a content other than `id`, resolved, with its owner: one pass
+    /// over the contents (and one `canonicalize` each) for any number of lookups.
+    fn claims(&self, id: &ContentId) -> HashMap<PathBuf, ContentId> {
         self.contents
             .values()
-            .find(|c| c.id != *id && c.out.as_deref().is_some_and(|p| resolved(p) == path))
-            .map(|c| c.id)
+            .filter(|c| c.id != *id)
+            .filter_map(|c| Some((resolved(c.out.as_deref()?), c.id)))
+            .collect()
     }
 
     /// Refuses a path another content uses, or any existing file (a new download creates its
@@ -938,9 +944,10 @@ impl Service {
             .ok_or("no output path and no data directory")?
             .join("downloads");
         let journal = self.records.as_ref().map(|r| r.journal(id));
+        let claims = self.claims(id);
         for k in 0..MAX_NAME_TRIES {
             let p = dir.join(numbered(name, k));
-            if self.owner_of(&p, id).is_some() {
+            if claims.contains_key(&resolved(&p)) {
                 continue;
             }
             match std::fs::symlink_metadata(&p) {
