@@ -1,1 +1,924 @@
-//! See the crate's documentation.
+//! A bounded HTTP/1.1 accept loop for every Meshwork service (the node's API, `meshwork
+//! server`, `meshwork tracker`): slow or many clients cannot take a service down.
+//!
+//! `axum::serve` accepts without limit and never times a connection out, so 1 100 clients that
+//! send one header byte per second hold 1 100 descriptors and the process meets `EMFILE` at
+//! the usual limit of 1 024 files. This loop drives hyper's HTTP/1.1 connection itself and adds:
+//!
+//! - **Caps.** At most [`Limits::max_connections`] connections, never more than the process's
+//!   file limit (`RLIMIT_NOFILE`, soft) minus [`Limits::reserve_files`] across every loop of the
+//!   process (the rest of the process, peers, stores, files, needs descriptors too), and at most
+//!   [`Limits::max_per_ip`] from one source IP.
+//! - **Eviction.** A newcomer that finds a cap reached evicts an *idle* connection (no request in
+//!   flight: still waiting for its first headers, or between keep-alive requests). Among idle
+//!   connections the victim is the one whose IP holds the most connections, then the one idle the
+//!   longest, so a flood spread over many addresses evicts its own members before the single
+//!   connection of an ordinary client. Only if every candidate has a request in flight is the
+//!   newcomer refused (its socket closed at once). A per-IP cap evicts only from that IP.
+//! - **Timeouts.** Complete request headers within [`Limits::header_read`] of accept (or of the
+//!   first byte after a keep-alive pause), [`Limits::keep_alive`] of silence between requests,
+//!   and a request in flight that waits on the peer (its upload body, or the socket's send
+//!   buffer) for [`Limits::stall`] is closed. A handler that works a long time (hashing a file,
+//!   a long poll) is not a stall: only waits on the peer count, and bytes that keep moving reset
+//!   them.
+//! - **Accept errors.** `EMFILE`/`ENFILE` (someone else used the descriptors) pause the loop with
+//!   a growing back-off and are logged once per episode.
+//!
+//! Every request carries the extensions [`axum::extract::ConnectInfo<SocketAddr>`] (the peer)
+//! and [`LocalAddr`] (the socket's own address).
+//!
+//! Invariants: a connection is in the table from admission until its task ends or it is evicted
+//! (eviction removes it from the table at once, and its task closes the socket at its next
+//! poll); `per_ip[ip]` equals the number of table entries with that ip and no entry is zero;
+//! the table never holds more than the effective cap. With hyper's HTTP/1.1 a connection has at
+//! most one request in flight, from the service call until the response body is dropped.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use bytes::Bytes;
+use http_body::Frame;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+/// The socket's own address (the address the client connected to), set on every request
+/// [`serve`] hands to the router, next to `ConnectInfo<SocketAddr>` (the peer's address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAddr(pub SocketAddr);
+
+/// The bounds of one service's [`serve`] loop. All durations are wall-clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, at most. The effective cap is also kept below the process's
+    /// file limit minus [`Limits::reserve_files`].
+    pub max_connections: usize,
+    /// Connections open at once from one source IP, at most.
+    pub max_per_ip: usize,
+    /// Descriptors left for the rest of the process: the effective total cap of all loops in
+    /// the process is `RLIMIT_NOFILE (soft) - reserve_files` (at least 16).
+    pub reserve_files: usize,
+    /// A request's headers must be complete this long after accept, or after the first byte
+    /// that follows a keep-alive pause.
+    pub header_read: Duration,
+    /// A keep-alive connection silent this long between requests is closed.
+    pub keep_alive: Duration,
+    /// A request in flight that waits this long on the peer (reading its body, or writing
+    /// the answer into a full send buffer) is closed. Checked about every quarter of it.
+    pub stall: Duration,
+    /// After the shutdown future fires: connections with a request in flight get this long to
+    /// finish, then they are cut.
+    pub shutdown_grace: Duration,
+    /// The largest request head (request line and headers) in bytes; hyper's read buffer
+    /// (at least 8 KiB).
+    pub max_head: usize,
+}
+
+impl Default for Limits {
+    /// Middle-of-the-road values; prefer the per-service constructors.
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_per_ip: 64,
+            reserve_files: 128,
+            header_read: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(60),
+            stall: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+            max_head: 64 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// The node's HTTP API: local clients (the CLI, scripts, the lab), a few at a time, all
+    /// from the same loopback address, so the per-IP cap is most of the total. 512 leaves half
+    /// of the usual 1 024 descriptors to the node's peers, store and content files (the
+    /// reserve of 256 matters only under lower limits). Headers in 5 s (a local client sends
+    /// them at once), 30 s keep-alive (a CLI call is short-lived), 30 s stall.
+    pub fn api() -> Self {
+        Self {
+            max_connections: 512,
+            max_per_ip: 256,
+            reserve_files: 256,
+            header_read: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(30),
+            stall: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+            max_head: 64 * 1024,
+        }
+    }
+
+    /// `meshwork server`: many remote clients, each with one follower (long polls of up to
+    /// 30 s, between which the connection is idle for moments) and a few transfers. 4 096 in
+    /// total (below the file limit anyway), 64 per IP (a household behind one NAT), headers
+    /// in 10 s (remote links are slower), 60 s keep-alive, 60 s stall (uploads and downloads
+    /// over bad links pause).
+    pub fn server() -> Self {
+        Self {
+            max_connections: 4096,
+            max_per_ip: 64,
+            reserve_files: 128,
+            header_read: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(60),
+            stall: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+            max_head: 64 * 1024,
+        }
+    }
+
+    /// `meshwork tracker`: one short request per announce (every interval, per content), so
+    /// connections are many and brief: 4 096 in total, 32 per IP, headers in 5 s, 15 s
+    /// keep-alive (longer than a client's burst of announces, much shorter than the announce
+    /// interval), 15 s stall (answers are small). The tracker holds no files: a reserve of 64.
+    pub fn tracker() -> Self {
+        Self {
+            max_connections: 4096,
+            max_per_ip: 32,
+            reserve_files: 64,
+            header_read: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(15),
+            stall: Duration::from_secs(15),
+            shutdown_grace: Duration::from_secs(2),
+            max_head: 16 * 1024,
+        }
+    }
+}
+
+/// What a [`serve`] loop has done, for `/metrics` and status pages. Monotonic counts except
+/// `open`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections open now (admitted, not yet closed).
+    pub open: AtomicU64,
+    /// Connections admitted since start.
+    pub accepted: AtomicU64,
+    /// Newcomers refused (every candidate for eviction had a request in flight).
+    pub refused: AtomicU64,
+    /// Idle connections closed to make room for a newcomer.
+    pub evicted: AtomicU64,
+    /// Connections closed by the header-read, keep-alive or stall timeout.
+    pub timed_out: AtomicU64,
+    /// `accept` failures (descriptors exhausted and the like).
+    pub accept_errors: AtomicU64,
+}
+
+/// Descriptors held by [`serve`] connections in this process, all loops together (the file
+/// limit is per process).
+static OPEN_IN_PROCESS: AtomicUsize = AtomicUsize::new(0);
+
+/// The process's soft `RLIMIT_NOFILE`, or `None` where it cannot be read (or is unlimited).
+pub fn file_limit() -> Option<u64> {
+    // SAFETY: getrlimit writes only into the struct we pass.
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return None;
+    }
+    (r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur as u64)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (what most servers do at start), and
+/// returns the soft limit in force afterwards. A failure leaves the limit as it was.
+pub fn raise_file_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                r = want;
+            }
+        }
+    }
+    (r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur as u64)
+}
+
+/// The total cap of connections `limits` allows in this process right now.
+fn effective_cap(limits: &Limits) -> usize {
+    let by_files = file_limit()
+        .map(|n| (n as usize).saturating_sub(limits.reserve_files).max(16))
+        .unwrap_or(usize::MAX);
+    limits.max_connections.min(by_files).max(1)
+}
+
+/// Serves `app` on `listener` within `limits` until `shutdown` completes, then lets requests
+/// in flight finish for [`Limits::shutdown_grace`] and returns. Dropping the future closes
+/// every connection at once.
+///
+/// Errors: none today (accept errors are retried with back-off); the `io::Result` leaves room.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_counted(listener, app, limits, Arc::new(Counters::default()), shutdown).await
+}
+
+/// [`serve`], counting into `counters` (for a service that shows them).
+pub async fn serve_counted(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: Limits,
+    counters: Arc<Counters>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let cap = effective_cap(&limits);
+    let by_files = effective_cap(&Limits {
+        max_connections: usize::MAX,
+        ..limits.clone()
+    });
+    tracing::debug!(%local, cap, per_ip = limits.max_per_ip, "serving");
+    let clock = Clock(Instant::now());
+    let table = Arc::new(Mutex::new(Table::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let mut accept_trouble = AcceptTrouble::default();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            r = listener.accept() => {
+                let (stream, peer) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(pause) = accept_trouble.failed(&e, local) {
+                            tokio::time::sleep(pause).await;
+                        }
+                        continue;
+                    }
+                };
+                accept_trouble.recovered(local);
+                let fd = FdGuard::new();
+                let now = clock.now();
+                let admitted = table.lock().expect("serve table").admit(
+                    peer.ip(),
+                    now,
+                    cap,
+                    limits.max_per_ip,
+                    fd.in_process() > by_files,
+                );
+                let (id, state) = match admitted {
+                    Admission::In { id, state, evicted } => {
+                        if evicted {
+                            counters.evicted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        (id, state)
+                    }
+                    Admission::Refused => {
+                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "connection refused: every slot is busy");
+                        continue; // drops the stream: closed at once
+                    }
+                };
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
+                counters.open.fetch_add(1, Ordering::Relaxed);
+                let conn = ConnTask {
+                    stream,
+                    peer,
+                    local,
+                    app: app.clone(),
+                    state,
+                    limits: limits.clone(),
+                    clock,
+                    stop: stop_rx.clone(),
+                    counters: counters.clone(),
+                };
+                let table = table.clone();
+                let counters = counters.clone();
+                tasks.spawn(async move {
+                    let _fd = fd;
+                    conn.run().await;
+                    table.lock().expect("serve table").remove(id);
+                    counters.open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Idle connections close at once; requests in flight get the grace (each task cuts
+    // itself after it), and a little more here before the rest is aborted.
+    let _ = tokio::time::timeout(limits.shutdown_grace + Duration::from_secs(1), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.shutdown().await;
+    Ok(())
+}
+
+/// Logs accept failures once per episode and says how long to pause.
+#[derive(Default)]
+struct AcceptTrouble {
+    failures: u64,
+    pause: Duration,
+}
+
+impl AcceptTrouble {
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+    /// `Some(pause)` when the error is about exhausted resources (waiting may help).
+    fn failed(&mut self, e: &std::io::Error, local: SocketAddr) -> Option<Duration> {
+        let exhausted = matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        if !exhausted {
+            // ECONNABORTED and the like: that one connection is gone, the next may be fine.
+            tracing::debug!(%local, "accept failed: {e}");
+            return None;
+        }
+        if self.failures == 0 {
+            tracing::warn!(
+                %local,
+                "accept failed: {e}; pausing and retrying (logged once until it recovers)"
+            );
+            self.pause = Self::FIRST_PAUSE;
+        } else {
+            self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+        }
+        self.failures += 1;
+        Some(self.pause)
+    }
+
+    fn recovered(&mut self, local: SocketAddr) {
+        if self.failures > 0 {
+            tracing::warn!(%local, failures = self.failures, "accept works again");
+            self.failures = 0;
+        }
+    }
+}
+
+/// Counts one accepted descriptor in [`OPEN_IN_PROCESS`] for as long as it lives.
+struct FdGuard;
+
+impl FdGuard {
+    fn new() -> Self {
+        OPEN_IN_PROCESS.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+
+    /// Descriptors held by serve loops in this process, this one included.
+    fn in_process(&self) -> usize {
+        OPEN_IN_PROCESS.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FdGuard {
+    fn drop(&mut self) {
+        OPEN_IN_PROCESS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds since the loop started, plus one, so that 0 can mean "not set".
+#[derive(Clone, Copy)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64 + 1
+    }
+
+    fn instant(&self, ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.0 + Duration::from_millis(ms.saturating_sub(1)))
+    }
+}
+
+/// One connection's state, shared by its task, its IO and body wrappers and the table.
+/// Times are [`Clock`] milliseconds, 0 = unset.
+#[derive(Default)]
+struct ConnState {
+    /// A request is in flight (service called, response body not yet dropped).
+    in_flight: AtomicBool,
+    /// At least one response was finished on this connection.
+    served: AtomicBool,
+    /// Accept, or the end of the last response.
+    idle_since: AtomicU64,
+    /// The first byte read while idle (a request's head arriving).
+    head_started: AtomicU64,
+    /// Since when a write waits for the peer to drain its buffer.
+    write_blocked: AtomicU64,
+    /// Since when the handler waits for the peer's upload body.
+    body_wait: AtomicU64,
+    /// Set by eviction; the task closes the connection when notified.
+    evict: tokio::sync::Notify,
+}
+
+/// Why a connection's timer closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    HeaderRead,
+    KeepAlive,
+    Stall,
+}
+
+impl ConnState {
+    fn new(now: u64) -> Self {
+        let s = Self::default();
+        s.idle_since.store(now, Ordering::Relaxed);
+        s
+    }
+
+    fn idle(&self) -> bool {
+        !self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn begin_request(&self) {
+        self.in_flight.store(true, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+    }
+
+    fn end_request(&self, now: u64) {
+        self.idle_since.store(now, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+        self.body_wait.store(0, Ordering::Relaxed);
+        self.write_blocked.store(0, Ordering::Relaxed);
+        self.served.store(true, Ordering::Relaxed);
+        self.in_flight.store(false, Ordering::Relaxed);
+    }
+
+    /// `Err` when a timeout has expired at `now`, else when to look again.
+    fn check(&self, now: u64, l: &Limits) -> Result<u64, Expired> {
+        let ms = |d: Duration| d.as_millis() as u64;
+        if self.in_flight.load(Ordering::Relaxed) {
+            let stall = ms(l.stall);
+            for since in [&self.write_blocked, &self.body_wait] {
+                let since = since.load(Ordering::Relaxed);
+                if since != 0 && now.saturating_sub(since) >= stall {
+                    return Err(Expired::Stall);
+                }
+            }
+            // The request may end (and the keep-alive clock start) at any moment.
+            return Ok(now + (stall / 4).min(ms(l.header_read)).max(10));
+        }
+        let idle_since = self.idle_since.load(Ordering::Relaxed);
+        let head = self.head_started.load(Ordering::Relaxed);
+        let (deadline, why) = if !self.served.load(Ordering::Relaxed) {
+            (idle_since + ms(l.header_read), Expired::HeaderRead)
+        } else if head == 0 {
+            (idle_since + ms(l.keep_alive), Expired::KeepAlive)
+        } else {
+            (head + ms(l.header_read), Expired::HeaderRead)
+        };
+        if now >= deadline {
+            return Err(why);
+        }
+        // A head may start arriving before the deadline and bring it closer: look again
+        // within a header-read period.
+        Ok(deadline.min(now + ms(l.header_read)))
+    }
+}
+
+/// The connections of one loop.
+#[derive(Default)]
+struct Table {
+    conns: HashMap<u64, (IpAddr, Arc<ConnState>)>,
+    per_ip: HashMap<IpAddr, usize>,
+    next_id: u64,
+}
+
+enum Admission {
+    In {
+        id: u64,
+        state: Arc<ConnState>,
+        evicted: bool,
+    },
+    Refused,
+}
+
+impl Table {
+    /// Admits a newcomer from `ip`, evicting an idle connection if a cap is reached
+    /// (`files_short`: the process-wide descriptor budget is spent).
+    fn admit(
+        &mut self,
+        ip: IpAddr,
+        now: u64,
+        cap: usize,
+        per_ip_cap: usize,
+        files_short: bool,
+    ) -> Admission {
+        let mut evicted = false;
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= per_ip_cap {
+            match self.victim(Some(ip)) {
+                Some(v) => self.evict(v),
+                None => return Admission::Refused,
+            }
+            evicted = true;
+        } else if self.conns.len() >= cap || files_short {
+            match self.victim(None) {
+                Some(v) => self.evict(v),
+                None => return Admission::Refused,
+            }
+            evicted = true;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let state = Arc::new(ConnState::new(now));
+        self.conns.insert(id, (ip, state.clone()));
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        Admission::In { id, state, evicted }
+    }
+
+    /// The idle connection to evict: from `only` if given, else from the IP holding the most
+    /// connections; among those, the one idle the longest. `None` if all are busy.
+    fn victim(&self, only: Option<IpAddr>) -> Option<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, (ip, s))| only.is_none_or(|o| o == *ip) && s.idle())
+            .max_by_key(|(id, (ip, s))| {
+                let crowd = self.per_ip.get(ip).copied().unwrap_or(0);
+                let since = s.idle_since.load(Ordering::Relaxed);
+                // Most connections from its IP first, then idle longest, then oldest id.
+                (crowd, std::cmp::Reverse(since), std::cmp::Reverse(**id))
+            })
+            .map(|(id, _)| *id)
+    }
+
+    fn evict(&mut self, id: u64) {
+        if let Some((_, s)) = self.conns.get(&id) {
+            s.evict.notify_one();
+        }
+        self.remove(id);
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some((ip, _)) = self.conns.remove(&id) else {
+            return; // evicted earlier
+        };
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Everything one connection's task needs.
+struct ConnTask {
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    app: axum::Router,
+    state: Arc<ConnState>,
+    limits: Limits,
+    clock: Clock,
+    stop: tokio::sync::watch::Receiver<bool>,
+    counters: Arc<Counters>,
+}
+
+impl ConnTask {
+    async fn run(self) {
+        let Self {
+            stream,
+            peer,
+            local,
+            app,
+            state,
+            limits,
+            clock,
+            mut stop,
+            counters,
+        } = self;
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(Tracked {
+            inner: stream,
+            state: state.clone(),
+            clock,
+        });
+        let svc_state = state.clone();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let state = svc_state.clone();
+            state.begin_request();
+            let (mut parts, body) = req.into_parts();
+            parts.extensions.insert(ConnectInfo(peer));
+            parts.extensions.insert(LocalAddr(local));
+            let body = Body::new(Upload {
+                inner: body,
+                state: state.clone(),
+                clock,
+            });
+            let fut = app.clone().oneshot(hyper::Request::from_parts(parts, body));
+            async move {
+                let resp = match fut.await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                Ok::<_, Infallible>(resp.map(|b| {
+                    Body::new(Answer {
+                        inner: b,
+                        state,
+                        clock,
+                    })
+                }))
+            }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .keep_alive(true)
+            .max_buf_size(limits.max_head.max(8192));
+        let conn = builder.serve_connection(io, svc);
+        tokio::pin!(conn);
+        let mut next = clock.now() + (limits.header_read.as_millis() as u64);
+        let mut grace_end: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::trace!(%peer, "connection ended: {e}");
+                    }
+                    return;
+                }
+                _ = state.evict.notified() => {
+                    tracing::trace!(%peer, "connection evicted");
+                    return;
+                }
+                _ = stop.wait_for(|s| *s), if grace_end.is_none() => {
+                    conn.as_mut().graceful_shutdown();
+                    grace_end = Some(tokio::time::Instant::now() + limits.shutdown_grace);
+                }
+                _ = tokio::time::sleep_until(grace_end.unwrap_or_else(tokio::time::Instant::now)),
+                    if grace_end.is_some() => return,
+                _ = tokio::time::sleep_until(clock.instant(next)) => {
+                    match state.check(clock.now(), &limits) {
+                        Ok(at) => next = at,
+                        Err(why) => {
+                            counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                            tracing::trace!(%peer, ?why, "connection timed out");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The socket, noting when a request head starts arriving and when writes wait on the peer.
+struct Tracked {
+    inner: TcpStream,
+    state: Arc<ConnState>,
+    clock: Clock,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before && self.state.idle() {
+            let now = self.clock.now();
+            let _ = self.state.head_started.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        r
+    }
+}
+
+impl Tracked {
+    fn note_write<T>(&self, r: &Poll<std::io::Result<T>>) {
+        match r {
+            Poll::Pending => {
+                let now = self.clock.now();
+                let _ = self.state.write_blocked.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            Poll::Ready(_) => self.state.write_blocked.store(0, Ordering::Relaxed),
+        }
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note_write(&r);
+        r
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The request body as the handler reads it, noting when the handler waits for the peer.
+struct Upload {
+    inner: Incoming,
+    state: Arc<ConnState>,
+    clock: Clock,
+}
+
+impl http_body::Body for Upload {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if r.is_pending() {
+            let now = self.clock.now();
+            let _ = self.state.body_wait.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        } else {
+            self.state.body_wait.store(0, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // The handler no longer waits for it.
+        self.state.body_wait.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The response body; dropping it (hyper has sent it, or the connection ended) ends the
+/// request in flight.
+struct Answer {
+    inner: Body,
+    state: Arc<ConnState>,
+    clock: Clock,
+}
+
+impl http_body::Body for Answer {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.state.end_request(self.clock.now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read: Duration::from_millis(100),
+            keep_alive: Duration::from_millis(300),
+            stall: Duration::from_millis(200),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn timers_follow_the_connection_state() {
+        let l = limits();
+        let s = ConnState::new(1);
+        assert!(s.check(50, &l).is_ok());
+        assert_eq!(s.check(101, &l), Err(Expired::HeaderRead));
+        s.begin_request();
+        assert!(s.check(10_000, &l).is_ok(), "a busy handler is not a stall");
+        s.write_blocked.store(10_000, Ordering::Relaxed);
+        assert!(s.check(10_150, &l).is_ok());
+        assert_eq!(s.check(10_200, &l), Err(Expired::Stall));
+        s.end_request(20_000);
+        assert!(s.check(20_250, &l).is_ok(), "keep-alive, not header-read");
+        assert_eq!(s.check(20_300, &l), Err(Expired::KeepAlive));
+        s.head_started.store(20_050, Ordering::Relaxed);
+        assert_eq!(s.check(20_150, &l), Err(Expired::HeaderRead));
+    }
+
+    #[test]
+    fn eviction_takes_from_the_crowd_then_the_longest_idle_and_spares_the_busy() {
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let me: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut t = Table::default();
+        let id = |x: Admission| match x {
+            Admission::In { id, .. } => id,
+            Admission::Refused => panic!("refused"),
+        };
+        let mine = id(t.admit(me, 1, 4, 3, false)); // the oldest idle, but alone on its IP
+        let a1 = id(t.admit(a, 2, 4, 3, false));
+        let _a2 = id(t.admit(a, 3, 4, 3, false));
+        let _b1 = id(t.admit(b, 4, 4, 3, false));
+        // Full: the newcomer evicts a's longest idle, not the older single connection.
+        assert!(matches!(
+            t.admit(b, 5, 4, 3, false),
+            Admission::In { evicted: true, .. }
+        ));
+        assert!(!t.conns.contains_key(&a1) && t.conns.contains_key(&mine));
+        assert_eq!(t.conns.len(), 4);
+        // Every connection busy: refused.
+        for (_, s) in t.conns.values() {
+            s.begin_request();
+        }
+        assert!(matches!(t.admit(me, 6, 4, 3, false), Admission::Refused));
+        // Per-IP cap: only that IP's idle connections are candidates.
+        let mut t = Table::default();
+        let busy = id(t.admit(a, 1, 10, 2, false));
+        t.conns[&busy].1.begin_request();
+        let idle_b = id(t.admit(b, 2, 10, 2, false));
+        let _a2 = id(t.admit(a, 3, 10, 2, false));
+        assert!(matches!(
+            t.admit(a, 4, 10, 2, false),
+            Admission::In { evicted: true, .. }
+        ));
+        assert!(t.conns.contains_key(&idle_b) && t.conns.contains_key(&busy));
+        assert_eq!(t.per_ip[&a], 2);
+        let last = t.conns.iter().find(|(_, (ip, s))| *ip == a && s.idle());
+        t.conns[last.map(|(i, _)| i).unwrap()].1.begin_request();
+        assert!(matches!(t.admit(a, 5, 10, 2, false), Admission::Refused));
+        assert_eq!(t.per_ip[&a], 2);
+    }
+}
