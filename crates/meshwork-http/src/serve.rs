@@ -84,6 +84,10 @@ pub struct Limits {
     /// The largest request head (request line and headers) in bytes; hyper's read buffer
     /// (at least 8 KiB).
     pub max_head: usize,
+    /// The listen backlog: connections the kernel queues before accept (clamped by
+    /// `net.core.somaxconn`). At least as many as clients that may reconnect at once, else
+    /// SYNs are dropped and a connect waits a second for its retransmission.
+    pub backlog: u32,
 }
 
 impl Default for Limits {
@@ -98,6 +102,7 @@ impl Default for Limits {
             stall: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
             max_head: 64 * 1024,
+            backlog: 4096,
         }
     }
 }
@@ -118,6 +123,7 @@ impl Limits {
             stall: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             max_head: 64 * 1024,
+            backlog: 4096,
         }
     }
 
@@ -136,6 +142,7 @@ impl Limits {
             stall: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
             max_head: 64 * 1024,
+            backlog: 4096,
         }
     }
 
@@ -153,6 +160,7 @@ impl Limits {
             stall: Duration::from_secs(15),
             shutdown_grace: Duration::from_secs(2),
             max_head: 16 * 1024,
+            backlog: 4096,
         }
     }
 }
@@ -248,6 +256,7 @@ pub async fn serve_counted(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
+    widen_backlog(&listener, limits.backlog);
     let cap = effective_cap(&limits);
     let by_files = effective_cap(&Limits {
         max_connections: usize::MAX,
@@ -333,6 +342,25 @@ pub async fn serve_counted(
     .await;
     tasks.shutdown().await;
     Ok(())
+}
+
+/// Sets the listen backlog to `backlog` (the kernel clamps it to `net.core.somaxconn`).
+///
+/// `TcpListener::bind` (tokio, mio, std) listens with a backlog of 128. Clients that are
+/// evicted or refused reconnect at once, each with one connection waiting in the accept
+/// queue; once the queue is full the kernel drops SYNs, and an ordinary client's connect then
+/// waits for its retransmission (1 s). Calling listen(2) again on a listening socket changes
+/// its backlog on Linux and the BSDs.
+fn widen_backlog(listener: &TcpListener, backlog: u32) {
+    use std::os::fd::AsRawFd;
+    let n = backlog.min(i32::MAX as u32) as i32;
+    // SAFETY: listen(2) on a descriptor the listener owns; it touches no memory of ours.
+    if unsafe { libc::listen(listener.as_raw_fd(), n) } != 0 {
+        tracing::debug!(
+            "cannot widen the listen backlog: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Logs accept failures once per episode and says how long to pause.

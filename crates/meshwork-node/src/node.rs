@@ -932,9 +932,12 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             }
             let router = crate::api::router(handle.clone());
             let done = handle.tx.clone();
+            let limits = cfg.api_limits.clone();
             tokio::spawn(async move {
-                let serve = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { done.closed().await });
+                // Bounded: slow or many local clients cannot exhaust the node's descriptors.
+                let serve = meshwork_http::serve::serve(listener, router, limits, async move {
+                    done.closed().await
+                });
                 if let Err(e) = serve.await {
                     tracing::error!("HTTP API stopped: {e}");
                 }

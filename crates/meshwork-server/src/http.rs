@@ -85,6 +85,15 @@ impl RunningTracker {
 
 /// Binds `listen` and serves until stopped.
 pub async fn start(listen: SocketAddr, cfg: TrackerConfig) -> std::io::Result<RunningTracker> {
+    start_with_limits(listen, cfg, meshwork_http::serve::Limits::tracker()).await
+}
+
+/// [`start`] with other connection caps and timeouts than [`meshwork_http::serve::Limits::tracker`].
+pub async fn start_with_limits(
+    listen: SocketAddr,
+    cfg: TrackerConfig,
+    limits: meshwork_http::serve::Limits,
+) -> std::io::Result<RunningTracker> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let interval = cfg.interval;
@@ -100,7 +109,7 @@ pub async fn start(listen: SocketAddr, cfg: TrackerConfig) -> std::io::Result<Ru
             }
         };
         tokio::select! {
-            r = axum::serve(listener, app) => {
+            r = meshwork_http::serve::serve(listener, app, limits, std::future::pending()) => {
                 if let Err(e) = r {
                     tracing::error!("tracker stopped: {e}");
                 }

@@ -82,6 +82,8 @@ pub struct ServerConfig {
     /// Senders whose transfers the operator refuses (the server decides alone, for every
     /// client).
     pub refuse_senders: HashSet<Address>,
+    /// The HTTP listener's connection caps and timeouts (see `meshwork_http::serve`).
+    pub http: meshwork_http::serve::Limits,
 }
 
 impl ServerConfig {
@@ -93,6 +95,7 @@ impl ServerConfig {
             max_upload_bytes: 64 << 30,
             upload_limit: None,
             refuse_senders: HashSet::new(),
+            http: meshwork_http::serve::Limits::server(),
         }
     }
 }
@@ -274,6 +277,7 @@ async fn start_inner(
     faults: Option<Arc<Faults>>,
 ) -> Result<RunningServer, ServerError> {
     let dir = cfg.data_dir.clone();
+    let limits = cfg.http.clone();
     let inner = tokio::task::spawn_blocking(move || open(&cfg, faults))
         .await
         .map_err(|e| ServerError::Db {
@@ -291,11 +295,10 @@ async fn start_inner(
     let app = router(inner);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
+        let r = meshwork_http::serve::serve(listener, app, limits, async {
+            let _ = rx.await;
+        })
+        .await;
         if let Err(e) = r {
             tracing::error!("server stopped: {e}");
         }

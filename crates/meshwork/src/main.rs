@@ -319,6 +319,9 @@ pub(crate) struct ClientArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // Servers and nodes hold many sockets: take the hard file limit, as most servers do. The
+    // HTTP services keep their connection caps below whatever limit is in force.
+    let _ = meshwork_http::serve::raise_file_limit();
     // yamux warns about every connection whose peer hung up first ("Broken pipe"), which is
     // routine at shutdown. The demo and the lab run many nodes in this process and print
     // their own results: their nodes' routine logs (blocks mined, gossipsub's complaints about

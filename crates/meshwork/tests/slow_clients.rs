@@ -1,0 +1,373 @@
+//! Slow clients cannot take a service down (issue 14, case 3): with the process at
+//! `RLIMIT_NOFILE` soft = hard = 1 024, 1 100 connections that each send one header byte per
+//! second (from 127.0.0.2-127.0.0.250, plus a share from one address), re-opened whenever they
+//! are closed, are held against `meshwork server`, `meshwork tracker` and a node's API for
+//! ~15 s; throughout, a normal request from 127.0.0.1 every ~200 ms must be answered within a
+//! second. On the node, a second node also fetches a file from the flooded node meanwhile.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use tokio::io::AsyncWriteExt;
+
+/// The flood tests take turns: three floods at once on two cores would measure the machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const FLOOD: usize = 1100;
+/// Of [`FLOOD`], this many come from one address (the rest spread over 127.0.0.2-250).
+const FROM_ONE: usize = 150;
+const ONE_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 251);
+const FLOOD_FOR: Duration = Duration::from_secs(15);
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
+/// The built binary with the file limit at soft = hard = 1 024 files.
+fn meshwork_limited(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_meshwork"));
+    c.arg("--data-dir")
+        .arg(dir)
+        .env_remove("MESHWORK_HOME")
+        .env("RUST_LOG", "warn");
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // setrlimit(2), which is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// A child whose stdout lines are read on a thread; killed when dropped.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn start(mut cmd: Command, log: &Path, ready: &str) -> Result<Self> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Self {
+            child,
+            lines,
+            seen: vec![],
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(l) = p.lines.recv_timeout(Duration::from_millis(100)) {
+                let hit = l.contains(ready);
+                p.seen.push(l);
+                if hit {
+                    return Ok(p);
+                }
+            }
+            if let Some(st) = p.child.try_wait()? {
+                bail!("exited ({st}) before {ready:?}: {:?}", p.seen);
+            }
+        }
+        bail!("no line with {ready:?}; saw {:?}", p.seen)
+    }
+
+    /// The `host:port` of the first `http://` URL on a line starting with `prefix`.
+    fn url_addr(&self, prefix: &str) -> Result<SocketAddr> {
+        let line = self
+            .seen
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .with_context(|| format!("no {prefix:?} line in {:?}", self.seen))?;
+        let rest = line
+            .split("http://")
+            .nth(1)
+            .context("no URL on the line")?;
+        Ok(rest.split('/').next().context("no host")?.parse()?)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Raises this test process's own file limit (it holds the 1 100 client sockets); `false`
+/// if the hard limit is too low to run the flood.
+fn raise_own_limit() -> bool {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return false;
+        }
+        r.rlim_cur = r.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+            return false;
+        }
+    }
+    r.rlim_cur == libc::RLIM_INFINITY || r.rlim_cur >= FLOOD as u64 + 500
+}
+
+/// What the flood did.
+#[derive(Default)]
+struct FloodStats {
+    connects: AtomicU64,
+    held: AtomicU64,
+    max_held: AtomicU64,
+    closed_by_server: AtomicU64,
+}
+
+/// One slow client: connects from `from`, sends a request head one byte per second and never
+/// finishes it; re-connects whenever the server closes it, until `stop`.
+async fn slow_client(from: IpAddr, to: SocketAddr, stop: Arc<AtomicBool>, st: Arc<FloodStats>) {
+    let head = b"GET /api/v1/health HTTP/1.1\r\nHost: flood\r\nX-Slow: ";
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if sock.bind(SocketAddr::new(from, 0)).is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let mut s = match tokio::time::timeout(Duration::from_secs(3), sock.connect(to)).await {
+            Ok(Ok(s)) => s,
+            _ => continue,
+        };
+        st.connects.fetch_add(1, Ordering::Relaxed);
+        let held = st.held.fetch_add(1, Ordering::Relaxed) + 1;
+        st.max_held.fetch_max(held, Ordering::Relaxed);
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let b = if i < head.len() { head[i] } else { b'a' };
+            i += 1;
+            if s.write_all(&[b]).await.is_err() {
+                st.closed_by_server.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            // A closed connection shows on the next write (RST), or here as EOF.
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_secs(1), s.peek(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    st.closed_by_server.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        st.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Floods `target` for [`FLOOD_FOR`] while probing `GET probe_path` from 127.0.0.1 every
+/// [`PROBE_EVERY`] on a fresh connection; runs `during` (blocking) meanwhile. Returns the worst
+/// probe latency after asserting every probe was answered with 200 within [`ANSWER_WITHIN`].
+async fn flood_and_probe(
+    what: &str,
+    target: SocketAddr,
+    probe_path: &str,
+    during: impl FnOnce() -> Result<()> + Send + 'static,
+) -> Result<Duration> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = Arc::new(FloodStats::default());
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..FLOOD {
+        let from = if i < FROM_ONE {
+            ONE_ADDR
+        } else {
+            Ipv4Addr::new(127, 0, 0, 2 + (i % 249) as u8)
+        };
+        clients.spawn(slow_client(
+            IpAddr::V4(from),
+            target,
+            stop.clone(),
+            st.clone(),
+        ));
+    }
+    // Let the flood build up before the clock starts.
+    let built = Instant::now() + Duration::from_secs(10);
+    while st.max_held.load(Ordering::Relaxed) < 900 && Instant::now() < built {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = tokio::task::spawn_blocking(during);
+    let url = format!("http://{target}{probe_path}");
+    let start = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut probes = 0;
+    let mut failures = vec![];
+    while start.elapsed() < FLOOD_FOR {
+        let t0 = Instant::now();
+        // A fresh client: no pooled connection, a new one accepted under the flood each time.
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .local_address(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let r = client.get(&url).send().await;
+        let took = t0.elapsed();
+        probes += 1;
+        worst = worst.max(took);
+        match r {
+            Ok(r) if r.status().is_success() && took <= ANSWER_WITHIN => {}
+            Ok(r) => failures.push(format!(
+                "at {:?}: {} in {took:?}",
+                start.elapsed(),
+                r.status()
+            )),
+            Err(e) => failures.push(format!("at {:?}: {e} after {took:?}", start.elapsed())),
+        }
+        tokio::time::sleep(PROBE_EVERY.saturating_sub(t0.elapsed())).await;
+    }
+    let held_now = st.held.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let during = during.await?;
+    clients.shutdown().await;
+    eprintln!(
+        "{what}: {probes} probes, worst latency {worst:?}; flood: {} connects, {} held at \
+         most, {held_now} held at the end, {} closed by the server",
+        st.connects.load(Ordering::Relaxed),
+        st.max_held.load(Ordering::Relaxed),
+        st.closed_by_server.load(Ordering::Relaxed),
+    );
+    ensure!(
+        st.max_held.load(Ordering::Relaxed) >= 900,
+        "the flood never held 900 connections: it did not test anything"
+    );
+    ensure!(
+        failures.is_empty(),
+        "{what}: {} of {probes} probes not answered within {ANSWER_WITHIN:?}: {failures:?}",
+        failures.len()
+    );
+    during.context("the work done during the flood")?;
+    Ok(worst)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+#[test]
+fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !raise_own_limit() {
+        eprintln!("skipped: this process cannot hold {FLOOD} sockets (hard RLIMIT_NOFILE)");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let mut cmd = meshwork_limited(&tmp.path().join("home"));
+    cmd.args(["tracker", "start", "--listen", "127.0.0.1:0"]);
+    let t = Proc::start(cmd, &tmp.path().join("tracker.log"), "tracker is ready")?;
+    let addr = t.url_addr("stats")?;
+    runtime()?.block_on(flood_and_probe("tracker", addr, "/api/v1/stats", || Ok(())))?;
+    Ok(())
+}
+
+#[test]
+fn the_server_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !raise_own_limit() {
+        eprintln!("skipped: this process cannot hold {FLOOD} sockets (hard RLIMIT_NOFILE)");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let mut cmd = meshwork_limited(&tmp.path().join("server"));
+    cmd.args(["server", "start", "--listen", "127.0.0.1:0"]);
+    let s = Proc::start(cmd, &tmp.path().join("server.log"), "server is ready")?;
+    let addr = s.url_addr("api")?;
+    runtime()?.block_on(flood_and_probe("server", addr, "/api/v1/status", || Ok(())))?;
+    Ok(())
+}
+
+#[test]
+fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_files() -> Result<()>
+{
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !raise_own_limit() {
+        eprintln!("skipped: this process cannot hold {FLOOD} sockets (hard RLIMIT_NOFILE)");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    for d in [&a_dir, &b_dir] {
+        let o = meshwork_limited(d)
+            .args(["init", "--network", "test-slow-clients"])
+            .output()?;
+        ensure!(o.status.success(), "init: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let start = ["node", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"];
+    let mut cmd = meshwork_limited(&a_dir);
+    cmd.args(start).env("RUST_LOG", "info");
+    let a = Proc::start(cmd, &a_dir.join("node.log"), "node is ready")?;
+    let mut cmd = meshwork_limited(&b_dir);
+    cmd.args(start).env("RUST_LOG", "info");
+    let _b = Proc::start(cmd, &b_dir.join("node.log"), "node is ready")?;
+    let api: SocketAddr = std::fs::read_to_string(a_dir.join("api"))?.trim().parse()?;
+
+    let file = tmp.path().join("data.bin");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    std::fs::write(&file, &bytes)?;
+    let shared = meshwork_limited(&a_dir)
+        .args(["share", file.to_str().context("path")?])
+        .output()?;
+    ensure!(
+        shared.status.success(),
+        "share: {}",
+        String::from_utf8_lossy(&shared.stderr)
+    );
+    let ticket = String::from_utf8(shared.stdout)?
+        .lines()
+        .find_map(|l| l.strip_prefix("ticket").map(|t| t.trim().to_owned()))
+        .context("no ticket line")?;
+
+    let out = tmp.path().join("copy.bin");
+    let (b_dir2, out2) = (b_dir.clone(), out.clone());
+    let fetch = move || -> Result<()> {
+        let o = meshwork_limited(&b_dir2)
+            .args(["fetch", &ticket, "-o"])
+            .arg(&out2)
+            .args(["--timeout", "60"])
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "fetch during the flood: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(())
+    };
+    runtime()?.block_on(flood_and_probe("node API", api, "/api/v1/health", fetch))?;
+    ensure!(std::fs::read(&out)? == bytes, "the fetched file differs");
+    drop(a);
+    Ok(())
+}
