@@ -85,6 +85,26 @@ pub struct FileConfig {
     pub connections: ConnectionsSection,
     pub discovery: DiscoverySection,
     pub chain: ChainSection,
+    pub content: ContentSection,
+}
+
+/// Default `[content] tracker_retry_s`.
+pub const DEFAULT_TRACKER_RETRY_S: u64 = 60;
+
+/// `[content]`: the content service's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContentSection {
+    /// Seconds before a failed tracker is asked again (at least 1).
+    pub tracker_retry_s: u64,
+}
+
+impl Default for ContentSection {
+    fn default() -> Self {
+        Self {
+            tracker_retry_s: DEFAULT_TRACKER_RETRY_S,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -239,6 +259,11 @@ spec_file = ""
 # Addresses whose transfers this node neither accepts into its mempool, relays nor mines (an
 # operator's policy; blocks that hold them are still valid). Most at 10 000.
 refuse_senders = []
+
+[content]
+# Seconds before a tracker that failed (unreachable, an error, an oversized answer) is asked
+# again.
+tracker_retry_s = {tracker_retry}
 "#,
         network = network,
         allow_private = d.network.allow_private_addrs,
@@ -250,6 +275,7 @@ refuse_senders = []
             .collect::<Vec<_>>()
             .join(", "),
         api = d.node.api,
+        tracker_retry = d.content.tracker_retry_s,
         kad = d.node.kad_server,
         out = d.connections.target_outbound,
         inb = d.connections.max_inbound,
@@ -444,6 +470,9 @@ pub struct ContentConfig {
     /// How often a complete content's file is checked (`stat`) for changes behind the
     /// node's back; a change has it re-hashed.
     pub change_check: std::time::Duration,
+    /// After a failed announce (tracker unreachable, an error status, an answer over the cap)
+    /// the tracker is asked again this much later (`[content] tracker_retry_s`).
+    pub tracker_retry: std::time::Duration,
 }
 
 impl Default for ContentConfig {
@@ -453,6 +482,7 @@ impl Default for ContentConfig {
             corrupt_uploads: false,
             manifest_timeout: std::time::Duration::from_secs(600),
             change_check: std::time::Duration::from_secs(10),
+            tracker_retry: std::time::Duration::from_secs(DEFAULT_TRACKER_RETRY_S),
         }
     }
 }
@@ -572,7 +602,10 @@ impl NodeConfig {
             chain,
             mining: None,
             refuse_senders,
-            content: ContentConfig::default(),
+            content: ContentConfig {
+                tracker_retry: Duration::from_secs(file.content.tracker_retry_s.max(1)),
+                ..ContentConfig::default()
+            },
             rebroadcast: Default::default(),
             store_retry: Default::default(),
             gossip_seen_ttl: GOSSIP_SEEN_TTL,

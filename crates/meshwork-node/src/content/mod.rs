@@ -52,6 +52,7 @@ use meshwork_swarm::tracker_wire::{AnnounceRequest, AnnounceResponse, Event as T
 use meshwork_swarm::wire::{
     Msg, PexAddr, PexEntry, MAX_FRAME, MAX_PEX_ADDRS, MAX_PEX_ITEM, MAX_PEX_PEERS, MAX_SMALL_FRAME,
 };
+use meshwork_http::body::{read_json_capped, read_text_capped};
 use meshwork_swarm::ContentId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -101,6 +102,14 @@ pub const PEX_INTERVAL: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Providers are looked up in the DHT at most this often while peers are few.
 pub const DHT_INTERVAL: Duration = Duration::from_secs(20);
+/// The largest tracker answer read: at most the tracker's `MAX_NUMWANT` (50) peers of
+/// `MAX_ADDRS` (8) addresses of `MAX_ADDR_LEN` (256) bytes, with their ids (at most 128 bytes)
+/// and the JSON around them, is about 110 KiB; twice that leaves room for escapes. A larger
+/// answer fails the announce like an unreachable tracker (issue 14: an 800 MiB answer was read
+/// whole).
+pub const TRACKER_ANSWER_MAX: usize = 256 << 10;
+/// The most of a tracker's error answer read (it only goes into a log line and a reason).
+const TRACKER_ERROR_MAX: usize = 4 << 10;
 /// Tracker answers are obeyed within these bounds.
 const MIN_ANNOUNCE: Duration = Duration::from_secs(10);
 const MAX_ANNOUNCE: Duration = Duration::from_secs(1800);
@@ -218,6 +227,10 @@ pub struct ContentInfo {
     /// Why a fetch or download is not moving: no provider known, or none reachable.
     #[serde(default)]
     pub stalled: Option<String>,
+    /// The tracker's last failure (unreachable, an error status, an answer over
+    /// [`TRACKER_ANSWER_MAX`] or not JSON), cleared by its next good answer.
+    #[serde(default)]
+    pub tracker_error: Option<String>,
 }
 
 /// `POST /api/v1/content/{id}/verify`: every held piece hashed again.
@@ -359,7 +372,8 @@ enum Event {
     },
     Announced {
         content: ContentId,
-        interval: Option<Duration>,
+        /// The tracker's answer: its interval, or why it failed.
+        answer: Result<Duration, String>,
     },
     /// A file to share, hashed.
     Shared {
@@ -474,6 +488,8 @@ struct Content {
     banned: VecDeque<PeerId>,
     next_announce: Instant,
     announcing: bool,
+    /// Why the last announce failed (see [`ContentInfo::tracker_error`]).
+    tracker_error: Option<String>,
     announced_started: bool,
     announced_completed: bool,
     next_dht: Instant,
@@ -550,6 +566,7 @@ impl Content {
             banned: VecDeque::new(),
             next_announce: now,
             announcing: false,
+            tracker_error: None,
             announced_started: false,
             announced_completed: false,
             next_dht: now,
@@ -1017,6 +1034,7 @@ impl Service {
             ticket: self.ticket(c),
             error,
             stalled,
+            tracker_error: c.tracker_error.clone(),
         }
     }
 
@@ -1716,12 +1734,16 @@ impl Service {
                     self.connect_more(&content);
                 }
             }
-            Event::Announced { content, interval } => {
+            Event::Announced { content, answer } => {
                 if let Some(c) = self.contents.get_mut(&content) {
                     c.announcing = false;
-                    let every = interval
-                        .unwrap_or(Duration::from_secs(60))
-                        .clamp(MIN_ANNOUNCE, MAX_ANNOUNCE);
+                    // A failed tracker, whatever the failure, is asked again after the same
+                    // pause.
+                    let (every, error) = match answer {
+                        Ok(every) => (every.clamp(MIN_ANNOUNCE, MAX_ANNOUNCE), None),
+                        Err(why) => (self.cfg.tracker_retry.max(Duration::from_secs(1)), Some(why)),
+                    };
+                    c.tracker_error = error;
                     c.next_announce = Instant::now() + every;
                 }
             }
@@ -2320,18 +2342,18 @@ impl Service {
                     .await
                     .map_err(|e| e.to_string())?;
                 if !r.status().is_success() {
-                    return Err(format!(
-                        "{}: {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ));
+                    let status = r.status();
+                    let text = read_text_capped(r, TRACKER_ERROR_MAX)
+                        .await
+                        .unwrap_or_else(|e| format!("({e})"));
+                    return Err(format!("{status}: {}", text.trim()));
                 }
-                r.json::<AnnounceResponse>()
+                read_json_capped::<AnnounceResponse>(r, TRACKER_ANSWER_MAX)
                     .await
                     .map_err(|e| e.to_string())
             }
             .await;
-            let interval = match answer {
+            let answer = match answer {
                 Ok(a) => {
                     let peers = a
                         .peers
@@ -2343,14 +2365,14 @@ impl Service {
                         })
                         .collect::<Vec<_>>();
                     let _ = events.send(Event::Candidates { content, peers }).await;
-                    Some(Duration::from_secs(a.interval_s))
+                    Ok(Duration::from_secs(a.interval_s))
                 }
                 Err(e) => {
                     tracing::warn!("announce of {content} to {url}: {e}");
-                    None
+                    Err(e)
                 }
             };
-            let _ = events.send(Event::Announced { content, interval }).await;
+            let _ = events.send(Event::Announced { content, answer }).await;
         });
     }
 
