@@ -10,6 +10,14 @@
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
+/// The cap for an answer of a node's API or of `meshwork server`'s JSON calls: the largest
+/// are lists (contents, the address book of up to a few thousand entries, a page of blocks),
+/// a few MiB at most; 32 MiB leaves room and still bounds a rogue or confused server.
+pub const API_ANSWER_MAX: usize = 32 << 20;
+
+/// The cap for a short answer (a submission's id, an error sentence).
+pub const SMALL_ANSWER_MAX: usize = 64 << 10;
+
 /// Why a capped read failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -110,7 +118,10 @@ mod tests {
     #[tokio::test]
     async fn the_exact_cap_passes_one_more_byte_fails() {
         let url = answer(with_length(1000), vec![b'x'; 1000]).await;
-        assert_eq!(read_capped(get(&url).await, 1000).await.unwrap().len(), 1000);
+        assert_eq!(
+            read_capped(get(&url).await, 1000).await.unwrap().len(),
+            1000
+        );
         let e = read_capped(get(&url).await, 999).await.unwrap_err();
         assert!(e.is_too_large(), "{e}");
         assert_eq!(e.to_string(), "answer larger than 1 KiB");
@@ -133,7 +144,10 @@ mod tests {
             .unwrap_err()
             .is_too_large());
         let url = answer(head, vec![b'z'; 5000]).await;
-        assert_eq!(read_capped(get(&url).await, 5000).await.unwrap().len(), 5000);
+        assert_eq!(
+            read_capped(get(&url).await, 5000).await.unwrap().len(),
+            5000
+        );
         // Chunked, larger than the cap.
         let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
         let mut body = Vec::new();
@@ -149,7 +163,10 @@ mod tests {
             .unwrap_err()
             .is_too_large());
         let url = answer(chunked, body).await;
-        assert_eq!(read_capped(get(&url).await, 2560).await.unwrap().len(), 2560);
+        assert_eq!(
+            read_capped(get(&url).await, 2560).await.unwrap().len(),
+            2560
+        );
     }
 
     #[tokio::test]

@@ -197,6 +197,8 @@ pub fn file_limit() -> Option<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
         return None;
     }
+    // rlim_t is u64 on Linux, not on every unix.
+    #[allow(clippy::unnecessary_cast)]
     (r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur as u64)
 }
 
@@ -222,6 +224,8 @@ pub fn raise_file_limit() -> Option<u64> {
             }
         }
     }
+    // rlim_t is u64 on Linux, not on every unix.
+    #[allow(clippy::unnecessary_cast)]
     (r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur as u64)
 }
 
@@ -244,7 +248,14 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_counted(listener, app, limits, Arc::new(Counters::default()), shutdown).await
+    serve_counted(
+        listener,
+        app,
+        limits,
+        Arc::new(Counters::default()),
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve`], counting into `counters` (for a service that shows them).
@@ -787,10 +798,7 @@ impl AsyncWrite for Tracked {
         r
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -813,12 +821,10 @@ impl http_body::Body for Upload {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if r.is_pending() {
             let now = self.clock.now();
-            let _ = self.state.body_wait.compare_exchange(
-                0,
-                now,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            let _ =
+                self.state
+                    .body_wait
+                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
         } else {
             self.state.body_wait.store(0, Ordering::Relaxed);
         }

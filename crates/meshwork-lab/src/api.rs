@@ -75,7 +75,10 @@ impl Api {
         }
         let r = req.send().await.with_context(|| url.clone())?;
         let code = r.status();
-        let bytes = r.bytes().await.with_context(|| url.clone())?.to_vec();
+        let bytes = meshwork_http::body::read_capped(r, meshwork_http::body::API_ANSWER_MAX)
+            .await
+            .with_context(|| url.clone())?
+            .to_vec();
         Ok((code, bytes))
     }
 

@@ -397,7 +397,10 @@ async fn http_json(
     }
     let r = req.send().await.with_context(|| url.to_string())?;
     let code = r.status();
-    let v: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
+    let v: serde_json::Value =
+        meshwork_http::body::read_json_capped(r, meshwork_http::body::API_ANSWER_MAX)
+            .await
+            .unwrap_or(serde_json::Value::Null);
     if !code.is_success() {
         bail!("{url}: {code}: {v}");
     }

@@ -16,6 +16,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use meshwork_http::body::{
+    read_capped, read_json_capped, read_text_capped, BodyError, API_ANSWER_MAX, SMALL_ANSWER_MAX,
+};
 use meshwork_swarm::manifest::MAX_MANIFEST_BYTES;
 use meshwork_swarm::{ContentId, Digest, Manifest};
 
@@ -51,6 +54,16 @@ pub enum ClientError {
     Foreign(PathBuf, String),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    /// The answer was over its cap, broken off or not the JSON expected.
+    #[error("{url}: {source}")]
+    Answer { url: String, source: BodyError },
+}
+
+fn answer(url: &str) -> impl FnOnce(BodyError) -> ClientError + '_ {
+    move |source| ClientError::Answer {
+        url: url.to_string(),
+        source,
+    }
 }
 
 fn http(url: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
@@ -77,7 +90,9 @@ async fn check(url: &str, r: reqwest::Response) -> Result<reqwest::Response, Cli
         return Ok(r);
     }
     let status = r.status();
-    let text = r.text().await.unwrap_or_default();
+    let text = read_text_capped(r, SMALL_ANSWER_MAX)
+        .await
+        .unwrap_or_else(|e| format!("({e})"));
     let reason = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
@@ -107,7 +122,9 @@ pub async fn upload(base: &str, path: &Path) -> Result<ContentSummary, ClientErr
         .await
         .map_err(http(&url))?;
     let r = check(&url, r).await?;
-    r.json().await.map_err(http(&url))
+    read_json_capped(r, API_ANSWER_MAX)
+        .await
+        .map_err(answer(&url))
 }
 
 fn urlencode(s: &str) -> String {
@@ -131,10 +148,10 @@ pub async fn manifest(base: &str, id: &ContentId) -> Result<Manifest, ClientErro
         .await
         .map_err(http(&url))?;
     let r = check(&url, r).await?;
-    let bytes = r.bytes().await.map_err(http(&url))?;
-    if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(meshwork_swarm::manifest::ManifestError::TooLarge(bytes.len()).into());
-    }
+    // Read no more than a manifest can be (the decoder checks the bound again).
+    let bytes = read_capped(r, MAX_MANIFEST_BYTES)
+        .await
+        .map_err(answer(&url))?;
     Ok(Manifest::decode_verified(&bytes, id)?)
 }
 
@@ -355,8 +372,9 @@ pub async fn follow(
             FOLLOW_WAIT.as_millis()
         );
         let r = c.get(&url).send().await.map_err(http(&url))?;
-        let page: crate::server::LogPage =
-            check(&url, r).await?.json().await.map_err(http(&url))?;
+        let page: crate::server::LogPage = read_json_capped(check(&url, r).await?, API_ANSWER_MAX)
+            .await
+            .map_err(answer(&url))?;
         for e in page.entries {
             after = after.max(e.seq);
             if !each(e) {

@@ -634,11 +634,13 @@ pub(crate) async fn request<B: serde::Serialize>(
         .await
         .with_context(|| format!("cannot reach the node at {url}"))?;
     let code = resp.status();
-    let text = resp.text().await.unwrap_or_default();
+    let text = meshwork_http::body::read_capped(resp, meshwork_http::body::API_ANSWER_MAX)
+        .await
+        .with_context(|| format!("{url}: the answer"))?;
     let json = if text.is_empty() {
         serde_json::Value::Null
     } else {
-        serde_json::from_str(&text).with_context(|| format!("{url}: the answer is not JSON"))?
+        serde_json::from_slice(&text).with_context(|| format!("{url}: the answer is not JSON"))?
     };
     Ok((code, json))
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use meshwork_http::body::{read_json_capped, SMALL_ANSWER_MAX};
 use meshwork_ledger::{Address, Hash, Wallet};
 use meshwork_node::api::{
     AccountView, ApiError, BlockView, ChainView, SubmitTx, Submitted, TxStatusView,
@@ -88,7 +89,9 @@ pub async fn tx_send(data_dir: Option<&Path>, client: ClientArgs, a: SendArgs<'_
         .await
         .with_context(|| format!("cannot reach the node at {url}"))?;
     if resp.status().is_success() {
-        let s: Submitted = resp.json().await.context("the node's answer")?;
+        let s: Submitted = read_json_capped(resp, SMALL_ANSWER_MAX)
+            .await
+            .context("the node's answer")?;
         if client.json {
             println!("{}", serde_json::json!({ "id": s.id }));
         } else {
@@ -97,9 +100,11 @@ pub async fn tx_send(data_dir: Option<&Path>, client: ClientArgs, a: SendArgs<'_
         Ok(())
     } else {
         let code = resp.status();
-        let e: ApiError = resp.json().await.unwrap_or(ApiError {
-            error: code.to_string(),
-        });
+        let e: ApiError = read_json_capped(resp, SMALL_ANSWER_MAX)
+            .await
+            .unwrap_or(ApiError {
+                error: code.to_string(),
+            });
         if code == reqwest::StatusCode::SERVICE_UNAVAILABLE {
             // Not the transfer's fault: try again once the node is healthy (`meshwork status`).
             bail!("the node cannot take transfers now: {}", e.error)

@@ -102,10 +102,7 @@ impl Proc {
             .iter()
             .find(|l| l.starts_with(prefix))
             .with_context(|| format!("no {prefix:?} line in {:?}", self.seen))?;
-        let rest = line
-            .split("http://")
-            .nth(1)
-            .context("no URL on the line")?;
+        let rest = line.split("http://").nth(1).context("no URL on the line")?;
         Ok(rest.split('/').next().context("no host")?.parse()?)
     }
 }
@@ -311,8 +308,7 @@ fn the_server_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> 
 }
 
 #[test]
-fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_files() -> Result<()>
-{
+fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_files() -> Result<()> {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !raise_own_limit() {
         eprintln!("skipped: this process cannot hold {FLOOD} sockets (hard RLIMIT_NOFILE)");
@@ -324,9 +320,20 @@ fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_fil
         let o = meshwork_limited(d)
             .args(["init", "--network", "test-slow-clients"])
             .output()?;
-        ensure!(o.status.success(), "init: {}", String::from_utf8_lossy(&o.stderr));
+        ensure!(
+            o.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
-    let start = ["node", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"];
+    let start = [
+        "node",
+        "start",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--api",
+        "127.0.0.1:0",
+    ];
     let mut cmd = meshwork_limited(&a_dir);
     cmd.args(start).env("RUST_LOG", "info");
     let a = Proc::start(cmd, &a_dir.join("node.log"), "node is ready")?;

@@ -167,7 +167,11 @@ fn an_800_mib_tracker_answer_is_refused_at_the_cap_with_memory_unchanged() -> Re
     let o = meshwork(&dir)
         .args(["init", "--network", "test-tracker-answer"])
         .output()?;
-    ensure!(o.status.success(), "init: {}", String::from_utf8_lossy(&o.stderr));
+    ensure!(
+        o.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // Ask a failed tracker again after 1 s instead of 60, so that rounds come quickly.
     let cfg = std::fs::read_to_string(dir.join("config.toml"))?;
     ensure!(cfg.contains("tracker_retry_s = 60"), "{cfg}");
@@ -176,7 +180,14 @@ fn an_800_mib_tracker_answer_is_refused_at_the_cap_with_memory_unchanged() -> Re
         cfg.replace("tracker_retry_s = 60", "tracker_retry_s = 1"),
     )?;
     let mut child = meshwork(&dir)
-        .args(["node", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
+        .args([
+            "node",
+            "start",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(tmp.path().join("node.log"))?)
         .spawn()?;
@@ -247,7 +258,9 @@ fn an_800_mib_tracker_answer_is_refused_at_the_cap_with_memory_unchanged() -> Re
         );
     }
 
-    let o = meshwork(&dir).args(["content", "list", "--json"]).output()?;
+    let o = meshwork(&dir)
+        .args(["content", "list", "--json"])
+        .output()?;
     ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let list: Value = serde_json::from_slice(&o.stdout)?;
     let entry = list

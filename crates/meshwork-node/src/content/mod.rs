@@ -44,6 +44,7 @@ use std::time::Duration;
 use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 use futures::StreamExt;
 use libp2p::{kad, Multiaddr, PeerId, Stream, StreamProtocol};
+use meshwork_http::body::{read_json_capped, read_text_capped};
 use meshwork_swarm::engine::{Engine, EngineConfig, EngineEvent, Progress};
 use meshwork_swarm::manifest::Manifest;
 use meshwork_swarm::store::{journal_owns, PieceStore, Resumed};
@@ -52,7 +53,6 @@ use meshwork_swarm::tracker_wire::{AnnounceRequest, AnnounceResponse, Event as T
 use meshwork_swarm::wire::{
     Msg, PexAddr, PexEntry, MAX_FRAME, MAX_PEX_ADDRS, MAX_PEX_ITEM, MAX_PEX_PEERS, MAX_SMALL_FRAME,
 };
-use meshwork_http::body::{read_json_capped, read_text_capped};
 use meshwork_swarm::ContentId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -1741,7 +1741,10 @@ impl Service {
                     // pause.
                     let (every, error) = match answer {
                         Ok(every) => (every.clamp(MIN_ANNOUNCE, MAX_ANNOUNCE), None),
-                        Err(why) => (self.cfg.tracker_retry.max(Duration::from_secs(1)), Some(why)),
+                        Err(why) => (
+                            self.cfg.tracker_retry.max(Duration::from_secs(1)),
+                            Some(why),
+                        ),
                     };
                     c.tracker_error = error;
                     c.next_announce = Instant::now() + every;
