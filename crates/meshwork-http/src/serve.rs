@@ -464,8 +464,12 @@ struct ConnState {
     idle_since: AtomicU64,
     /// The first byte read while idle (a request's head arriving).
     head_started: AtomicU64,
-    /// Since when a write waits for the peer to drain its buffer.
+    /// Since when a write waits for the peer to drain its buffer (reset while the kernel's
+    /// send queue shrinks: the peer is reading, the kernel just wakes writers late).
     write_blocked: AtomicU64,
+    /// The kernel's send queue (bytes unsent or unacknowledged) at the last look, or
+    /// `u64::MAX`.
+    send_queue: AtomicU64,
     /// Since when the handler waits for the peer's upload body.
     body_wait: AtomicU64,
     /// Set by eviction; the task closes the connection when notified.
@@ -484,11 +488,26 @@ impl ConnState {
     fn new(now: u64) -> Self {
         let s = Self::default();
         s.idle_since.store(now, Ordering::Relaxed);
+        s.send_queue.store(u64::MAX, Ordering::Relaxed);
         s
     }
 
+    /// Notes the kernel's send queue: while a write waits, a queue that shrank since the last
+    /// look means the peer reads (Linux wakes a writer only once a third of the buffer is
+    /// free, which at a slow but steady reader can take longer than the stall timeout).
+    fn note_send_queue(&self, now: u64, queue: Option<u64>) {
+        let Some(q) = queue else { return };
+        let before = self.send_queue.swap(q, Ordering::Relaxed);
+        if q < before && self.write_blocked.load(Ordering::Relaxed) != 0 {
+            self.write_blocked.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// No request in flight and no answer still waiting to be written: an eviction candidate.
+    /// (hyper drops a response body once it has polled all of it, which can be long before
+    /// its last bytes are written.)
     fn idle(&self) -> bool {
-        !self.in_flight.load(Ordering::Relaxed)
+        !self.in_flight.load(Ordering::Relaxed) && self.write_blocked.load(Ordering::Relaxed) == 0
     }
 
     fn begin_request(&self) {
@@ -508,7 +527,7 @@ impl ConnState {
     /// `Err` when a timeout has expired at `now`, else when to look again.
     fn check(&self, now: u64, l: &Limits) -> Result<u64, Expired> {
         let ms = |d: Duration| d.as_millis() as u64;
-        if self.in_flight.load(Ordering::Relaxed) {
+        if !self.idle() {
             let stall = ms(l.stall);
             for since in [&self.write_blocked, &self.body_wait] {
                 let since = since.load(Ordering::Relaxed);
@@ -649,6 +668,8 @@ impl ConnTask {
             counters,
         } = self;
         let _ = stream.set_nodelay(true);
+        // Valid while `conn` (which owns the stream) lives, that is, for this whole function.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let io = TokioIo::new(Tracked {
             inner: stream,
             state: state.clone(),
@@ -708,7 +729,11 @@ impl ConnTask {
                 _ = tokio::time::sleep_until(grace_end.unwrap_or_else(tokio::time::Instant::now)),
                     if grace_end.is_some() => return,
                 _ = tokio::time::sleep_until(clock.instant(next)) => {
-                    match state.check(clock.now(), &limits) {
+                    let now = clock.now();
+                    if state.write_blocked.load(Ordering::Relaxed) != 0 {
+                        state.note_send_queue(now, send_queue(fd));
+                    }
+                    match state.check(now, &limits) {
                         Ok(at) => next = at,
                         Err(why) => {
                             counters.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -720,6 +745,21 @@ impl ConnTask {
             }
         }
     }
+}
+
+/// The bytes in `fd`'s send queue (unsent or not yet acknowledged), where the system says.
+#[cfg(target_os = "linux")]
+fn send_queue(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer; `fd` is a TCP socket
+    // that stays open for the call.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (r == 0 && n >= 0).then_some(n as u64)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_queue(_fd: std::os::fd::RawFd) -> Option<u64> {
+    None
 }
 
 /// The socket, noting when a request head starts arriving and when writes wait on the peer.
@@ -762,7 +802,15 @@ impl Tracked {
                     Ordering::Relaxed,
                 );
             }
-            Poll::Ready(_) => self.state.write_blocked.store(0, Ordering::Relaxed),
+            Poll::Ready(_) => {
+                let was = self.state.write_blocked.swap(0, Ordering::Relaxed);
+                if was != 0 && !self.state.in_flight.load(Ordering::Relaxed) {
+                    // The rest of an answer went out: the keep-alive pause starts now.
+                    self.state
+                        .idle_since
+                        .store(self.clock.now(), Ordering::Relaxed);
+                }
+            }
         }
     }
 }
