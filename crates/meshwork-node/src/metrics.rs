@@ -78,3 +78,60 @@ impl NodeMetrics {
         m
     }
 }
+
+/// The API listener's connection counts (`meshwork_http::serve::Counters`), read at each
+/// scrape: `meshwork_api_connections_open` and the `_total` counters of connections accepted,
+/// refused (every slot busy), evicted (idle, for a newcomer), timed out, and accept errors.
+#[derive(Debug)]
+pub struct ApiConnections(pub std::sync::Arc<meshwork_http::serve::Counters>);
+
+impl prometheus_client::collector::Collector for ApiConnections {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.0;
+        let open = ConstGauge::new(c.open.load(Relaxed) as i64);
+        open.encode(enc.encode_descriptor(
+            "api_connections_open",
+            "Connections open to the HTTP API",
+            None,
+            open.metric_type(),
+        )?)?;
+        for (name, help, v) in [
+            (
+                "api_connections_accepted",
+                "API connections admitted",
+                &c.accepted,
+            ),
+            (
+                "api_connections_refused",
+                "API connections refused: every slot had a request in flight",
+                &c.refused,
+            ),
+            (
+                "api_connections_evicted",
+                "Idle API connections closed to make room for a newcomer",
+                &c.evicted,
+            ),
+            (
+                "api_connections_timed_out",
+                "API connections closed by the header-read, keep-alive or stall timeout",
+                &c.timed_out,
+            ),
+            (
+                "api_accept_errors",
+                "Failed accepts on the API listener",
+                &c.accept_errors,
+            ),
+        ] {
+            let m = ConstCounter::new(v.load(Relaxed));
+            m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)?;
+        }
+        Ok(())
+    }
+}

@@ -628,6 +628,12 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let mut registry = Registry::default();
     let lp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
     let metrics = NodeMetrics::register(&mut registry);
+    let api_counters = Arc::new(meshwork_http::serve::Counters::default());
+    registry
+        .sub_registry_with_prefix("meshwork")
+        .register_collector(Box::new(crate::metrics::ApiConnections(
+            api_counters.clone(),
+        )));
     let network = cfg.network.clone();
     let local = cfg.keypair.public().to_peer_id();
     let kad_protocol = StreamProtocol::try_from_owned(network.protocol("kad", 1))
@@ -935,9 +941,13 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             let limits = cfg.api_limits.clone();
             tokio::spawn(async move {
                 // Bounded: slow or many local clients cannot exhaust the node's descriptors.
-                let serve = meshwork_http::serve::serve(listener, router, limits, async move {
-                    done.closed().await
-                });
+                let serve = meshwork_http::serve::serve_counted(
+                    listener,
+                    router,
+                    limits,
+                    api_counters,
+                    async move { done.closed().await },
+                );
                 if let Err(e) = serve.await {
                     tracing::error!("HTTP API stopped: {e}");
                 }

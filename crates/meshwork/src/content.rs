@@ -264,6 +264,9 @@ pub async fn list(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
         if let Some(why) = c.error.as_ref().or(c.stalled.as_ref()) {
             println!("{:<16} {why}", "");
         }
+        if let Some(why) = &c.tracker_error {
+            println!("{:<16} tracker failed: {why}", "");
+        }
     }
     Ok(())
 }

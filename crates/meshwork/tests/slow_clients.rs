@@ -373,8 +373,28 @@ fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_fil
         );
         Ok(())
     };
-    runtime()?.block_on(flood_and_probe("node API", api, "/api/v1/health", fetch))?;
+    let rt = runtime()?;
+    rt.block_on(flood_and_probe("node API", api, "/api/v1/health", fetch))?;
     ensure!(std::fs::read(&out)? == bytes, "the fetched file differs");
+    // The node's metrics count what the listener did.
+    let metrics = rt.block_on(async {
+        reqwest::get(format!("http://{api}/metrics"))
+            .await?
+            .text()
+            .await
+    })?;
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (evicted, timed_out) = (
+        count("meshwork_api_connections_evicted_total"),
+        count("meshwork_api_connections_timed_out_total"),
+    );
+    eprintln!("node API metrics: {evicted} evicted, {timed_out} timed out");
+    ensure!(evicted > 0, "the flood evicted connections: {metrics}");
     drop(a);
     Ok(())
 }
