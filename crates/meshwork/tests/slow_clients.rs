@@ -5,16 +5,18 @@
 //! ~15 s; throughout, a normal request from 127.0.0.1 every ~200 ms must be answered within a
 //! second. On the node, a second node also fetches a file from the flooded node meanwhile.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use common::Proc;
 use tokio::io::AsyncWriteExt;
 
 /// The flood tests take turns: three floods at once on two cores would measure the machine.
@@ -30,11 +32,7 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(1);
 
 /// The built binary with the file limit at soft = hard = 1 024 files.
 fn meshwork_limited(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_meshwork"));
-    c.arg("--data-dir")
-        .arg(dir)
-        .env_remove("MESHWORK_HOME")
-        .env("RUST_LOG", "warn");
+    let mut c = common::meshwork(dir);
     // SAFETY: the closure runs in the child between fork and exec and calls only
     // setrlimit(2), which is async-signal-safe.
     unsafe {
@@ -50,68 +48,6 @@ fn meshwork_limited(dir: &Path) -> Command {
         });
     }
     c
-}
-
-/// A child whose stdout lines are read on a thread; killed when dropped.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn start(mut cmd: Command, log: &Path, ready: &str) -> Result<Self> {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()?;
-        let out = child.stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut p = Self {
-            child,
-            lines,
-            seen: vec![],
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(l) = p.lines.recv_timeout(Duration::from_millis(100)) {
-                let hit = l.contains(ready);
-                p.seen.push(l);
-                if hit {
-                    return Ok(p);
-                }
-            }
-            if let Some(st) = p.child.try_wait()? {
-                bail!("exited ({st}) before {ready:?}: {:?}", p.seen);
-            }
-        }
-        bail!("no line with {ready:?}; saw {:?}", p.seen)
-    }
-
-    /// The `host:port` of the first `http://` URL on a line starting with `prefix`.
-    fn url_addr(&self, prefix: &str) -> Result<SocketAddr> {
-        let line = self
-            .seen
-            .iter()
-            .find(|l| l.starts_with(prefix))
-            .with_context(|| format!("no {prefix:?} line in {:?}", self.seen))?;
-        let rest = line.split("http://").nth(1).context("no URL on the line")?;
-        Ok(rest.split('/').next().context("no host")?.parse()?)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Raises this test process's own file limit (it holds the 1 100 client sockets); `false`
@@ -268,6 +204,17 @@ async fn flood_and_probe(
     Ok(worst)
 }
 
+/// This test's turn to flood (one at a time), with the process's file limit raised; `None`
+/// (the test skips, saying so) when the hard limit is too low.
+fn flood_turn() -> Option<MutexGuard<'static, ()>> {
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !raise_own_limit() {
+        eprintln!("skipped: this process cannot hold {FLOOD} sockets (hard RLIMIT_NOFILE)");
+        return None;
+    }
+    Some(turn)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -277,11 +224,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 #[test]
 fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !raise_own_limit() {
-        eprintln!("skipped: this process cannot hold {FLOOD} sockets (hard RLIMIT_NOFILE)");
+    let Some(_turn) = flood_turn() else {
         return Ok(());
-    }
+    };
     let tmp = tempfile::tempdir()?;
     let mut cmd = meshwork_limited(&tmp.path().join("home"));
     cmd.args(["tracker", "start", "--listen", "127.0.0.1:0"]);
@@ -293,11 +238,9 @@ fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()>
 
 #[test]
 fn the_server_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !raise_own_limit() {
-        eprintln!("skipped: this process cannot hold {FLOOD} sockets (hard RLIMIT_NOFILE)");
+    let Some(_turn) = flood_turn() else {
         return Ok(());
-    }
+    };
     let tmp = tempfile::tempdir()?;
     let mut cmd = meshwork_limited(&tmp.path().join("server"));
     cmd.args(["server", "start", "--listen", "127.0.0.1:0"]);
@@ -309,11 +252,9 @@ fn the_server_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> 
 
 #[test]
 fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_files() -> Result<()> {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !raise_own_limit() {
-        eprintln!("skipped: this process cannot hold {FLOOD} sockets (hard RLIMIT_NOFILE)");
+    let Some(_turn) = flood_turn() else {
         return Ok(());
-    }
+    };
     let tmp = tempfile::tempdir()?;
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
     for d in [&a_dir, &b_dir] {

@@ -3,27 +3,20 @@
 //! node that fetches through it keeps its memory, reports the tracker as failed with the cap in
 //! the reason, and stops reading early.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use common::{meshwork, Proc};
 use serde_json::Value;
 
 const ANSWER_BYTES: u64 = 800 << 20;
-
-fn meshwork(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_meshwork"));
-    c.arg("--data-dir")
-        .arg(dir)
-        .env_remove("MESHWORK_HOME")
-        .env("RUST_LOG", "warn");
-    c
-}
 
 /// What the fake tracker saw: bytes sent per finished announce answer.
 #[derive(Default)]
@@ -133,29 +126,6 @@ fn fake_tracker(seen: Arc<Seen>) -> Result<String> {
     Ok(url)
 }
 
-/// The resident memory of `pid`, in bytes.
-fn rss(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("no VmRSS")?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?;
-    Ok(kb * 1024)
-}
-
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn an_800_mib_tracker_answer_is_refused_at_the_cap_with_memory_unchanged() -> Result<()> {
     if !Path::new("/proc/self/status").exists() {
@@ -179,37 +149,20 @@ fn an_800_mib_tracker_answer_is_refused_at_the_cap_with_memory_unchanged() -> Re
         dir.join("config.toml"),
         cfg.replace("tracker_retry_s = 60", "tracker_retry_s = 1"),
     )?;
-    let mut child = meshwork(&dir)
-        .args([
-            "node",
-            "start",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(tmp.path().join("node.log"))?)
-        .spawn()?;
-    let out = child.stdout.take().context("stdout")?;
-    let node = Node(child);
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(l) => {
-                if l?.contains("node is ready") {
-                    break;
-                }
-            }
-            None => bail!("the node exited before it was ready"),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let pid = node.0.id();
+    let mut cmd = meshwork(&dir);
+    cmd.args([
+        "node",
+        "start",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--api",
+        "127.0.0.1:0",
+    ]);
+    let node = Proc::start(cmd, &tmp.path().join("node.log"), "node is ready")?;
 
     let seen = Arc::new(Seen::default());
     let tracker = fake_tracker(seen.clone())?;
-    let before = rss(pid)?;
+    let before = node.rss()?;
     let id = "ab".repeat(32);
     let o = meshwork(&dir)
         .args(["fetch", &id, "--tracker", &tracker, "--timeout", "1"])
@@ -231,14 +184,14 @@ fn an_800_mib_tracker_answer_is_refused_at_the_cap_with_memory_unchanged() -> Re
             "only {:?} rounds in 40 s",
             seen.rounds.lock().expect("lock")
         );
-        peak = peak.max(rss(pid)?);
+        peak = peak.max(node.rss()?);
         ensure!(
             peak < before + (32 << 20),
             "the node's memory grew from {before} to {peak} bytes during the announces"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    peak = peak.max(rss(pid)?);
+    peak = peak.max(node.rss()?);
     seen.stop.store(true, Ordering::Relaxed);
     let rounds = seen.rounds.lock().expect("lock").clone();
     eprintln!(

@@ -1,0 +1,102 @@
+//! Helpers of the black-box tests that start the built binary as long-running processes
+//! (`slow_clients`, `tracker_answer`).
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The built binary on data dir `dir`, with `RUST_LOG=warn` and no `MESHWORK_HOME`.
+pub fn meshwork(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_meshwork"));
+    c.arg("--data-dir")
+        .arg(dir)
+        .env_remove("MESHWORK_HOME")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// A child whose stdout lines are read on a thread (stderr goes to a log file); killed when
+/// dropped, so that a failing test leaves no process behind.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// Spawns `cmd` and waits (at most 60 s) for a stdout line containing `ready`.
+    pub fn start(mut cmd: Command, log: &Path, ready: &str) -> Result<Self> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Self {
+            child,
+            lines,
+            seen: vec![],
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(l) = p.lines.recv_timeout(Duration::from_millis(100)) {
+                let hit = l.contains(ready);
+                p.seen.push(l);
+                if hit {
+                    return Ok(p);
+                }
+            }
+            if let Some(st) = p.child.try_wait()? {
+                bail!("exited ({st}) before {ready:?}: {:?}", p.seen);
+            }
+        }
+        bail!("no line with {ready:?}; saw {:?}", p.seen)
+    }
+
+    /// The `host:port` of the first `http://` URL on a line starting with `prefix`.
+    pub fn url_addr(&self, prefix: &str) -> Result<SocketAddr> {
+        let line = self
+            .seen
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .with_context(|| format!("no {prefix:?} line in {:?}", self.seen))?;
+        let rest = line.split("http://").nth(1).context("no URL on the line")?;
+        Ok(rest.split('/').next().context("no host")?.parse()?)
+    }
+
+    /// The process's resident memory (`VmRSS`), in bytes.
+    pub fn rss(&self) -> Result<u64> {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .context("no VmRSS")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kb * 1024)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
