@@ -519,7 +519,7 @@ impl ConnState {
         self.idle_since.store(now, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         self.body_wait.store(0, Ordering::Relaxed);
-        self.write_blocked.store(0, Ordering::Relaxed);
+        // `write_blocked` stays: the end of the answer may still be waiting to go out.
         self.served.store(true, Ordering::Relaxed);
         self.in_flight.store(false, Ordering::Relaxed);
     }
@@ -953,6 +953,11 @@ mod tests {
         s.write_blocked.store(10_000, Ordering::Relaxed);
         assert!(s.check(10_150, &l).is_ok());
         assert_eq!(s.check(10_200, &l), Err(Expired::Stall));
+        // hyper dropped the body, but its end still waits to be written: busy, and a stall.
+        s.end_request(10_100);
+        assert!(!s.idle());
+        assert_eq!(s.check(10_200, &l), Err(Expired::Stall));
+        s.write_blocked.store(0, Ordering::Relaxed); // written
         s.end_request(20_000);
         assert!(s.check(20_250, &l).is_ok(), "keep-alive, not header-read");
         assert_eq!(s.check(20_300, &l), Err(Expired::KeepAlive));

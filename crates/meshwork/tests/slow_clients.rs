@@ -258,28 +258,15 @@ fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_fil
     let tmp = tempfile::tempdir()?;
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
     for d in [&a_dir, &b_dir] {
-        let o = meshwork_limited(d)
-            .args(["init", "--network", "test-slow-clients"])
-            .output()?;
-        ensure!(
-            o.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let mut init = meshwork_limited(d);
+        init.args(["init", "--network", "test-slow-clients"]);
+        common::run_ok(init)?;
     }
-    let start = [
-        "node",
-        "start",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--api",
-        "127.0.0.1:0",
-    ];
     let mut cmd = meshwork_limited(&a_dir);
-    cmd.args(start).env("RUST_LOG", "info");
+    cmd.args(common::NODE_START).env("RUST_LOG", "info");
     let a = Proc::start(cmd, &a_dir.join("node.log"), "node is ready")?;
     let mut cmd = meshwork_limited(&b_dir);
-    cmd.args(start).env("RUST_LOG", "info");
+    cmd.args(common::NODE_START).env("RUST_LOG", "info");
     let _b = Proc::start(cmd, &b_dir.join("node.log"), "node is ready")?;
     let api: SocketAddr = std::fs::read_to_string(a_dir.join("api"))?.trim().parse()?;
 

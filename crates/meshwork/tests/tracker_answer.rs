@@ -134,14 +134,9 @@ fn an_800_mib_tracker_answer_is_refused_at_the_cap_with_memory_unchanged() -> Re
     }
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("node");
-    let o = meshwork(&dir)
-        .args(["init", "--network", "test-tracker-answer"])
-        .output()?;
-    ensure!(
-        o.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let mut init = meshwork(&dir);
+    init.args(["init", "--network", "test-tracker-answer"]);
+    common::run_ok(init)?;
     // Ask a failed tracker again after 1 s instead of 60, so that rounds come quickly.
     let cfg = std::fs::read_to_string(dir.join("config.toml"))?;
     ensure!(cfg.contains("tracker_retry_s = 60"), "{cfg}");
@@ -150,14 +145,7 @@ fn an_800_mib_tracker_answer_is_refused_at_the_cap_with_memory_unchanged() -> Re
         cfg.replace("tracker_retry_s = 60", "tracker_retry_s = 1"),
     )?;
     let mut cmd = meshwork(&dir);
-    cmd.args([
-        "node",
-        "start",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--api",
-        "127.0.0.1:0",
-    ]);
+    cmd.args(common::NODE_START);
     let node = Proc::start(cmd, &tmp.path().join("node.log"), "node is ready")?;
 
     let seen = Arc::new(Seen::default());

@@ -10,7 +10,29 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+
+/// `node start` on loopback with an ephemeral port and API port.
+pub const NODE_START: [&str; 6] = [
+    "node",
+    "start",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--api",
+    "127.0.0.1:0",
+];
+
+/// Runs `cmd` (an `init` or another short command) and fails with its stderr unless it
+/// succeeds; its stdout.
+pub fn run_ok(mut cmd: Command) -> Result<String> {
+    let o = cmd.output()?;
+    ensure!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
 
 /// The built binary on data dir `dir`, with `RUST_LOG=warn` and no `MESHWORK_HOME`.
 pub fn meshwork(dir: &Path) -> Command {
