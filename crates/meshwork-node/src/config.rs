@@ -86,6 +86,37 @@ pub struct FileConfig {
     pub discovery: DiscoverySection,
     pub chain: ChainSection,
     pub content: ContentSection,
+    pub api_connections: ApiConnectionsSection,
+}
+
+/// `[api_connections]`: the HTTP API listener's bounds (`meshwork_http::serve::Limits`;
+/// defaults from `Limits::api()`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConnectionsSection {
+    /// Connections open at once, at most (also kept below the file limit).
+    pub max_connections: usize,
+    /// Connections from one IP, at most.
+    pub max_per_ip: usize,
+    /// Seconds for a request's headers to arrive.
+    pub header_read_s: u64,
+    /// Seconds a keep-alive connection may rest between requests.
+    pub keep_alive_s: u64,
+    /// Seconds a request may wait on its client (its upload, or reading the answer).
+    pub stall_s: u64,
+}
+
+impl Default for ApiConnectionsSection {
+    fn default() -> Self {
+        let l = meshwork_http::serve::Limits::api();
+        Self {
+            max_connections: l.max_connections,
+            max_per_ip: l.max_per_ip,
+            header_read_s: l.header_read.as_secs(),
+            keep_alive_s: l.keep_alive.as_secs(),
+            stall_s: l.stall.as_secs(),
+        }
+    }
 }
 
 /// Default `[content] tracker_retry_s`.
@@ -264,6 +295,17 @@ refuse_senders = []
 # Seconds before a tracker that failed (unreachable, an error, an oversized answer) is asked
 # again.
 tracker_retry_s = {tracker_retry}
+
+[api_connections]
+# The API's connections: at most this many at once (kept below the process's file limit
+# anyway) and from one IP; when full, a newcomer replaces the connection idle the longest.
+max_connections = {api_max}
+max_per_ip = {api_per_ip}
+# Seconds for a request's headers to arrive, for a kept-alive connection to rest between
+# requests, and for a request to wait on its client (its upload, or reading the answer).
+header_read_s = {api_header}
+keep_alive_s = {api_keep}
+stall_s = {api_stall}
 "#,
         network = network,
         allow_private = d.network.allow_private_addrs,
@@ -276,6 +318,11 @@ tracker_retry_s = {tracker_retry}
             .join(", "),
         api = d.node.api,
         tracker_retry = d.content.tracker_retry_s,
+        api_max = d.api_connections.max_connections,
+        api_per_ip = d.api_connections.max_per_ip,
+        api_header = d.api_connections.header_read_s,
+        api_keep = d.api_connections.keep_alive_s,
+        api_stall = d.api_connections.stall_s,
         kad = d.node.kad_server,
         out = d.connections.target_outbound,
         inb = d.connections.max_inbound,
@@ -557,6 +604,20 @@ impl NodeConfig {
                 Ok(Duration::from_secs(s))
             }
         };
+        let a = &file.api_connections;
+        if a.max_connections == 0 || a.max_per_ip == 0 {
+            return Err(invalid(
+                "[api_connections] max_connections and max_per_ip must be at least 1".into(),
+            ));
+        }
+        let api_limits = meshwork_http::serve::Limits {
+            max_connections: a.max_connections,
+            max_per_ip: a.max_per_ip,
+            header_read: secs(a.header_read_s, "[api_connections] header_read_s")?,
+            keep_alive: secs(a.keep_alive_s, "[api_connections] keep_alive_s")?,
+            stall: secs(a.stall_s, "[api_connections] stall_s")?,
+            ..meshwork_http::serve::Limits::api()
+        };
         let d = &file.discovery;
         let timings = Timings {
             pex_interval: secs(d.pex_interval_s, "pex_interval_s")?,
@@ -589,7 +650,7 @@ impl NodeConfig {
             dial_from: None,
             bootstrap,
             api: Some(api),
-            api_limits: meshwork_http::serve::Limits::api(),
+            api_limits,
             allow_private_addrs: file.network.allow_private_addrs,
             kad_server: file.node.kad_server,
             target_outbound: file.connections.target_outbound,
@@ -686,6 +747,25 @@ mod tests {
             init(dir.path(), &net),
             Err(ConfigError::IdentityExists { .. })
         ));
+    }
+
+    #[test]
+    fn api_connection_bounds_come_from_the_file_and_zero_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = init(dir.path(), &NetworkName::new("dev").unwrap()).unwrap();
+        let mut file = FileConfig::default();
+        file.api_connections.max_per_ip = 7;
+        file.api_connections.stall_s = 90;
+        let cfg = NodeConfig::from_file(&file, key.clone(), dir.path().into()).unwrap();
+        assert_eq!(cfg.api_limits.max_per_ip, 7);
+        assert_eq!(cfg.api_limits.stall, Duration::from_secs(90));
+        assert_eq!(
+            cfg.api_limits.max_connections,
+            meshwork_http::serve::Limits::api().max_connections
+        );
+        file.api_connections.header_read_s = 0;
+        let err = NodeConfig::from_file(&file, key, dir.path().into()).unwrap_err();
+        assert!(err.to_string().contains("header_read_s"), "{err}");
     }
 
     #[test]
