@@ -17,8 +17,8 @@
 //!   newcomer refused (its socket closed at once). A per-IP cap evicts only from that IP.
 //! - **Timeouts.** Complete request headers within [`Limits::header_read`] of accept (or of the
 //!   first byte after a keep-alive pause), [`Limits::keep_alive`] of silence between requests,
-//!   and a request in flight that waits on the peer (its upload body, or the socket's send
-//!   buffer) for [`Limits::stall`] is closed. A handler that works a long time (hashing a file,
+//!   and a request in flight that waits on the peer (for its upload body, or with its answer
+//!   blocked on a send queue that does not shrink) for [`Limits::stall`] is closed. A handler that works a long time (hashing a file,
 //!   a long poll) is not a stall: only waits on the peer count, and bytes that keep moving reset
 //!   them.
 //! - **Accept errors.** `EMFILE`/`ENFILE` (someone else used the descriptors) pause the loop with
@@ -75,8 +75,9 @@ pub struct Limits {
     pub header_read: Duration,
     /// A keep-alive connection silent this long between requests is closed.
     pub keep_alive: Duration,
-    /// A request in flight that waits this long on the peer (reading its body, or writing
-    /// the answer into a full send buffer) is closed. Checked about every quarter of it.
+    /// A request in flight that waits this long on the peer (for its upload body, or with the
+    /// answer blocked on a full send queue that does not shrink) is closed. Checked about
+    /// every quarter of it, so a stall is closed between 1 and 1.25 times this.
     pub stall: Duration,
     /// After the shutdown future fires: connections with a request in flight get this long to
     /// finish, then they are cut.
