@@ -110,14 +110,16 @@ impl AnnounceRequest {
             .to_bytes();
         let addrs = u8::try_from(self.addrs.len())
             .map_err(|_| SignatureError::TooLong(self.addrs.len()))?;
-        let mut out = Vec::with_capacity(128 + self.addrs.iter().map(|a| a.len() + 2).sum::<usize>());
+        let mut out =
+            Vec::with_capacity(128 + self.addrs.iter().map(|a| a.len() + 2).sum::<usize>());
         out.extend_from_slice(SIGNING_DOMAIN);
         out.extend_from_slice(&content.0);
         out.push(u8::try_from(peer.len()).map_err(|_| SignatureError::Peer(self.peer.clone()))?);
         out.extend_from_slice(&peer);
         out.push(addrs);
         for a in &self.addrs {
-            let n = u16::try_from(a.len()).map_err(|_| SignatureError::TooLong(self.addrs.len()))?;
+            let n =
+                u16::try_from(a.len()).map_err(|_| SignatureError::TooLong(self.addrs.len()))?;
             out.extend_from_slice(&n.to_be_bytes());
             out.extend_from_slice(a.as_bytes());
         }
@@ -146,7 +148,8 @@ impl AnnounceRequest {
     /// A peer id without an embedded key (not ed25519), a malformed or wrong signature.
     pub fn verify(&self) -> Result<PeerId, SignatureError> {
         let msg = self.signed_bytes()?;
-        let peer = PeerId::from_str(&self.peer).map_err(|_| SignatureError::Peer(self.peer.clone()))?;
+        let peer =
+            PeerId::from_str(&self.peer).map_err(|_| SignatureError::Peer(self.peer.clone()))?;
         let key = embedded_key(&peer).ok_or_else(|| SignatureError::NoKey(self.peer.clone()))?;
         if self.sig.len() != 2 * SIGNATURE_LEN {
             return Err(SignatureError::Malformed);
