@@ -204,7 +204,10 @@ mod tests {
             g.ended(id, None, None, now);
         }
         assert_eq!(g.in_flight(ip), 0);
-        assert!(matches!(g.admit(vec![a.clone()], now), Err(Refused::BackingOff(..))));
+        assert!(matches!(
+            g.admit(vec![a.clone()], now),
+            Err(Refused::BackingOff(..))
+        ));
         let mut t = now;
         let mut waits = vec![];
         for k in 0..3 {

@@ -46,7 +46,9 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{gossipsub, identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshwork_ledger::{Hash, Ledger, SignedTransfer, TxError};
-use meshwork_proto::addr::{check_dialable, check_policy, ip_of, peer_of, without_peer, AddrSource};
+use meshwork_proto::addr::{
+    check_dialable, check_policy, ip_of, peer_of, without_peer, AddrSource,
+};
 use meshwork_proto::pex::{PexRequest, PexResponse, MAX_RECORDS};
 use meshwork_proto::{AddrGroup, NetworkName};
 use prometheus_client::registry::Registry;

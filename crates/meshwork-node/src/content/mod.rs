@@ -503,13 +503,15 @@ impl Content {
         let given = addrs.len();
         let addrs: Vec<(Multiaddr, AddrSource)> = addrs
             .iter()
-            .filter_map(|a| match check_policy(a, Some(&peer), source, allow_private) {
-                Ok(a) => Some((a, source)),
-                Err(e) => {
-                    tracing::debug!("content {}: not dialing {peer} at {a}: {e}", self.id);
-                    None
-                }
-            })
+            .filter_map(
+                |a| match check_policy(a, Some(&peer), source, allow_private) {
+                    Ok(a) => Some((a, source)),
+                    Err(e) => {
+                        tracing::debug!("content {}: not dialing {peer} at {a}: {e}", self.id);
+                        None
+                    }
+                },
+            )
             .collect();
         if given > 0 && addrs.is_empty() {
             return;
@@ -1889,7 +1891,12 @@ impl Service {
             for e in list {
                 if let Ok(p) = PeerId::from_bytes(&e.peer) {
                     if p != local {
-                        c.add_candidate(p, parse_addrs(&e.addrs), AddrSource::Network, allow_private);
+                        c.add_candidate(
+                            p,
+                            parse_addrs(&e.addrs),
+                            AddrSource::Network,
+                            allow_private,
+                        );
                     }
                 }
             }
@@ -2461,8 +2468,13 @@ impl Service {
             .links
             .keys()
             .filter_map(|p| {
-                let addrs: Vec<Multiaddr> =
-                    c.candidates.get(p)?.addrs.iter().map(|(a, _)| a.clone()).collect();
+                let addrs: Vec<Multiaddr> = c
+                    .candidates
+                    .get(p)?
+                    .addrs
+                    .iter()
+                    .map(|(a, _)| a.clone())
+                    .collect();
                 let addrs = pex_addrs(&addrs);
                 (!addrs.is_empty()).then(|| {
                     let entry = PexEntry {
