@@ -218,7 +218,7 @@ mod tests {
             waits.push(next - t);
             t = next;
             let id = ConnectionId::new_unchecked(100 + k);
-            g.started(id, &[a.clone()]);
+            g.started(id, std::slice::from_ref(&a));
             g.ended(id, None, Some(vec![ip]), t);
         }
         // Two failures at first (4 s), then one each: 8 s, 16 s.
@@ -230,7 +230,7 @@ mod tests {
         // A connection forgives.
         let next = t + Duration::from_secs(40);
         let id = ConnectionId::new_unchecked(200);
-        g.started(id, &[a.clone()]);
+        g.started(id, std::slice::from_ref(&a));
         g.ended(id, Some(&a), None, next);
         assert!(g.admit(vec![a.clone()], next).is_ok());
     }

@@ -918,6 +918,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             local,
             keypair: cfg.keypair.clone(),
             allow_private: cfg.allow_private_addrs,
+            dial_from: cfg.dial_from,
             protocol: pieces_protocol,
             control: stream_control,
             node: handle.tx.clone(),

@@ -682,6 +682,9 @@ pub(crate) struct Setup {
     pub local: PeerId,
     pub keypair: libp2p::identity::Keypair,
     pub allow_private: bool,
+    /// The local IP of TCP dials (`NodeConfig::dial_from`): tracker announces go from it too,
+    /// since the tracker hands out the IP an announce came from.
+    pub dial_from: Option<std::net::IpAddr>,
     pub protocol: StreamProtocol,
     pub control: libp2p_stream::Control,
     /// The node actor's command queue (dials, DHT records, penalties).
@@ -713,6 +716,7 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
         local,
         keypair,
         allow_private,
+        dial_from,
         protocol,
         mut control,
         node,
@@ -726,6 +730,7 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .local_address(dial_from)
         .build()
         .map_err(|e| e.to_string())?;
     let records = data_dir.as_ref().map(|d| Records::new(d.join("content")));
