@@ -124,6 +124,7 @@ async fn a_node_that_allows_private_addresses_dials_the_named_host_a_few_times()
     .await;
     eprintln!("connections to the named host in 30 s: {n}");
     assert!(n >= 1, "the dial was allowed: at least one connection");
-    let bound = meshwork_node::dialguard::DIALS_PER_IP * 3;
+    // The design's figure, not computed from the constants: loosening them must fail here.
+    let bound = 6;
     assert!(n <= bound, "{n} connections (at most {bound})");
 }
