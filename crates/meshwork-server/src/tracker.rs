@@ -717,15 +717,16 @@ impl Tracker {
 mod tests {
     use super::*;
     use libp2p_identity::Keypair;
-    use rand::SeedableRng;
 
     const ID: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    /// The wall clock of every test, in ms.
     const T0: u64 = 1_800_000_000_000;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
+    /// An announce of `content` by `key`, signed, made at `t` (ms).
     fn signed(
         key: &Keypair,
         content: &str,
@@ -747,8 +748,14 @@ mod tests {
         r
     }
 
-    fn rng() -> rand::rngs::StdRng {
-        rand::rngs::StdRng::seed_from_u64(1)
+    /// `q` as it reaches the tracker from `src` at `now` (the wall clock at [`T0`]).
+    fn send(
+        t: &mut Tracker,
+        q: &AnnounceRequest,
+        src: &str,
+        now: Instant,
+    ) -> Result<AnnounceResponse, AnnounceError> {
+        t.announce(q, ip(src), now, T0, &mut rand::thread_rng())
     }
 
     fn keys(n: usize) -> Vec<Keypair> {
@@ -764,7 +771,7 @@ mod tests {
                 records_per_content: 100_000,
                 records: 1_000_000,
                 contents: 1_000_000,
-                max_ips: 1_000,
+                max_ips: 100_000,
             },
             ..TrackerConfig::default()
         })
@@ -774,36 +781,26 @@ mod tests {
     fn leechers_get_seeders_first_and_seeders_get_leechers_only() {
         let mut t = open();
         let now = Instant::now();
-        let mut r = rng();
         let ks = keys(41);
         for (i, k) in ks[..40].iter().enumerate() {
             let left = if i < 5 { 0 } else { 100 };
-            let src = ip(&format!("127.0.1.{i}"));
-            t.announce(
-                &signed(k, ID, left, Some(Event::Started), T0),
-                src,
-                now,
-                T0,
-                &mut r,
-            )
-            .unwrap();
+            let q = signed(k, ID, left, Some(Event::Started), T0);
+            send(&mut t, &q, &format!("127.0.1.{i}"), now).unwrap();
         }
         let mut q = signed(&ks[40], ID, 100, Some(Event::Started), T0);
         q.numwant = Some(10);
-        let a = t.announce(&q, ip("127.0.2.1"), now, T0, &mut r).unwrap();
+        let a = send(&mut t, &q, "127.0.2.1", now).unwrap();
         assert_eq!(a.peers.len(), 10);
         assert!(a.peers[..5].iter().all(|p| p.seeder), "seeders first");
         assert_eq!((a.seeders, a.leechers), (5, 36));
         let me = ks[0].public().to_peer_id().to_string();
-        let s = t
-            .announce(
-                &signed(&ks[0], ID, 0, None, T0 + 1),
-                ip("127.0.1.0"),
-                now,
-                T0,
-                &mut r,
-            )
-            .unwrap();
+        let s = send(
+            &mut t,
+            &signed(&ks[0], ID, 0, None, T0 + 1),
+            "127.0.1.0",
+            now,
+        )
+        .unwrap();
         assert!(s.peers.iter().all(|p| !p.seeder));
         assert!(s.peers.len() <= DEFAULT_NUMWANT);
         assert!(!s.peers.iter().any(|p| p.peer == me), "never yourself");
@@ -813,7 +810,6 @@ mod tests {
     fn answers_name_the_source_ip_not_the_claimed_one() {
         let mut t = open();
         let now = Instant::now();
-        let mut r = rng();
         let (seed, leech) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
         let mut q = signed(&seed, ID, 0, Some(Event::Started), T0);
         q.addrs = vec![
@@ -824,36 +820,27 @@ mod tests {
             "/ip4/127.0.0.99/tcp/9999/ws".into(),
         ];
         q.sign(&seed).unwrap();
-        t.announce(&q, ip("127.0.0.7"), now, T0, &mut r).unwrap();
-        let a = t
-            .announce(
-                &signed(&leech, ID, 9, Some(Event::Started), T0),
-                ip("127.0.0.8"),
-                now,
-                T0,
-                &mut r,
-            )
-            .unwrap();
+        send(&mut t, &q, "127.0.0.7", now).unwrap();
+        let q = signed(&leech, ID, 9, Some(Event::Started), T0);
+        let a = send(&mut t, &q, "127.0.0.8", now).unwrap();
         assert_eq!(a.peers.len(), 1);
         assert_eq!(
             a.peers[0].addrs,
             vec!["/ip4/127.0.0.7/tcp/9999", "/ip4/127.0.0.7/udp/7000/quic-v1"],
             "the source IP with the claimed ports; DNS, IPv6 and /ws claims dropped"
         );
-        // Announced over IPv6 (mapped IPv4 counts as IPv4).
+        // Announced over IPv6: only the IPv6 claims count.
         let mut q = signed(&leech, ID, 9, None, T0 + 1);
         q.addrs = vec!["/ip6/2001:db8::1/tcp/5".into(), "/ip4/1.2.3.4/tcp/6".into()];
         q.sign(&leech).unwrap();
-        t.announce(&q, ip("::1"), now, T0, &mut r).unwrap();
-        let a = t
-            .announce(
-                &signed(&seed, ID, 0, None, T0 + 1),
-                ip("127.0.0.7"),
-                now,
-                T0,
-                &mut r,
-            )
-            .unwrap();
+        send(&mut t, &q, "::1", now).unwrap();
+        let a = send(
+            &mut t,
+            &signed(&seed, ID, 0, None, T0 + 1),
+            "127.0.0.7",
+            now,
+        )
+        .unwrap();
         assert_eq!(a.peers[0].addrs, vec!["/ip6/::1/tcp/5"]);
     }
 
@@ -861,7 +848,6 @@ mod tests {
     fn undialable_claims_are_refused() {
         let mut t = open();
         let now = Instant::now();
-        let mut r = rng();
         let k = Keypair::generate_ed25519();
         for bad in [
             "/ip4/1.2.3.4/tcp/0",
@@ -875,13 +861,8 @@ mod tests {
             let mut q = signed(&k, ID, 0, None, T0);
             q.addrs = vec![bad.into()];
             q.sign(&k).unwrap();
-            assert!(
-                matches!(
-                    t.announce(&q, ip("127.0.0.1"), now, T0, &mut r),
-                    Err(AnnounceError::Undialable(_))
-                ),
-                "{bad}"
-            );
+            let r = send(&mut t, &q, "127.0.0.1", now);
+            assert!(matches!(r, Err(AnnounceError::Undialable(_))), "{bad}");
         }
         assert_eq!(t.stats().peers, 0);
     }
@@ -890,36 +871,23 @@ mod tests {
     fn only_the_key_holder_changes_a_record_and_replays_are_refused() {
         let mut t = open();
         let now = Instant::now();
-        let mut r = rng();
-        let (seed, mallory, leech) = (keys(1).remove(0), keys(1).remove(0), keys(1).remove(0));
+        let [seed, mallory, leech] = [(); 3].map(|_| Keypair::generate_ed25519());
         let started = signed(&seed, ID, 0, Some(Event::Started), T0);
-        t.announce(&started, ip("127.0.0.1"), now, T0, &mut r)
-            .unwrap();
+        send(&mut t, &started, "127.0.0.1", now).unwrap();
+        // A stop under the seeder's id, signed with another key.
         let mut forged = signed(&mallory, ID, 0, Some(Event::Stopped), T0 + 5);
         forged.peer = started.peer.clone();
         assert!(matches!(
-            t.announce(&forged, ip("127.0.0.2"), now, T0, &mut r),
+            send(&mut t, &forged, "127.0.0.2", now),
             Err(AnnounceError::Signature(SignatureError::Invalid(_)))
         ));
         let mut unsigned = started.clone();
         unsigned.time_ms += 1;
         unsigned.sig = "00".repeat(64);
-        assert!(t
-            .announce(&unsigned, ip("127.0.0.2"), now, T0, &mut r)
-            .is_err());
-        assert!(matches!(
-            t.announce(&started, ip("127.0.0.2"), now, T0, &mut r),
-            Err(AnnounceError::Replay)
-        ));
-        let a = t
-            .announce(
-                &signed(&leech, ID, 1, None, T0),
-                ip("127.0.0.3"),
-                now,
-                T0,
-                &mut r,
-            )
-            .unwrap();
+        assert!(send(&mut t, &unsigned, "127.0.0.2", now).is_err());
+        let replayed = send(&mut t, &started, "127.0.0.2", now);
+        assert_eq!(replayed.unwrap_err(), AnnounceError::Replay);
+        let a = send(&mut t, &signed(&leech, ID, 1, None, T0), "127.0.0.3", now).unwrap();
         assert_eq!(
             a.peers[0].addrs,
             vec!["/ip4/127.0.0.1/tcp/4001"],
@@ -928,26 +896,23 @@ mod tests {
         // Its own stop works once; the stop replayed later is refused, and so is the old
         // `started` (the record is gone, its tombstone stays).
         let stop = signed(&seed, ID, 0, Some(Event::Stopped), T0 + 10);
-        t.announce(&stop, ip("127.0.0.1"), now, T0, &mut r).unwrap();
+        send(&mut t, &stop, "127.0.0.1", now).unwrap();
         assert_eq!(t.stats().seeders, 0);
-        assert_eq!(
-            t.announce(&stop, ip("127.0.0.1"), now, T0, &mut r)
-                .unwrap_err(),
-            AnnounceError::Replay
-        );
-        assert_eq!(
-            t.announce(&started, ip("127.0.0.1"), now, T0, &mut r)
-                .unwrap_err(),
-            AnnounceError::Replay
-        );
+        for old in [&stop, &started] {
+            let r = send(&mut t, old, "127.0.0.1", now);
+            assert_eq!(r.unwrap_err(), AnnounceError::Replay);
+        }
         // Too far from the clock.
         let late = signed(&seed, ID, 0, None, T0 + 301_000);
-        assert!(matches!(
-            t.announce(&late, ip("127.0.0.1"), now, T0, &mut r),
-            Err(AnnounceError::Clock(..))
-        ));
-        let ok = signed(&seed, ID, 0, None, T0 + 299_000);
-        t.announce(&ok, ip("127.0.0.1"), now, T0, &mut r).unwrap();
+        let r = send(&mut t, &late, "127.0.0.1", now);
+        assert!(matches!(r, Err(AnnounceError::Clock(..))), "{r:?}");
+        send(
+            &mut t,
+            &signed(&seed, ID, 0, None, T0 + 299_000),
+            "127.0.0.1",
+            now,
+        )
+        .unwrap();
     }
 
     /// 3 000 fake seeders with their own keys from one IP: the real seeder is in every answer,
@@ -958,49 +923,33 @@ mod tests {
         let flood = keys(3000);
         let real = Keypair::generate_ed25519();
         let real_id = real.public().to_peer_id().to_string();
-        for mut t in [open(), Tracker::new(TrackerConfig::default())] {
+        for (mut t, caps) in [
+            (open(), false),
+            (Tracker::new(TrackerConfig::default()), true),
+        ] {
             let now = Instant::now();
-            let mut r = rng();
-            t.announce(
-                &signed(&real, ID, 0, Some(Event::Started), T0),
-                ip("127.0.0.1"),
-                now,
-                T0,
-                &mut r,
-            )
-            .unwrap();
-            let mut refused = 0;
-            for k in &flood {
-                let q = signed(k, ID, 0, Some(Event::Started), T0);
-                if t.announce(&q, ip("127.0.0.2"), now, T0, &mut r).is_err() {
-                    refused += 1;
-                }
-            }
+            let q = signed(&real, ID, 0, Some(Event::Started), T0);
+            send(&mut t, &q, "127.0.0.1", now).unwrap();
+            let refused = flood
+                .iter()
+                .map(|k| signed(k, ID, 0, Some(Event::Started), T0))
+                .filter(|q| send(&mut t, q, "127.0.0.2", now).is_err())
+                .count();
             for i in 0..200u64 {
-                let leech = Keypair::generate_ed25519();
-                let src = ip(&format!("127.0.3.{}", i % 200 + 1));
-                let a = t
-                    .announce(
-                        &signed(&leech, ID, 7, Some(Event::Started), T0 + i),
-                        src,
-                        now,
-                        T0,
-                        &mut r,
-                    )
-                    .unwrap();
+                let leech = signed(&Keypair::generate_ed25519(), ID, 7, None, T0 + i);
+                let src = format!("127.0.3.{}", i + 1);
+                let a = send(&mut t, &leech, &src, now).unwrap();
                 assert!(
                     a.peers.iter().any(|p| p.peer == real_id),
                     "answer {i}: {a:?}"
                 );
-                let from_flood = a
-                    .peers
-                    .iter()
-                    .filter(|p| p.addrs[0].contains("127.0.0.2/"))
-                    .count();
-                assert!(from_flood <= ANSWER_PER_IP);
+                let flooders = a.peers.iter().filter(|p| p.addrs[0].contains("127.0.0.2/"));
+                assert!(flooders.count() <= ANSWER_PER_IP);
             }
-            if t.cfg.ip.records_per_content < 100 {
-                assert!(refused >= 3000 - 8, "{refused} refused");
+            if caps {
+                assert_eq!(refused, 3000 - IpLimits::default().records_per_content);
+            } else {
+                assert_eq!(refused, 0);
             }
         }
     }
@@ -1019,130 +968,85 @@ mod tests {
             ..TrackerConfig::default()
         });
         let now = Instant::now();
-        let mut r = rng();
         let ks = keys(6);
         let content = |i: u8| format!("{i:02x}").repeat(32);
-        let a = ip("127.0.0.5");
-        t.announce(
-            &signed(&ks[0], &content(1), 0, None, T0),
-            a,
-            now,
-            T0,
-            &mut r,
-        )
-        .unwrap();
-        t.announce(
-            &signed(&ks[1], &content(1), 0, None, T0),
-            a,
-            now,
-            T0,
-            &mut r,
-        )
-        .unwrap();
-        assert_eq!(
-            t.announce(
-                &signed(&ks[2], &content(1), 0, None, T0),
-                a,
-                now,
-                T0,
-                &mut r
-            )
-            .unwrap_err(),
-            AnnounceError::IpLimit(a, "records in this content")
-        );
-        t.announce(
-            &signed(&ks[2], &content(2), 0, None, T0),
-            a,
-            now,
-            T0,
-            &mut r,
-        )
-        .unwrap();
-        assert_eq!(
-            t.announce(
-                &signed(&ks[3], &content(3), 0, None, T0),
-                a,
-                now,
-                T0,
-                &mut r
-            )
-            .unwrap_err(),
-            AnnounceError::IpLimit(a, "records")
-        );
+        let mut go = |k: usize, c: u8, t_ms: u64, src: &str, at: Instant| {
+            send(&mut t, &signed(&ks[k], &content(c), 0, None, t_ms), src, at)
+        };
+        let a = "127.0.0.5";
+        go(0, 1, T0, a, now).unwrap();
+        go(1, 1, T0, a, now).unwrap();
+        let full = AnnounceError::IpLimit(ip(a), "records in this content");
+        assert_eq!(go(2, 1, T0, a, now).unwrap_err(), full);
+        go(2, 2, T0, a, now).unwrap();
+        let records = AnnounceError::IpLimit(ip(a), "records");
+        assert_eq!(go(3, 3, T0, a, now).unwrap_err(), records);
         // Five tokens spent: the sixth is refused, one comes back in a second.
         assert_eq!(
-            t.announce(
-                &signed(&ks[3], &content(3), 0, None, T0),
-                a,
-                now,
-                T0,
-                &mut r
-            )
-            .unwrap_err(),
-            AnnounceError::RateLimited(a)
+            go(3, 3, T0, a, now).unwrap_err(),
+            AnnounceError::RateLimited(ip(a))
         );
-        let later = now + Duration::from_secs(1);
-        t.announce(
-            &signed(&ks[0], &content(1), 0, None, T0 + 1),
-            a,
-            later,
-            T0,
-            &mut r,
-        )
-        .unwrap();
+        go(0, 1, T0 + 1, a, now + Duration::from_secs(1)).unwrap();
         // A third IP while two are tracked and busy.
-        t.announce(
-            &signed(&ks[4], &content(4), 0, None, T0),
-            ip("127.0.0.6"),
-            now,
-            T0,
-            &mut r,
-        )
-        .unwrap();
-        assert_eq!(
-            t.announce(
-                &signed(&ks[5], &content(4), 0, None, T0),
-                ip("127.0.0.7"),
-                now,
-                T0,
-                &mut r
-            )
-            .unwrap_err(),
-            AnnounceError::TooManyClients
-        );
+        go(4, 4, T0, "127.0.0.6", now).unwrap();
+        let third = go(5, 4, T0, "127.0.0.7", now);
+        assert_eq!(third.unwrap_err(), AnnounceError::TooManyClients);
         assert_eq!(t.stats().peers, 4);
+    }
+
+    #[test]
+    fn contents_per_ip_are_capped() {
+        let mut t = Tracker::new(TrackerConfig {
+            ip: IpLimits {
+                contents: 2,
+                ..IpLimits::default()
+            },
+            ..TrackerConfig::default()
+        });
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        for c in ["22", "33"] {
+            send(
+                &mut t,
+                &signed(&k, &c.repeat(32), 0, None, T0),
+                "127.0.0.5",
+                now,
+            )
+            .unwrap();
+        }
+        let third = send(
+            &mut t,
+            &signed(&k, &"44".repeat(32), 0, None, T0),
+            "127.0.0.5",
+            now,
+        );
+        assert_eq!(
+            third.unwrap_err(),
+            AnnounceError::IpLimit(ip("127.0.0.5"), "contents")
+        );
     }
 
     #[test]
     fn stopped_and_stale_peers_leave() {
         let mut t = open();
         let now = Instant::now();
-        let mut r = rng();
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        t.announce(
+        send(
+            &mut t,
             &signed(&a, ID, 0, Some(Event::Started), T0),
-            ip("127.0.0.1"),
+            "127.0.0.1",
             now,
-            T0,
-            &mut r,
         )
         .unwrap();
-        t.announce(
+        send(
+            &mut t,
             &signed(&b, ID, 10, Some(Event::Started), T0),
-            ip("127.0.0.2"),
+            "127.0.0.2",
             now,
-            T0,
-            &mut r,
         )
         .unwrap();
-        t.announce(
-            &signed(&b, ID, 10, Some(Event::Stopped), T0 + 1),
-            ip("127.0.0.2"),
-            now,
-            T0,
-            &mut r,
-        )
-        .unwrap();
+        let stop = signed(&b, ID, 10, Some(Event::Stopped), T0 + 1);
+        send(&mut t, &stop, "127.0.0.2", now).unwrap();
         assert_eq!(t.stats().peers, 1);
         t.expire(now + Duration::from_secs(181));
         assert_eq!(
@@ -1157,49 +1061,35 @@ mod tests {
     fn malformed_announces_change_nothing() {
         let mut t = open();
         let now = Instant::now();
-        let mut r = rng();
         let k = Keypair::generate_ed25519();
-        t.announce(
+        send(
+            &mut t,
             &signed(&k, ID, 0, Some(Event::Started), T0),
-            ip("127.0.0.1"),
+            "127.0.0.1",
             now,
-            T0,
-            &mut r,
         )
         .unwrap();
         let before = t.stats();
         let b = Keypair::generate_ed25519();
-        let mut bad = vec![];
-        let mut q = signed(&b, ID, 1, None, T0);
-        q.content = "xyz".into();
-        bad.push(q);
-        let mut q = signed(&b, ID, 1, None, T0);
-        q.peer = "bad peer!".into();
-        bad.push(q);
-        let mut q = signed(&b, ID, 1, None, T0);
-        q.addrs = vec!["not-an-address".into()];
-        bad.push(q);
-        let mut q = signed(&b, ID, 1, None, T0);
-        q.addrs = vec!["/ip4/1.2.3.4/tcp/1".into(); 9];
-        bad.push(q);
-        let mut q = signed(&b, ID, 1, None, T0);
-        q.numwant = Some(1000);
-        bad.push(q);
-        let mut q = signed(&b, ID, 1, None, T0);
-        q.left = 0; // no longer what was signed
-        bad.push(q);
-        for q in &bad {
-            assert!(
-                t.announce(q, ip("127.0.0.2"), now, T0, &mut r).is_err(),
-                "{q:?}"
-            );
+        let changes: Vec<fn(&mut AnnounceRequest)> = vec![
+            |q| q.content = "xyz".into(),
+            |q| q.peer = "bad peer!".into(),
+            |q| q.addrs = vec!["not-an-address".into()],
+            |q| q.addrs = vec!["/ip4/1.2.3.4/tcp/1".into(); 9],
+            |q| q.numwant = Some(1000),
+            |q| q.left = 0, // no longer what was signed
+        ];
+        for change in &changes {
+            let mut q = signed(&b, ID, 1, None, T0);
+            change(&mut q);
+            assert!(send(&mut t, &q, "127.0.0.2", now).is_err(), "{q:?}");
         }
         let after = t.stats();
         assert_eq!(
             (after.peers, after.contents, after.announces),
             (before.peers, before.contents, before.announces)
         );
-        assert_eq!(after.rejected, bad.len() as u64);
+        assert_eq!(after.rejected, changes.len() as u64);
     }
 
     #[test]
@@ -1210,40 +1100,27 @@ mod tests {
             ..open().cfg
         });
         let now = Instant::now();
-        let mut r = rng();
-        let ks = keys(5);
-        for (i, k) in ks.iter().enumerate() {
+        for (i, k) in keys(5).iter().enumerate() {
             let when = now + Duration::from_secs(i as u64);
-            t.announce(
-                &signed(k, ID, 1, None, T0),
-                ip("127.0.0.1"),
-                when,
-                T0,
-                &mut r,
-            )
-            .unwrap();
+            send(&mut t, &signed(k, ID, 1, None, T0), "127.0.0.1", when).unwrap();
         }
         assert_eq!(t.stats().peers, 3, "the stalest peers were evicted");
         assert_eq!(t.expiry.len(), 3);
         let q = Keypair::generate_ed25519();
-        t.announce(
+        send(
+            &mut t,
             &signed(&q, &"22".repeat(32), 1, None, T0),
-            ip("127.0.0.1"),
+            "127.0.0.1",
             now,
-            T0,
-            &mut r,
         )
         .unwrap();
-        assert_eq!(
-            t.announce(
-                &signed(&q, &"33".repeat(32), 1, None, T0),
-                ip("127.0.0.1"),
-                now,
-                T0,
-                &mut r
-            ),
-            Err(AnnounceError::Full(2))
+        let third = send(
+            &mut t,
+            &signed(&q, &"33".repeat(32), 1, None, T0),
+            "127.0.0.1",
+            now,
         );
+        assert_eq!(third, Err(AnnounceError::Full(2)));
     }
 
     /// A full tracker refuses a new content without sweeping: the median refusal, over many,
@@ -1253,16 +1130,18 @@ mod tests {
     fn the_refusal_path_of_a_full_tracker_is_short() {
         let mut cfg = open().cfg;
         cfg.max_contents = 20_000;
-        cfg.ip.max_ips = 100_000;
         let mut t = Tracker::new(cfg);
         let now = Instant::now();
-        let mut r = rng();
         let k = Keypair::generate_ed25519();
         for i in 0..20_000u32 {
-            let id = format!("{i:064x}");
-            let src = ip(&format!("127.1.{}.{}", (i / 250) % 250, i % 250 + 1));
-            t.announce(&signed(&k, &id, 0, None, T0), src, now, T0, &mut r)
-                .unwrap();
+            let src = format!("127.1.{}.{}", (i / 250) % 250, i % 250 + 1);
+            send(
+                &mut t,
+                &signed(&k, &format!("{i:064x}"), 0, None, T0),
+                &src,
+                now,
+            )
+            .unwrap();
         }
         assert_eq!(t.stats().contents, 20_000);
         // Nothing is stale yet, so nothing can make room: every new content is refused.
@@ -1271,7 +1150,7 @@ mod tests {
         for i in 0..500u32 {
             let q = signed(&k, &format!("{:064x}", 1_000_000 + i), 0, None, T0 + 1);
             let start = Instant::now();
-            let res = t.announce(&q, ip("127.2.0.1"), later, T0, &mut r);
+            let res = send(&mut t, &q, "127.2.0.1", later);
             times.push(start.elapsed());
             assert_eq!(res.unwrap_err(), AnnounceError::Full(20_000));
         }
@@ -1288,31 +1167,18 @@ mod tests {
     fn expiry_goes_oldest_first_in_batches() {
         let mut t = open();
         let now = Instant::now();
-        let mut r = rng();
         let k = Keypair::generate_ed25519();
         for i in 0..1000u64 {
-            let id = format!("{i:064x}");
-            t.announce(
-                &signed(&k, &id, 0, None, T0),
-                ip("127.0.0.1"),
-                now + Duration::from_millis(i),
-                T0,
-                &mut r,
-            )
-            .unwrap();
+            let q = signed(&k, &format!("{i:064x}"), 0, None, T0);
+            send(&mut t, &q, "127.0.0.1", now + Duration::from_millis(i)).unwrap();
         }
-        let ttl = t.cfg.peer_ttl;
-        assert_eq!(t.expire_some(now + ttl + Duration::from_millis(99), 50), 50);
-        assert_eq!(
-            t.expire_some(now + ttl + Duration::from_millis(99), 1000),
-            50,
-            "only the 100 oldest"
-        );
+        let at = now + t.cfg.peer_ttl + Duration::from_millis(99);
+        assert_eq!(t.expire_some(at, 50), 50);
+        assert_eq!(t.expire_some(at, 1000), 50, "only the 100 oldest");
         assert_eq!(t.stats().contents, 900);
-        assert!(t
-            .contents
-            .contains_key(&ContentId::from_str(&format!("{:064x}", 100)).unwrap()));
-        t.expire(now + ttl * 2);
+        let oldest_left = ContentId::from_str(&format!("{:064x}", 100)).unwrap();
+        assert!(t.contents.contains_key(&oldest_left));
+        t.expire(now + t.cfg.peer_ttl * 2);
         assert_eq!((t.stats().contents, t.stats().peers), (0, 0));
         assert!(t.contents.capacity() < 64, "{}", t.contents.capacity());
         assert_eq!(t.take_freed(), 1000);
