@@ -2058,12 +2058,14 @@ impl Actor {
             } => {
                 let dial = self.dials.remove(&connection_id);
                 // The IPs that failed: those the transport names, none for a dial that never
-                // reached the network, every one for the rest (a wrong peer id answered...).
+                // reached the network or that our own gate denied, every one for the rest (a
+                // wrong peer id answered...).
                 let failed_ips = match &error {
                     libp2p::swarm::DialError::Transport(errs) => {
                         Some(errs.iter().filter_map(|(a, _)| ip_of(a)).collect())
                     }
                     libp2p::swarm::DialError::DialPeerConditionFalse(_)
+                    | libp2p::swarm::DialError::Denied { .. }
                     | libp2p::swarm::DialError::Aborted
                     | libp2p::swarm::DialError::NoAddresses
                     | libp2p::swarm::DialError::LocalPeerId { .. } => Some(vec![]),
