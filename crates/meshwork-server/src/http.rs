@@ -68,7 +68,9 @@ async fn announce(
     let req = match body {
         Ok(Json(r)) => r,
         Err(e) => {
-            t.lock().expect("tracker lock").note_rejected();
+            t.lock()
+                .expect("tracker lock")
+                .note_rejected(peer.ip(), Instant::now());
             return error(StatusCode::BAD_REQUEST, e.body_text());
         }
     };

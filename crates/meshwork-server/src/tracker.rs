@@ -665,8 +665,10 @@ impl Tracker {
         }
     }
 
-    /// Counts a request refused before it could be parsed (bad JSON at the HTTP layer).
-    pub fn note_rejected(&mut self) {
+    /// Counts a request from `source` refused before it could be parsed (bad JSON at the HTTP
+    /// layer); it spends one of the IP's tokens like any announce.
+    pub fn note_rejected(&mut self, source: IpAddr, now: Instant) {
+        let _ = self.take_token(canonical(source), now);
         self.rejected += 1;
     }
 
