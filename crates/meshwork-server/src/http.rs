@@ -48,8 +48,10 @@ pub fn router(tracker: Shared) -> Router {
         .with_state(tracker)
 }
 
-/// Records dropped by one expiry after which the allocator is asked to give memory back.
+/// Records dropped after which the allocator is asked to give memory back...
 const TRIM_AFTER: usize = 10_000;
+/// ...or this many, once a second passes with none dropped.
+const TRIM_QUIET: usize = 1_000;
 /// Records expired per lock, at most (announces get the lock in between).
 const SWEEP_BATCH: usize = 4096;
 
@@ -137,8 +139,11 @@ pub async fn start(listen: SocketAddr, cfg: TrackerConfig) -> std::io::Result<Ru
                 {
                     tokio::task::yield_now().await;
                 }
-                freed += sweeper.lock().expect("tracker lock").take_freed();
-                if freed >= TRIM_AFTER {
+                let now_freed = sweeper.lock().expect("tracker lock").take_freed();
+                freed += now_freed;
+                // During a long expiry wave every TRIM_AFTER records, and once more when the
+                // wave is over (else what expired after the last trim would stay).
+                if freed >= TRIM_AFTER || (now_freed == 0 && freed >= TRIM_QUIET) {
                     freed = 0;
                     trim().await;
                 }
