@@ -521,7 +521,12 @@ impl AddrBook {
         let last_seen = last_seen.min(now);
         // The operator's own addresses (bootstrap) are trusted whatever their range: a bootstrap
         // peer on a LAN must be kept, and so retried, even where peers' private addresses are not.
-        let allow_private = self.allow_private || origin == Origin::Operator;
+        let source = if origin == Origin::Operator {
+            meshwork_proto::addr::AddrSource::Operator
+        } else {
+            meshwork_proto::addr::AddrSource::Network
+        };
+        let allow_private = source.allows_private(self.allow_private);
         if let Some(e) = self.entries.get_mut(&peer) {
             e.last_seen = e.last_seen.max(last_seen);
             let group = e.group;

@@ -462,7 +462,8 @@ pub struct NodeConfig {
     /// Where `node.redb` and `api` live; `None` keeps everything in memory.
     pub data_dir: Option<PathBuf>,
     pub listen: Vec<Multiaddr>,
-    /// Dial TCP from this local IP instead of letting the kernel choose (see `transport`).
+    /// Dial TCP from this local IP instead of letting the kernel choose (see `transport`);
+    /// tracker announces go from it too (a tracker hands out the IP an announce came from).
     pub dial_from: Option<std::net::IpAddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub api: Option<SocketAddr>,

@@ -3,6 +3,7 @@
 //! - [`addrbook`]: the eclipse-resistant address book (sans-IO).
 //! - [`connmgr`]: outbound selection and misbehaviour scoring (sans-IO).
 //! - [`bans`]: the bounded ban list shared by the address book and the gate.
+//! - [`dialguard`]: per-IP caps and backoff on content dials (sans-IO).
 //! - [`gate`]: the libp2p behaviour that enforces connection limits, bans and keep-alive.
 //! - [`pex`]: the codec of the peer-exchange protocol.
 //! - [`node`]: the actor that owns the libp2p `Swarm` and drives all of the above; other code
@@ -22,6 +23,7 @@ pub mod chainsync;
 pub mod config;
 pub mod connmgr;
 pub mod content;
+pub mod dialguard;
 pub mod gate;
 pub mod ledger_service;
 mod metrics;
@@ -39,6 +41,14 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch: the time a tracker announce is signed with.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 

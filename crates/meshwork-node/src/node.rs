@@ -46,7 +46,9 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{gossipsub, identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshwork_ledger::{Hash, Ledger, SignedTransfer, TxError};
-use meshwork_proto::addr::{check_dialable, ip_of, peer_of, without_peer};
+use meshwork_proto::addr::{
+    check_dialable, check_policy, ip_of, peer_of, without_peer, AddrSource,
+};
 use meshwork_proto::pex::{PexRequest, PexResponse, MAX_RECORDS};
 use meshwork_proto::{AddrGroup, NetworkName};
 use prometheus_client::registry::Registry;
@@ -60,6 +62,7 @@ use crate::addrbook::{AddrBook, GoodOutcome, Origin, Table, Via};
 use crate::chainsync::{SyncAction, SyncCodec, SyncRequest, SyncResponse, Syncer};
 use crate::config::{NodeConfig, API_FILE, STORE_FILE};
 use crate::connmgr::{choose_outbound, Offence, Scores, Verdict};
+use crate::dialguard::DialGuard;
 use crate::gate::{Gate, GateLimits};
 use crate::ledger_service::{self, Generations, Job, LedgerEvent, Miner, Topic};
 use crate::metrics::NodeMetrics;
@@ -284,9 +287,14 @@ pub(crate) enum Command {
         Option<ledger_service::MinerConfig>,
         oneshot::Sender<Result<(), NodeError>>,
     ),
-    /// The content service wants a connection to `peer`; the answer comes once one is open
-    /// (or the dial failed).
-    ContentDial(PeerId, Vec<Multiaddr>, oneshot::Sender<Result<(), String>>),
+    /// The content service wants a connection to `peer` at these addresses (each with where
+    /// it was learned: the dial policy applies); the answer comes once one is open (or the
+    /// dial failed or was refused).
+    ContentDial(
+        PeerId,
+        Vec<(Multiaddr, AddrSource)>,
+        oneshot::Sender<Result<(), String>>,
+    ),
     /// Announce (or stop announcing) ourselves as a provider of a DHT key.
     Provide(kad::RecordKey, bool),
     GetProviders(kad::RecordKey, oneshot::Sender<Vec<PeerId>>),
@@ -491,6 +499,8 @@ struct Actor {
     /// Content-service dials waiting for a connection, per peer (at most `MAX_LOOKUPS` peers,
     /// 8 waiters each).
     content_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
+    /// Per-IP caps and backoff of content dials.
+    content_ips: DialGuard,
     /// Provider lookups in flight, and where the answer goes.
     provider_lookups: HashMap<QueryId, oneshot::Sender<Vec<PeerId>>>,
     listen_addrs: Vec<Multiaddr>,
@@ -858,6 +868,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         lookups: HashMap::new(),
         provider_lookups: HashMap::new(),
         content_waiters: HashMap::new(),
+        content_ips: DialGuard::default(),
         listen_addrs: vec![],
         kad_protocol,
         kad_bootstrapped: false,
@@ -911,6 +922,9 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         content_rx,
         crate::content::Setup {
             local,
+            keypair: cfg.keypair.clone(),
+            allow_private: cfg.allow_private_addrs,
+            dial_from: cfg.dial_from,
             protocol: pieces_protocol,
             control: stream_control,
             node: handle.tx.clone(),
@@ -1111,7 +1125,9 @@ impl Actor {
                     );
                 }
                 // No peer id: dial by address; the peer id is learned from the handshake.
-                None => self.dial(None, vec![b.clone()], Class::Outbound, group, "bootstrap"),
+                None => {
+                    self.dial(None, vec![b.clone()], Class::Outbound, group, "bootstrap");
+                }
             }
         }
     }
@@ -1125,7 +1141,7 @@ impl Actor {
         class: Class,
         group: Option<AddrGroup>,
         purpose: &'static str,
-    ) {
+    ) -> Option<ConnectionId> {
         let opts = match peer {
             Some(peer) => DialOpts::peer_id(peer)
                 .addresses(addrs)
@@ -1133,7 +1149,7 @@ impl Actor {
                 .build(),
             None => match addrs.into_iter().next() {
                 Some(addr) => DialOpts::unknown_peer_id().address(addr).build(),
-                None => return,
+                None => return None,
             },
         };
         let id = opts.connection_id();
@@ -1153,9 +1169,50 @@ impl Actor {
                     .dials
                     .get_or_create(&vec![("purpose", purpose)])
                     .inc();
+                Some(id)
             }
-            Err(e) => tracing::debug!("dial {peer:?} not started: {e}"),
+            Err(e) => {
+                tracing::debug!("dial {peer:?} not started: {e}");
+                None
+            }
         }
+    }
+
+    /// The addresses a content dial of `peer` may use: those of `addrs` the dial policy admits
+    /// from their source, then the address book's (admitted when they were added), less the
+    /// IPs the per-IP guard holds back. With none known, Kademlia is asked (its answers reach
+    /// the address book, through the same policy) and the dial is refused for now: a dial by
+    /// peer id alone would let Kademlia's unchecked query results pick the address.
+    fn content_dial_addrs(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<(Multiaddr, AddrSource)>,
+    ) -> Result<Vec<Multiaddr>, String> {
+        let allow_private = self.cfg.allow_private_addrs;
+        let mut out: Vec<Multiaddr> = vec![];
+        for (a, source) in addrs {
+            match check_policy(&a, Some(&peer), source, allow_private) {
+                Ok(a) if !out.contains(&a) => out.push(a),
+                Ok(_) => {}
+                Err(e) => tracing::debug!("content dial of {peer}: {e}"),
+            }
+        }
+        if let Some(e) = self.book.get(&peer) {
+            for a in &e.addrs {
+                if !out.contains(a) {
+                    out.push(a.clone());
+                }
+            }
+        }
+        if out.is_empty() {
+            self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+            return Err(format!(
+                "no dialable address of {peer} known yet: looking it up in the DHT"
+            ));
+        }
+        self.content_ips
+            .admit(out, Instant::now())
+            .map_err(|e| e.to_string())
     }
 
     fn maintain(&mut self) {
@@ -1210,7 +1267,9 @@ impl Actor {
                                 .inc();
                         }
                     }
-                    _ => self.dial(Some(peer), addrs, Class::Outbound, Some(group), "outbound"),
+                    _ => {
+                        self.dial(Some(peer), addrs, Class::Outbound, Some(group), "outbound");
+                    }
                 }
             }
         }
@@ -1408,30 +1467,31 @@ impl Actor {
                     let _ = tx.send(Err("too many content dials at once".into()));
                     return;
                 }
-                let waiters = self.content_waiters.entry(peer).or_default();
-                if waiters.len() >= 8 {
+                if self
+                    .content_waiters
+                    .get(&peer)
+                    .is_some_and(|ws| ws.len() >= 8)
+                {
                     let _ = tx.send(Err("too many waiting for this peer".into()));
                     return;
                 }
-                waiters.push(tx);
                 let dialing = self.dials.values().any(|d| d.0 == Some(peer));
                 if !dialing {
-                    let mut addrs = addrs;
-                    if let Some(e) = self.book.get(&peer) {
-                        for a in &e.addrs {
-                            if !addrs.contains(a) {
-                                addrs.push(a.clone());
-                            }
+                    let addrs = match self.content_dial_addrs(peer, addrs) {
+                        Ok(addrs) => addrs,
+                        Err(why) => {
+                            let _ = tx.send(Err(why));
+                            return;
                         }
-                    }
+                    };
                     let group = addrs.first().and_then(AddrGroup::of_addr);
-                    if addrs.is_empty() {
-                        // Nothing to dial: Kademlia may know the peer (its routing table
-                        // is consulted for a dial by peer id).
-                        self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    if let Some(id) =
+                        self.dial(Some(peer), addrs.clone(), Class::Content, group, "content")
+                    {
+                        self.content_ips.started(id, &addrs);
                     }
-                    self.dial(Some(peer), addrs, Class::Content, group, "content");
                 }
+                self.content_waiters.entry(peer).or_default().push(tx);
             }
             Command::Provide(key, start) => {
                 let kad = &mut self.swarm.behaviour_mut().kad;
@@ -1930,6 +1990,8 @@ impl Actor {
                 ..
             } => {
                 let remote = endpoint.get_remote_address().clone();
+                self.content_ips
+                    .ended(connection_id, Some(&remote), None, Instant::now());
                 for w in self.content_waiters.remove(&peer_id).unwrap_or_default() {
                     let _ = w.send(Ok(()));
                 }
@@ -2008,6 +2070,22 @@ impl Actor {
                 error,
             } => {
                 let dial = self.dials.remove(&connection_id);
+                // The IPs that failed: those the transport names, none for a dial that never
+                // reached the network or that our own gate denied, every one for the rest (a
+                // wrong peer id answered...).
+                let failed_ips = match &error {
+                    libp2p::swarm::DialError::Transport(errs) => {
+                        Some(errs.iter().filter_map(|(a, _)| ip_of(a)).collect())
+                    }
+                    libp2p::swarm::DialError::DialPeerConditionFalse(_)
+                    | libp2p::swarm::DialError::Denied { .. }
+                    | libp2p::swarm::DialError::Aborted
+                    | libp2p::swarm::DialError::NoAddresses
+                    | libp2p::swarm::DialError::LocalPeerId { .. } => Some(vec![]),
+                    _ => None,
+                };
+                self.content_ips
+                    .ended(connection_id, None, failed_ips, Instant::now());
                 if let Some(peer) = peer_id.or(dial.and_then(|d| d.0)) {
                     // A dial of this peer failed (ours or another class's that a content dial
                     // waited on) and none is left in flight: the content service hears now.

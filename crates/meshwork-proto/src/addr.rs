@@ -190,6 +190,40 @@ pub fn check_dialable(
     Ok(without_peer(addr))
 }
 
+/// Where a node learned an address: the one fact its dialable-address policy needs besides
+/// the address itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum AddrSource {
+    /// Given by the operator (configuration, `--bootstrap`, a ticket the user pasted): private
+    /// addresses are the operator's call.
+    Operator,
+    /// Learned from the network (a tracker's answer, in-swarm PEX, the DHT, identify, peer
+    /// exchange): private addresses only if the node allows them.
+    Network,
+}
+
+impl AddrSource {
+    /// Whether unroutable IPs from this source pass, given the node's `allow_private`.
+    pub fn allows_private(self, allow_private: bool) -> bool {
+        allow_private || self == AddrSource::Operator
+    }
+}
+
+/// The node's one dialable-address policy, for every source of addresses: the shape of
+/// [`check_dialable`], and unroutable IPs only from the operator or with `allow_private`.
+/// Returns the address without its `/p2p` suffix.
+///
+/// # Errors
+/// See [`check_dialable`].
+pub fn check_policy(
+    addr: &Multiaddr,
+    expected_peer: Option<&libp2p_identity::PeerId>,
+    source: AddrSource,
+    allow_private: bool,
+) -> Result<Multiaddr, AddrError> {
+    check_dialable(addr, expected_peer, source.allows_private(allow_private))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +331,18 @@ mod tests {
             check_dialable(&ma("/dns4/a.b/tcp/1"), None, true),
             Err(AddrError::NoIp(_))
         ));
+    }
+
+    #[test]
+    fn the_policy_lets_only_the_operator_name_private_hosts() {
+        let private = ma("/ip4/127.0.0.99/tcp/9999");
+        assert!(check_policy(&private, None, AddrSource::Operator, false).is_ok());
+        assert!(matches!(
+            check_policy(&private, None, AddrSource::Network, false),
+            Err(AddrError::Unroutable(_))
+        ));
+        assert!(check_policy(&private, None, AddrSource::Network, true).is_ok());
+        // The shape holds for the operator too.
+        assert!(check_policy(&ma("/ip4/1.2.3.4/udp/1"), None, AddrSource::Operator, true).is_err());
     }
 }

@@ -1,15 +1,18 @@
 //! The tracker over HTTP: `POST /api/v1/announce` (JSON) and `GET /api/v1/stats`.
 //!
 //! A malformed announce (bad JSON, a bad content id, peer id or address, too many addresses)
-//! gets a 400 with the reason, and changes nothing. Bodies are limited to 16 KiB. Stale peers
-//! are swept every interval.
+//! gets a 400 with the reason, and changes nothing; a bad signature or a replay a 403; an IP
+//! over its limits a 429; a full tracker a 503. Bodies are limited to 16 KiB. The announce's
+//! source is the connection's peer address (`ConnectInfo<SocketAddr>`). Stale peers are swept
+//! every second, a bounded batch per lock, and memory goes back to the system after a large
+//! expiry.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -45,24 +48,54 @@ pub fn router(tracker: Shared) -> Router {
         .with_state(tracker)
 }
 
+/// Records dropped after which the allocator is asked to give memory back...
+const TRIM_AFTER: usize = 10_000;
+/// ...or this many, once a second passes with none dropped.
+const TRIM_QUIET: usize = 1_000;
+/// Records expired per lock, at most (announces get the lock in between).
+const SWEEP_BATCH: usize = 4096;
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 async fn announce(
     State(t): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Json<AnnounceRequest>, JsonRejection>,
 ) -> Response {
     let req = match body {
         Ok(Json(r)) => r,
         Err(e) => {
-            t.lock().expect("tracker lock").note_rejected();
+            t.lock()
+                .expect("tracker lock")
+                .note_rejected(peer.ip(), Instant::now());
             return error(StatusCode::BAD_REQUEST, e.body_text());
         }
     };
-    let r = t
-        .lock()
-        .expect("tracker lock")
-        .announce(&req, Instant::now(), &mut rand::thread_rng());
+    let r = t.lock().expect("tracker lock").announce(
+        &req,
+        peer.ip(),
+        Instant::now(),
+        unix_ms(),
+        &mut rand::thread_rng(),
+    );
     match r {
         Ok(a) => Json(a).into_response(),
-        Err(e @ AnnounceError::Full(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e @ (AnnounceError::Full(_) | AnnounceError::FullPeers(_))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e)
+        }
+        Err(
+            e @ (AnnounceError::RateLimited(_)
+            | AnnounceError::IpLimit(..)
+            | AnnounceError::TooManyClients),
+        ) => error(StatusCode::TOO_MANY_REQUESTS, e),
+        Err(e @ (AnnounceError::Signature(_) | AnnounceError::Replay)) => {
+            error(StatusCode::FORBIDDEN, e)
+        }
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
@@ -96,16 +129,33 @@ pub async fn start_with_limits(
 ) -> std::io::Result<RunningTracker> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let interval = cfg.interval;
     let shared: Shared = Arc::new(Mutex::new(Tracker::new(cfg)));
     let sweeper = shared.clone();
     let app = router(shared);
     let task = tokio::spawn(async move {
         let sweep = async move {
-            let mut tick = tokio::time::interval(interval);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut freed = 0;
             loop {
                 tick.tick().await;
-                sweeper.lock().expect("tracker lock").expire(Instant::now());
+                let now = Instant::now();
+                // In batches: the lock is held for a bounded time however much expires.
+                while sweeper
+                    .lock()
+                    .expect("tracker lock")
+                    .expire_some(now, SWEEP_BATCH)
+                    == SWEEP_BATCH
+                {
+                    tokio::task::yield_now().await;
+                }
+                let now_freed = sweeper.lock().expect("tracker lock").take_freed();
+                freed += now_freed;
+                // During a long expiry wave every TRIM_AFTER records, and once more when the
+                // wave is over (else what expired after the last trim would stay).
+                if freed >= TRIM_AFTER || (now_freed == 0 && freed >= TRIM_QUIET) {
+                    freed = 0;
+                    trim().await;
+                }
             }
         };
         tokio::select! {
@@ -118,4 +168,15 @@ pub async fn start_with_limits(
         }
     });
     Ok(RunningTracker { addr, task })
+}
+
+/// Gives freed heap back to the system: glibc keeps the arenas of a flood that expired
+/// otherwise (RSS stays at its peak). Off the lock, on a blocking thread.
+async fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let _ = tokio::task::spawn_blocking(|| {
+        // SAFETY: malloc_trim only releases free memory; it takes no pointers.
+        unsafe { libc::malloc_trim(0) };
+    })
+    .await;
 }

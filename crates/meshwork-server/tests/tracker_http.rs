@@ -1,14 +1,37 @@
-//! The tracker over real HTTP: announces answer with peers, malformed ones get a 400 and
-//! change nothing.
+//! The tracker over real HTTP: announces answer with peers at the address they came from,
+//! malformed ones get a 400 and change nothing, forged ones a 403.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Result};
+use libp2p_identity::Keypair;
 use meshwork_server::http;
-use meshwork_server::tracker::{AnnounceResponse, Stats, TrackerConfig};
+use meshwork_server::tracker::{AnnounceRequest, AnnounceResponse, Event, Stats, TrackerConfig};
 use serde_json::json;
 
 const ID: &str = "abababababababababababababababababababababababababababababababab";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn signed(key: &Keypair, addrs: &[&str], event: Option<Event>, left: u64) -> AnnounceRequest {
+    let mut r = AnnounceRequest {
+        content: ID.into(),
+        peer: key.public().to_peer_id().to_string(),
+        addrs: addrs.iter().map(|a| a.to_string()).collect(),
+        event,
+        left,
+        numwant: None,
+        time_ms: now_ms(),
+        sig: String::new(),
+    };
+    r.sign(key).unwrap();
+    r
+}
 
 #[tokio::test]
 async fn announce_over_http_and_refuse_garbage() -> Result<()> {
@@ -21,31 +44,71 @@ async fn announce_over_http_and_refuse_garbage() -> Result<()> {
     )
     .await?;
     let base = format!("http://{}", t.addr);
-    let c = reqwest::Client::new();
-    let announce = |body: serde_json::Value| {
-        let c = c.clone();
-        let url = format!("{base}/api/v1/announce");
-        async move { c.post(url).json(&body).send().await }
+    // The seeder announces from 127.0.0.3, claiming an address on another host.
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(Some(ip.parse().unwrap()))
+            .build()
+            .unwrap()
     };
-    let seed = json!({"content": ID, "peer": "SeedPeer", "addrs": ["/ip4/127.0.0.1/tcp/4001"], "event": "started", "left": 0});
-    let r = announce(seed).await?;
+    let (seeder, leecher) = (from("127.0.0.3"), from("127.0.0.4"));
+    let url = format!("{base}/api/v1/announce");
+    let seed_key = Keypair::generate_ed25519();
+    let seed = signed(
+        &seed_key,
+        &["/ip4/127.0.0.99/tcp/4001"],
+        Some(Event::Started),
+        0,
+    );
+    let r = seeder.post(&url).json(&seed).send().await?;
     ensure!(r.status() == 200, "{}", r.status());
-    let leech =
-        json!({"content": ID, "peer": "LeechPeer", "addrs": [], "event": "started", "left": 1000});
-    let a: AnnounceResponse = announce(leech).await?.json().await?;
-    ensure!(a.peers.len() == 1 && a.peers[0].peer == "SeedPeer" && a.peers[0].seeder);
+    let leech = signed(
+        &Keypair::generate_ed25519(),
+        &[],
+        Some(Event::Started),
+        1000,
+    );
+    let a: AnnounceResponse = leecher.post(&url).json(&leech).send().await?.json().await?;
+    ensure!(a.peers.len() == 1 && a.peers[0].peer == seed.peer && a.peers[0].seeder);
+    ensure!(
+        a.peers[0].addrs == ["/ip4/127.0.0.3/tcp/4001"],
+        "the source IP, not the claimed one: {:?}",
+        a.peers[0].addrs
+    );
     ensure!(a.seeders == 1 && a.leechers == 1);
 
+    let c = reqwest::Client::new();
     let stats_url = format!("{base}/api/v1/stats");
     let before: Stats = c.get(&stats_url).send().await?.json().await?;
-    for bad in [
-        json!({"content": "nope", "peer": "X", "addrs": [], "left": 0}),
-        json!({"content": ID, "peer": "X", "addrs": ["garbage"], "left": 0}),
-        json!({"content": ID, "peer": "X", "addrs": [], "left": -1}),
-        json!({"content": ID, "peer": "X", "addrs": [], "left": 0, "extra": true}),
+    let mut stale = seed.clone();
+    stale.event = Some(Event::Stopped);
+    let forged = serde_json::to_value(&stale)?; // the started announce's signature
+    for (bad, code) in [
+        (
+            json!({"content": "nope", "peer": "X", "addrs": [], "left": 0, "time_ms": 1, "sig": ""}),
+            400,
+        ),
+        (
+            json!({"content": ID, "peer": "X", "addrs": ["garbage"], "left": 0, "time_ms": 1, "sig": ""}),
+            400,
+        ),
+        (
+            json!({"content": ID, "peer": "X", "addrs": [], "left": -1, "time_ms": 1, "sig": ""}),
+            400,
+        ),
+        (
+            json!({"content": ID, "peer": "X", "addrs": [], "left": 0, "extra": true}),
+            400,
+        ),
+        (
+            json!({"content": ID, "peer": seed.peer, "addrs": [], "left": 0}),
+            400,
+        ),
+        (forged, 403),
+        (serde_json::to_value(&seed)?, 403), // replayed
     ] {
-        let r = announce(bad.clone()).await?;
-        ensure!(r.status() == 400, "{bad}: {}", r.status());
+        let r = c.post(&url).json(&bad).send().await?;
+        ensure!(r.status() == code, "{bad}: {}", r.status());
         let body: serde_json::Value = r.json().await?;
         ensure!(
             body["error"].as_str().is_some_and(|e| !e.is_empty()),
@@ -53,7 +116,7 @@ async fn announce_over_http_and_refuse_garbage() -> Result<()> {
         );
     }
     let r = c
-        .post(format!("{base}/api/v1/announce"))
+        .post(&url)
         .header("content-type", "application/json")
         .body("{not json")
         .send()
@@ -61,7 +124,7 @@ async fn announce_over_http_and_refuse_garbage() -> Result<()> {
     ensure!(r.status() == 400);
     let after: Stats = c.get(&stats_url).send().await?.json().await?;
     ensure!(after.peers == before.peers && after.announces == before.announces);
-    ensure!(after.rejected == before.rejected + 5, "{after:?}");
+    ensure!(after.rejected == before.rejected + 8, "{after:?}");
     t.stop();
     Ok(())
 }

@@ -196,6 +196,12 @@ enum TrackerCommand {
         /// Seconds between a peer's announces; peers silent for three intervals expire.
         #[arg(long, default_value_t = 60)]
         interval_secs: u64,
+        /// Seconds after which a silent peer expires (default: three intervals).
+        #[arg(long, value_name = "SECS")]
+        peer_ttl_secs: Option<u64>,
+        /// Contents tracked at once; announces of further contents are refused (503).
+        #[arg(long, default_value_t = 100_000)]
+        max_contents: usize,
     },
 }
 
@@ -400,17 +406,20 @@ async fn run(mut cli: Cli) -> Result<()> {
                 TrackerCommand::Start {
                     listen,
                     interval_secs,
+                    peer_ttl_secs,
+                    max_contents,
                 },
         } => {
-            if interval_secs == 0 {
-                bail!("--interval-secs must be at least 1");
+            if interval_secs == 0 || peer_ttl_secs == Some(0) || max_contents == 0 {
+                bail!("--interval-secs, --peer-ttl-secs and --max-contents must be at least 1");
             }
             let interval = Duration::from_secs(interval_secs);
             let t = meshwork_server::http::start(
                 listen,
                 meshwork_server::tracker::TrackerConfig {
                     interval,
-                    peer_ttl: interval * 3,
+                    peer_ttl: peer_ttl_secs.map_or(interval * 3, Duration::from_secs),
+                    max_contents,
                     ..Default::default()
                 },
             )

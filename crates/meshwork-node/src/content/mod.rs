@@ -45,6 +45,7 @@ use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, W
 use futures::StreamExt;
 use libp2p::{kad, Multiaddr, PeerId, Stream, StreamProtocol};
 use meshwork_http::body::{read_json_capped, read_text_capped};
+use meshwork_proto::addr::{check_policy, AddrSource};
 use meshwork_swarm::engine::{Engine, EngineConfig, EngineEvent, Progress};
 use meshwork_swarm::manifest::Manifest;
 use meshwork_swarm::store::{journal_owns, PieceStore, Resumed};
@@ -429,7 +430,8 @@ enum Phase {
 }
 
 struct Candidate {
-    addrs: Vec<Multiaddr>,
+    /// Each address with where it was learned: the node applies its dial policy to each.
+    addrs: Vec<(Multiaddr, AddrSource)>,
     failed_at: Option<Instant>,
     /// Failures in a row: the wait before the next dial doubles with each, from
     /// [`REDIAL_FIRST`] up to [`REDIAL_AFTER`].
@@ -501,13 +503,38 @@ impl Content {
         self.banned.contains(p)
     }
 
-    fn add_candidate(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+    /// Adds `peer` with the addresses of `addrs` that the dial policy admits from `source`
+    /// (a peer whose every address was refused is not added; one given with none, from the
+    /// DHT, is: the node looks its addresses up).
+    fn add_candidate(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        source: AddrSource,
+        allow_private: bool,
+    ) {
         if self.is_banned(&peer) {
+            return;
+        }
+        let given = addrs.len();
+        let addrs: Vec<(Multiaddr, AddrSource)> = addrs
+            .iter()
+            .filter_map(
+                |a| match check_policy(a, Some(&peer), source, allow_private) {
+                    Ok(a) => Some((a, source)),
+                    Err(e) => {
+                        tracing::debug!("content {}: not dialing {peer} at {a}: {e}", self.id);
+                        None
+                    }
+                },
+            )
+            .collect();
+        if given > 0 && addrs.is_empty() {
             return;
         }
         if let Some(c) = self.candidates.get_mut(&peer) {
             for a in addrs {
-                if !c.addrs.contains(&a) && c.addrs.len() < 8 {
+                if !c.addrs.iter().any(|(b, _)| *b == a.0) && c.addrs.len() < 8 {
                     c.addrs.push(a);
                 }
             }
@@ -624,12 +651,14 @@ impl Content {
         })
     }
 
+    /// The ticket's providers: the operator's input (a ticket the user gave), so private
+    /// addresses pass whatever `allow_private_addrs` says.
     fn add_providers(&mut self, local: &PeerId) {
         for p in self.providers.clone() {
             if let Ok(peer) = p.peer.parse::<PeerId>() {
                 if peer != *local {
                     let addrs = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                    self.add_candidate(peer, addrs);
+                    self.add_candidate(peer, addrs, AddrSource::Operator, true);
                 }
             }
         }
@@ -638,6 +667,13 @@ impl Content {
 
 pub(crate) struct Service {
     local: PeerId,
+    /// Signs tracker announces (the node's identity).
+    keypair: libp2p::identity::Keypair,
+    /// Addresses learned from the network may be private (`allow_private_addrs`).
+    allow_private: bool,
+    /// The `time_ms` of the last announce made: each is later than the one before, even
+    /// within a millisecond or after the clock stepped back.
+    last_announce_ms: std::cell::Cell<u64>,
     protocol: StreamProtocol,
     control: libp2p_stream::Control,
     node: mpsc::Sender<Command>,
@@ -661,6 +697,11 @@ pub(crate) struct Service {
 /// What the node hands the content service when it starts.
 pub(crate) struct Setup {
     pub local: PeerId,
+    pub keypair: libp2p::identity::Keypair,
+    pub allow_private: bool,
+    /// The local IP of TCP dials (`NodeConfig::dial_from`): tracker announces go from it too,
+    /// since the tracker hands out the IP an announce came from.
+    pub dial_from: Option<std::net::IpAddr>,
     pub protocol: StreamProtocol,
     pub control: libp2p_stream::Control,
     /// The node actor's command queue (dials, DHT records, penalties).
@@ -690,6 +731,9 @@ pub(crate) fn check_records(data_dir: &Path) -> Result<(), String> {
 pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Result<(), String> {
     let Setup {
         local,
+        keypair,
+        allow_private,
+        dial_from,
         protocol,
         mut control,
         node,
@@ -703,11 +747,15 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .local_address(dial_from)
         .build()
         .map_err(|e| e.to_string())?;
     let records = data_dir.as_ref().map(|d| Records::new(d.join("content")));
     let mut svc = Service {
         local,
+        keypair,
+        allow_private,
+        last_announce_ms: std::cell::Cell::new(0),
         protocol,
         control,
         node,
@@ -1432,7 +1480,7 @@ impl Service {
             return;
         };
         let now = Instant::now();
-        let fresh: Vec<(PeerId, Vec<Multiaddr>)> = c
+        let fresh: Vec<(PeerId, Vec<(Multiaddr, AddrSource)>)> = c
             .candidates
             .iter()
             .filter(|(p, cand)| !asking.contains(p) && cand.may_dial(now))
@@ -1724,10 +1772,11 @@ impl Service {
             }
             Event::Candidates { content, peers } => {
                 let local = self.local;
+                let allow_private = self.allow_private;
                 if let Some(c) = self.contents.get_mut(&content) {
                     for (p, addrs) in peers {
                         if p != local {
-                            c.add_candidate(p, addrs);
+                            c.add_candidate(p, addrs, AddrSource::Network, allow_private);
                         }
                     }
                     self.drive_manifest(&content);
@@ -1805,6 +1854,7 @@ impl Service {
     ) {
         let id = self.next_link;
         self.next_link += 1;
+        let allow_private = self.allow_private;
         let Some(c) = self.contents.get_mut(&content) else {
             return;
         };
@@ -1846,13 +1896,14 @@ impl Service {
             },
         );
         if !listen.is_empty() {
-            c.add_candidate(peer, listen);
+            c.add_candidate(peer, listen, AddrSource::Network, allow_private);
         }
         tracing::debug!("piece stream with {peer} for {content}");
     }
 
     fn on_msg(&mut self, content: ContentId, peer: PeerId, link: u64, msg: Msg) {
         let local = self.local;
+        let allow_private = self.allow_private;
         let Some(c) = self.contents.get_mut(&content) else {
             return;
         };
@@ -1870,7 +1921,12 @@ impl Service {
             for e in list {
                 if let Ok(p) = PeerId::from_bytes(&e.peer) {
                     if p != local {
-                        c.add_candidate(p, parse_addrs(&e.addrs));
+                        c.add_candidate(
+                            p,
+                            parse_addrs(&e.addrs),
+                            AddrSource::Network,
+                            allow_private,
+                        );
                     }
                 }
             }
@@ -2034,6 +2090,8 @@ impl Service {
         }
     }
 
+    /// The signed announce of `c` to `tracker`, with our own listen addresses (less those
+    /// nobody can dial: the tracker refuses an unspecified IP or port 0).
     fn announce_request(
         &self,
         c: &Content,
@@ -2048,22 +2106,32 @@ impl Service {
             _ => u64::MAX,
         };
         let url = format!("{}/api/v1/announce", tracker.trim_end_matches('/'));
-        (
-            url,
-            AnnounceRequest {
-                content: c.id.to_string(),
-                peer: self.local.to_string(),
-                addrs: self
-                    .listen
-                    .iter()
-                    .map(|a| a.to_string())
-                    .take(meshwork_swarm::ticket::MAX_ADDRS)
-                    .collect(),
-                event,
-                left,
-                numwant: None,
-            },
-        )
+        let time_ms = crate::unix_millis().max(self.last_announce_ms.get() + 1);
+        self.last_announce_ms.set(time_ms);
+        let mut req = AnnounceRequest {
+            content: c.id.to_string(),
+            peer: self.local.to_string(),
+            addrs: self
+                .listen
+                .iter()
+                .filter(|a| {
+                    meshwork_proto::addr::check_dialable(a, Some(&self.local), true).is_ok()
+                        && meshwork_proto::addr::ip_of(a).is_some_and(|ip| !ip.is_unspecified())
+                })
+                .map(|a| a.to_string())
+                .take(meshwork_swarm::ticket::MAX_ADDRS)
+                .collect(),
+            event,
+            left,
+            numwant: None,
+            time_ms,
+            sig: String::new(),
+        };
+        if let Err(e) = req.sign(&self.keypair) {
+            // Our own record always encodes; the tracker will say why if not.
+            tracing::warn!("cannot sign the announce of {}: {e}", c.id);
+        }
+        (url, req)
     }
 
     fn on_tick(&mut self) {
@@ -2430,7 +2498,14 @@ impl Service {
             .links
             .keys()
             .filter_map(|p| {
-                let addrs = pex_addrs(&c.candidates.get(p)?.addrs);
+                let addrs: Vec<Multiaddr> = c
+                    .candidates
+                    .get(p)?
+                    .addrs
+                    .iter()
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                let addrs = pex_addrs(&addrs);
                 (!addrs.is_empty()).then(|| {
                     let entry = PexEntry {
                         peer: p.to_bytes(),
@@ -2606,7 +2681,7 @@ fn numbered(name: &str, k: usize) -> String {
 async fn connect(
     node: &mpsc::Sender<Command>,
     peer: PeerId,
-    addrs: Vec<Multiaddr>,
+    addrs: Vec<(Multiaddr, AddrSource)>,
 ) -> Result<(), String> {
     let (tx, rx) = oneshot::channel();
     node.send(Command::ContentDial(peer, addrs, tx))
@@ -2624,7 +2699,7 @@ async fn open_with(
     control: &mut libp2p_stream::Control,
     protocol: StreamProtocol,
     peer: PeerId,
-    addrs: Vec<Multiaddr>,
+    addrs: Vec<(Multiaddr, AddrSource)>,
     first: &Msg,
 ) -> Result<Stream, String> {
     connect(node, peer, addrs).await?;
