@@ -27,10 +27,7 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
         spec,
         refuse,
     } = o;
-    let dir = match data_dir {
-        Some(d) => d.to_path_buf(),
-        None => config::data_dir(None)?.join("server"),
-    };
+    let dir = server_dir(data_dir)?;
     let spec = match spec {
         Some(p) => config::load_spec(p)?,
         None => {
@@ -53,6 +50,14 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
     srv.stop().await;
     println!("server stopped");
     Ok(())
+}
+
+/// The server's data directory: `--data-dir`, else `server/` in the default one.
+fn server_dir(data_dir: Option<&Path>) -> Result<PathBuf> {
+    Ok(match data_dir {
+        Some(d) => d.to_path_buf(),
+        None => config::data_dir(None)?.join("server"),
+    })
 }
 
 fn base(url: &str) -> String {
@@ -107,7 +112,14 @@ pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()>
                     "--tracker and --super-seed are swarm options; a server serves the file itself"
                 );
             }
-            let s = client::upload(&base, &path).await?;
+            // Uploads need the server's cookie: --api-cookie, else the server's data dir's.
+            let dir = server_dir(data_dir)?;
+            let target = crate::Target::new(
+                base.clone(),
+                client.api_cookie.as_deref(),
+                Some(&dir),
+            );
+            let s = client::upload(&base, target.credentials()?, &path).await?;
             if client.json {
                 println!("{}", serde_json::to_string(&s)?);
                 return Ok(());
@@ -137,6 +149,11 @@ pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()>
     }
 }
 
+/// The server's open calls (reads): no credentials.
+fn open(base: &str) -> crate::Target {
+    crate::Target::new(base.to_string(), None, None)
+}
+
 /// Prints the server's log after `after` (by default the newest 20 entries, or from the end
 /// with `follow`), and with `follow` every later entry as it comes. JSON lines carry
 /// `seen_us`, when this client received the entry (µs since the Unix epoch).
@@ -157,7 +174,7 @@ async fn log(base: &str, after: Option<u64>, follow: bool, json: bool) -> Result
     let after = match after {
         Some(a) => a,
         None => {
-            let (st, _): (ServerStatus, _) = crate::get(base, "/api/v1/status").await?;
+            let (st, _): (ServerStatus, _) = crate::get(&open(base), "/api/v1/status").await?;
             if follow {
                 st.transactions
             } else {
@@ -167,7 +184,7 @@ async fn log(base: &str, after: Option<u64>, follow: bool, json: bool) -> Result
     };
     if !follow {
         let (page, _): (LogPage, _) =
-            crate::get(base, &format!("/api/v1/log?after={after}")).await?;
+            crate::get(&open(base), &format!("/api/v1/log?after={after}")).await?;
         return page.entries.into_iter().try_for_each(print);
     }
     let mut failed = None;

@@ -315,6 +315,10 @@ pub(crate) struct ClientArgs {
     /// The node's API address; by default read from <data-dir>/api.
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) api: Option<String>,
+    /// The API cookie (the file the node writes at each start); by default
+    /// <data-dir>/api.cookie.
+    #[arg(long, env = "MESHWORK_API_COOKIE", value_name = "FILE")]
+    pub(crate) api_cookie: Option<PathBuf>,
 }
 
 fn main() {
@@ -587,13 +591,73 @@ pub(crate) async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
-/// The API base URL: `--api`, else the address the node wrote to `<data-dir>/api`.
-pub(crate) fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<String> {
-    let addr = match api {
-        Some(a) => a,
+/// A node's API (or a server's) as the CLI calls it: the base URL and the credentials.
+pub(crate) struct Target {
+    pub(crate) base: String,
+    /// The cookie's credentials, or why there are none (said when the service answers 401).
+    creds: std::result::Result<meshwork_http::auth::Credentials, String>,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.base)
+    }
+}
+
+impl Target {
+    /// `base` with the cookie from `cookie` (`--api-cookie`), else `<dir>/api.cookie`. A
+    /// cookie that cannot be read is not an error yet: calls that need none still work, and a
+    /// 401 then says why it was missing.
+    pub(crate) fn new(base: String, cookie: Option<&Path>, dir: Option<&Path>) -> Target {
+        let path = match (cookie, dir) {
+            (Some(c), _) => Some(c.to_path_buf()),
+            (None, Some(d)) => Some(d.join(config::API_COOKIE_FILE)),
+            (None, None) => None,
+        };
+        let creds = match &path {
+            Some(p) => meshwork_http::auth::Credentials::read(p).map_err(|e| e.to_string()),
+            None => Err("no API cookie: pass --api-cookie FILE".into()),
+        };
+        Target { base, creds }
+    }
+
+    /// Adds the credentials, when there are any.
+    pub(crate) fn authorize(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.creds {
+            Ok(c) => c.apply(req),
+            Err(_) => req,
+        }
+    }
+
+    /// The credentials, or the reason there are none.
+    pub(crate) fn credentials(&self) -> Result<&meshwork_http::auth::Credentials> {
+        self.creds.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The sentence for a 401 at `url`.
+    pub(crate) fn unauthorized(&self, url: &str) -> anyhow::Error {
+        match &self.creds {
+            Err(why) => anyhow::anyhow!("{url}: 401 Unauthorized: {why}"),
+            Ok(_) => anyhow::anyhow!(
+                "{url}: 401 Unauthorized: the API cookie was refused; it changes at each start of \
+                 the service, so pass the current one (--api-cookie FILE, or the data directory \
+                 of the running service with --data-dir)"
+            ),
+        }
+    }
+}
+
+/// The node's API: `--api`, else the address the node wrote to `<data-dir>/api`; its cookie
+/// `--api-cookie`, else `<data-dir>/api.cookie`.
+pub(crate) fn api_base(data_dir: Option<&Path>, client: &ClientArgs) -> Result<Target> {
+    let dir = match (&client.api, &client.api_cookie) {
+        (Some(_), Some(_)) => None,
+        _ => Some(config::data_dir(data_dir)?),
+    };
+    let addr = match &client.api {
+        Some(a) => a.clone(),
         None => {
-            let dir = config::data_dir(data_dir)?;
-            let path = dir.join(API_FILE);
+            let path = dir.as_deref().unwrap_or(Path::new(".")).join(API_FILE);
             std::fs::read_to_string(&path)
                 .with_context(|| {
                     format!(
@@ -605,24 +669,29 @@ pub(crate) fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<S
                 .to_owned()
         }
     };
-    Ok(
-        if addr.starts_with("http://") || addr.starts_with("https://") {
-            addr
-        } else {
-            format!("http://{addr}")
-        },
-    )
+    let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Target::new(
+        base,
+        client.api_cookie.as_deref(),
+        dir.as_deref(),
+    ))
 }
 
 /// One request to the node's API: the status and the JSON answer (`null` for an empty body).
+/// A 401 is an error that says what to do.
 pub(crate) async fn request<B: serde::Serialize>(
+    target: &Target,
     method: reqwest::Method,
     url: &str,
     body: Option<&B>,
     timeout: Duration,
 ) -> Result<(reqwest::StatusCode, serde_json::Value)> {
     let client = reqwest::Client::builder().timeout(timeout).build()?;
-    let mut req = client.request(method, url);
+    let mut req = target.authorize(client.request(method, url));
     if let Some(b) = body {
         req = req.json(b);
     }
@@ -631,6 +700,9 @@ pub(crate) async fn request<B: serde::Serialize>(
         .await
         .with_context(|| format!("cannot reach the node at {url}"))?;
     let code = resp.status();
+    if code == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(target.unauthorized(url));
+    }
     let text = resp.text().await.unwrap_or_default();
     let json = if text.is_empty() {
         serde_json::Value::Null
@@ -646,12 +718,12 @@ pub(crate) fn api_error(body: &serde_json::Value) -> Option<&str> {
 }
 
 pub(crate) async fn get<T: serde::de::DeserializeOwned>(
-    base: &str,
+    base: &Target,
     path: &str,
 ) -> Result<(T, serde_json::Value)> {
     let url = format!("{base}{path}");
     let (code, body) =
-        request::<()>(reqwest::Method::GET, &url, None, Duration::from_secs(15)).await?;
+        request::<()>(base, reqwest::Method::GET, &url, None, Duration::from_secs(15)).await?;
     if !code.is_success() {
         bail!("{url}: {code}: {}", api_error(&body).unwrap_or("error"));
     }
@@ -672,7 +744,7 @@ fn duration_text(s: u64) -> String {
 }
 
 async fn status(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
-    let base = api_base(data_dir, args.api)?;
+    let base = api_base(data_dir, &args)?;
     let (s, raw): (Status, _) = get(&base, "/api/v1/status").await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&raw)?);
@@ -720,7 +792,7 @@ async fn status(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
 }
 
 async fn peers(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
-    let base = api_base(data_dir, args.api)?;
+    let base = api_base(data_dir, &args)?;
     let (peers, raw): (Vec<PeerInfo>, _) = get(&base, "/api/v1/peers").await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&raw)?);
