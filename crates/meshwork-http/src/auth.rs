@@ -248,6 +248,12 @@ impl Credentials {
         Credentials::parse(&text).map_err(malformed)
     }
 
+    /// The secret (the password of the pair): what `Authorization: Bearer` carries, and what
+    /// a Prometheus `bearer_token_file` holds.
+    pub fn secret(&self) -> &str {
+        &self.password
+    }
+
     /// The `Authorization: Basic ...` header value.
     pub fn header_value(&self) -> HeaderValue {
         let b64 = base64::engine::general_purpose::STANDARD
