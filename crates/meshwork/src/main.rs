@@ -564,6 +564,19 @@ async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
     if let Some(api) = node.api_addr {
         println!("api         http://{api}/api/v1/status");
         println!("metrics     http://{api}/metrics");
+        let cookie = node
+            .api_cookie_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(held in memory)".into());
+        println!("api cookie  {cookie}");
+        if !api.ip().is_loopback() {
+            println!(
+                "note        the API listens beyond loopback ({api}): every call needs the cookie \
+                 in {cookie} (HTTP basic as __cookie__, or a bearer token); only the hosts \
+                 {api}, localhost:{} and [api] hosts are answered",
+                api.port()
+            );
+        }
     }
     if let Some(m) = &cfg.mining {
         println!("mining to   {}", m.address);
