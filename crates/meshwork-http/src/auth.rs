@@ -258,8 +258,8 @@ impl Credentials {
     pub fn header_value(&self) -> HeaderValue {
         let b64 = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", self.user, self.password));
-        let mut v = HeaderValue::from_str(&format!("Basic {b64}"))
-            .expect("base64 is a valid header value");
+        let mut v =
+            HeaderValue::from_str(&format!("Basic {b64}")).expect("base64 is a valid header value");
         v.set_sensitive(true);
         v
     }
@@ -607,7 +607,10 @@ mod tests {
         assert!(!g.authorized(&h));
         // The right secret under another user name is refused.
         let b64 = base64::engine::general_purpose::STANDARD.encode(format!("root:{}", c.secret));
-        h.insert(header::AUTHORIZATION, format!("Basic {b64}").parse().unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {b64}").parse().unwrap(),
+        );
         assert!(!g.authorized(&h));
         h.insert(header::AUTHORIZATION, "Basic !!!".parse().unwrap());
         assert!(!g.authorized(&h));

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use meshwork_ledger::{Address, Hash, SignedTransfer, TxStatus};
 use meshwork_http::auth::Credentials;
+use meshwork_ledger::{Address, Hash, SignedTransfer, TxStatus};
 use meshwork_node::api::{AccountView, BlockView, ChainView, MiningRequest, TxStatusView};
 use meshwork_node::content::{ContentInfo, FetchRequest, ShareRequest};
 use meshwork_node::node::{Arrival, PeerInfo, Status};

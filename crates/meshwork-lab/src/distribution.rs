@@ -468,8 +468,13 @@ async fn cs_netns(
     // The server wrote its cookie before it answered.
     let server_creds = Credentials::read(&dir.join("server").join(COOKIE_FILE))?;
     let sum = meshwork_server::client::upload(&base, &server_creds, file).await?;
-    let served0 = http_json(reqwest::Method::GET, &format!("{base}/api/v1/status"), None, None).await?
-        ["bytes_served"]
+    let served0 = http_json(
+        reqwest::Method::GET,
+        &format!("{base}/api/v1/status"),
+        None,
+        None,
+    )
+    .await?["bytes_served"]
         .as_u64()
         .unwrap_or(0);
     let wire0 = r.tx_bytes(0)?;
@@ -513,8 +518,13 @@ async fn cs_netns(
         ensure!(Instant::now() < deadline, "client-server N={n} timed out");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let served = http_json(reqwest::Method::GET, &format!("{base}/api/v1/status"), None, None).await?
-        ["bytes_served"]
+    let served = http_json(
+        reqwest::Method::GET,
+        &format!("{base}/api/v1/status"),
+        None,
+        None,
+    )
+    .await?["bytes_served"]
         .as_u64()
         .unwrap_or(0);
     let wire = r.tx_bytes(0)? - wire0;
@@ -764,7 +774,13 @@ async fn cs_inproc(
         times.push(t.await??);
     }
     times.sort_by(f64::total_cmp);
-    let st = http_json(reqwest::Method::GET, &format!("{base}/api/v1/status"), None, None).await?;
+    let st = http_json(
+        reqwest::Method::GET,
+        &format!("{base}/api/v1/status"),
+        None,
+        None,
+    )
+    .await?;
     srv.stop().await;
     let verified = tokio::task::spawn_blocking(move || verify_copies(&copies, want)).await??;
     Ok(ArchResult {

@@ -115,7 +115,15 @@ async fn every_route_needs_the_cookie_basic_or_bearer() {
         );
         let (code, _) = call(&node, m, p, Auth::Basic(&wrong), &[], None).await;
         assert_eq!(code, 401, "{m} {p} with a wrong secret");
-        let (code, _) = call(&node, m, p, Auth::Bearer(wrong.secret().to_string()), &[], None).await;
+        let (code, _) = call(
+            &node,
+            m,
+            p,
+            Auth::Bearer(wrong.secret().to_string()),
+            &[],
+            None,
+        )
+        .await;
         assert_eq!(code, 401, "{m} {p} with a wrong bearer token");
         let (code, body) = call(&node, m, p, Auth::Basic(&creds), &[], None).await;
         assert!(
@@ -140,7 +148,8 @@ async fn a_foreign_host_or_origin_is_refused_before_anything_changes() {
     let creds = node.api_credentials();
     let api = node.api_addr.unwrap();
     let share = serde_json::json!({ "path": file });
-    let mine = serde_json::json!({ "address": meshwork_ledger::Wallet::generate().address().to_string() });
+    let mine =
+        serde_json::json!({ "address": meshwork_ledger::Wallet::generate().address().to_string() });
     let mining = |n: &RunningNode| {
         let h = n.handle.clone();
         async move { h.status().await.unwrap().chain.miner_configured }
@@ -253,7 +262,10 @@ async fn the_cookie_file_is_private_new_at_each_start_and_gone_after_a_stop() {
     let first = Credentials::read(&path).unwrap();
     assert_eq!(first, node.api_credentials());
     let md = std::fs::symlink_metadata(&path).unwrap();
-    assert!(md.file_type().is_file(), "the link was replaced, not followed");
+    assert!(
+        md.file_type().is_file(),
+        "the link was replaced, not followed"
+    );
     assert_eq!(md.permissions().mode() & 0o777, 0o600);
     assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
     assert_eq!(
@@ -278,7 +290,15 @@ async fn the_cookie_file_is_private_new_at_each_start_and_gone_after_a_stop() {
     let node = meshwork_node::start(cfg()).await.unwrap();
     let second = Credentials::read(&path).unwrap();
     assert_ne!(first, second, "a new cookie at each start");
-    let (code, _) = call(&node, "GET", "/api/v1/status", Auth::Basic(&first), &[], None).await;
+    let (code, _) = call(
+        &node,
+        "GET",
+        "/api/v1/status",
+        Auth::Basic(&first),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(code, 401, "the old cookie is refused");
     node.shutdown().await;
     assert!(!path.exists());

@@ -429,9 +429,8 @@ fn open(cfg: &ServerConfig, faults: Option<Arc<Faults>>) -> Result<Shared, Serve
 }
 
 fn router(s: Shared, guard: meshwork_http::auth::Guard) -> Router {
-    let auth = || {
-        axum::middleware::from_fn_with_state(guard.clone(), meshwork_http::auth::require_auth)
-    };
+    let auth =
+        || axum::middleware::from_fn_with_state(guard.clone(), meshwork_http::auth::require_auth);
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/health", get(health))
@@ -452,7 +451,9 @@ fn router(s: Shared, guard: meshwork_http::auth::Guard) -> Router {
         // The upload streams its body itself, with the store's own limit.
         .route(
             "/api/v1/upload/{name}",
-            post(upload).layer(DefaultBodyLimit::disable()).layer(auth()),
+            post(upload)
+                .layer(DefaultBodyLimit::disable())
+                .layer(auth()),
         )
         .with_state(s)
 }

@@ -18,6 +18,10 @@ pub struct ServerOptions<'a> {
     pub network: &'a str,
     pub spec: Option<&'a Path>,
     pub refuse: std::collections::HashSet<meshwork_ledger::Address>,
+    /// Most content bytes stored in all.
+    pub quota: u64,
+    /// Largest single upload.
+    pub max_upload: u64,
 }
 
 pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Result<()> {
@@ -26,6 +30,8 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
         network,
         spec,
         refuse,
+        quota,
+        max_upload,
     } = o;
     let dir = server_dir(data_dir)?;
     let spec = match spec {
@@ -37,6 +43,8 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
     };
     let mut cfg = ServerConfig::new(&dir, spec);
     cfg.refuse_senders = refuse;
+    cfg.quota_bytes = quota;
+    cfg.max_upload_bytes = max_upload;
     let srv = server::start(listen, cfg).await.with_context(|| {
         format!(
             "cannot start the server (data dir {}, listening on {listen})",
@@ -45,6 +53,10 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
     })?;
     println!("data dir    {}", dir.display());
     println!("api         http://{}/api/v1/status", srv.addr);
+    println!(
+        "api cookie  {} (uploads and deletes need it)",
+        dir.join(meshwork_http::auth::COOKIE_FILE).display()
+    );
     println!("server is ready");
     crate::wait_for_signal().await?;
     srv.stop().await;
@@ -72,8 +84,13 @@ fn base(url: &str) -> String {
 /// Runs a client command against the server at `url`.
 pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()> {
     let base = base(url);
+    // The server's cookie (if any), never the node's: a server is not sent a node's secret.
+    let server_cookie = server_dir(data_dir)?.join(meshwork_http::auth::COOKIE_FILE);
     let with_api = |mut c: ClientArgs| {
         c.api = Some(base.clone());
+        if c.api_cookie.is_none() {
+            c.api_cookie = Some(server_cookie.clone());
+        }
         c
     };
     match cmd {
@@ -114,11 +131,7 @@ pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()>
             }
             // Uploads need the server's cookie: --api-cookie, else the server's data dir's.
             let dir = server_dir(data_dir)?;
-            let target = crate::Target::new(
-                base.clone(),
-                client.api_cookie.as_deref(),
-                Some(&dir),
-            );
+            let target = crate::Target::new(base.clone(), client.api_cookie.as_deref(), Some(&dir));
             let s = client::upload(&base, target.credentials()?, &path).await?;
             if client.json {
                 println!("{}", serde_json::to_string(&s)?);
@@ -142,8 +155,23 @@ pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()>
             follow,
             client,
         } => log(&base, after, follow, client.json).await,
+        Command::Content {
+            command: crate::ContentCommand::Rm { id, client },
+        } => {
+            // Deleting needs the server's cookie, as uploads do.
+            let dir = server_dir(data_dir)?;
+            let target = crate::Target::new(base.clone(), client.api_cookie.as_deref(), Some(&dir));
+            let cid: meshwork_swarm::ContentId =
+                id.parse().context("a content id (64 hex digits)")?;
+            if client::delete(&base, target.credentials()?, &cid).await? {
+                println!("deleted {id} from the server");
+                Ok(())
+            } else {
+                bail!("the server holds no content {id}")
+            }
+        }
         _ => bail!(
-            "--server works with tx send, tx status, balance, share, fetch and log; \
+            "--server works with tx send, tx status, balance, share, fetch, log and content rm; \
              for the other commands, leave it out"
         ),
     }

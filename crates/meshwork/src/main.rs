@@ -167,10 +167,11 @@ pub(crate) enum Command {
 }
 
 #[derive(Subcommand)]
-enum ContentCommand {
+pub(crate) enum ContentCommand {
     /// Every content, with its state and progress.
     List(ClientArgs),
     /// Stop sharing or fetching a content (a shared file and a finished download stay on disk).
+    /// With --server: delete it from the server (needs the server's cookie).
     Rm {
         /// The content id.
         id: String,
@@ -215,7 +216,33 @@ enum ServerCommand {
         /// Refuse transfers from this sender (repeatable): the operator's policy.
         #[arg(long, value_name = "ADDR")]
         refuse: Vec<String>,
+        /// The most content bytes stored in all (uploads past it get 507), e.g. 16GiB.
+        #[arg(long, env = "MESHWORK_SERVER_QUOTA", value_name = "BYTES", default_value = "16GiB", value_parser = parse_bytes)]
+        quota: u64,
+        /// The largest single upload (larger ones get 413), e.g. 4GiB.
+        #[arg(long, env = "MESHWORK_SERVER_MAX_UPLOAD", value_name = "BYTES", default_value = "4GiB", value_parser = parse_bytes)]
+        max_upload: u64,
     },
+}
+
+/// A byte count: digits with an optional binary suffix (KiB, MiB, GiB, TiB; K, M, G, T).
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 16GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        u => return Err(format!("unknown unit {u:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Subcommand)]
@@ -431,6 +458,8 @@ async fn run(mut cli: Cli) -> Result<()> {
                     network,
                     spec,
                     refuse,
+                    quota,
+                    max_upload,
                 },
         } => {
             let refuse = refuse
@@ -442,6 +471,8 @@ async fn run(mut cli: Cli) -> Result<()> {
                 network: &network,
                 spec: spec.as_deref(),
                 refuse,
+                quota,
+                max_upload,
             };
             central::server_start(cli.data_dir.as_deref(), opts).await
         }
@@ -735,8 +766,14 @@ pub(crate) async fn get<T: serde::de::DeserializeOwned>(
     path: &str,
 ) -> Result<(T, serde_json::Value)> {
     let url = format!("{base}{path}");
-    let (code, body) =
-        request::<()>(base, reqwest::Method::GET, &url, None, Duration::from_secs(15)).await?;
+    let (code, body) = request::<()>(
+        base,
+        reqwest::Method::GET,
+        &url,
+        None,
+        Duration::from_secs(15),
+    )
+    .await?;
     if !code.is_success() {
         bail!("{url}: {code}: {}", api_error(&body).unwrap_or("error"));
     }

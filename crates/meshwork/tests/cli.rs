@@ -111,9 +111,13 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::spawn(dir, &[&START[..], extra].concat(), "node is ready")
+    }
+
+    /// Any long-running command, once it printed `ready`.
+    fn spawn(dir: &Path, args: &[&str], ready: &str) -> Result<Self> {
         let mut child = meshwork(dir)
-            .args(START)
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("node.log"))?)
             .env("RUST_LOG", "info")
@@ -132,7 +136,7 @@ impl NodeProc {
             lines,
             seen: vec![],
         };
-        p.wait_line("node is ready", Duration::from_secs(60))?;
+        p.wait_line(ready, Duration::from_secs(60))?;
         Ok(p)
     }
 
@@ -313,7 +317,9 @@ fn http_get(addr: &str, path: &str, cookie: Option<&str>) -> Result<String> {
 fn the_cli_sends_the_cookie_and_a_refusal_says_what_to_do() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("a");
-    ensure!(run(&dir, &["init", "--network", "clitest"])?.status.success());
+    ensure!(run(&dir, &["init", "--network", "clitest"])?
+        .status
+        .success());
     let node = NodeProc::start(&dir, &[])?;
     let api = std::fs::read_to_string(dir.join("api"))?.trim().to_owned();
     let cookie = dir.join("api.cookie");
@@ -340,9 +346,7 @@ fn the_cli_sends_the_cookie_and_a_refusal_says_what_to_do() -> Result<()> {
     ensure!(o.status.success(), "{}", stderr(&o));
 
     // No cookie there: the error names the file and the flag.
-    let o = meshwork(&other)
-        .args(["status", "--api", &api])
-        .output()?;
+    let o = meshwork(&other).args(["status", "--api", &api]).output()?;
     let e = stderr(&o);
     ensure!(
         !o.status.success()
@@ -353,10 +357,7 @@ fn the_cli_sends_the_cookie_and_a_refusal_says_what_to_do() -> Result<()> {
     );
     // A stale cookie (of an earlier start): refused, and told so.
     let stale = tmp.path().join("stale.cookie");
-    std::fs::write(
-        &stale,
-        format!("__cookie__:{}", "ab".repeat(32)),
-    )?;
+    std::fs::write(&stale, format!("__cookie__:{}", "ab".repeat(32)))?;
     let o = meshwork(&other)
         .args(["status", "--api", &api, "--api-cookie"])
         .arg(&stale)
@@ -410,6 +411,80 @@ fn the_cli_sends_the_cookie_and_a_refusal_says_what_to_do() -> Result<()> {
         "nothing was shared: {list}"
     );
     drop(node);
+    Ok(())
+}
+
+/// Issue 14, case 8 through the binary: `server start --quota`, uploads with the server's
+/// cookie (its data dir, or --api-cookie), 507 past the quota, `content rm --server` frees it,
+/// and an upload without the cookie is refused with a sentence.
+#[test]
+fn server_uploads_need_its_cookie_and_stay_within_the_quota() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let sdir = tmp.path().join("server");
+    std::fs::create_dir_all(&sdir)?;
+    let guard = NodeProc::spawn(
+        &sdir,
+        &[
+            "server",
+            "start",
+            "--listen",
+            "127.0.0.1:0",
+            "--network",
+            "clitest",
+            "--quota",
+            "1KiB",
+        ],
+        "server is ready",
+    )?;
+    let url = guard
+        .seen
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("api")
+                .and_then(|a| a.trim().strip_suffix("/api/v1/status"))
+        })
+        .context("server start printed no api line")?
+        .to_string();
+    let file = |name: &str, n: usize| -> Result<std::path::PathBuf> {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, vec![7u8; n])?;
+        Ok(p)
+    };
+    let share = |dir: &Path, f: &Path| -> Result<Output> {
+        Ok(meshwork(dir)
+            .args(["--server", &url, "share", "--json"])
+            .arg(f)
+            .output()?)
+    };
+    let a = file("a.bin", 600)?;
+    let o = share(&sdir, &a)?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let id = serde_json::from_slice::<Value>(&o.stdout)?["id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    // Past the quota (600 + 600 > 1024): refused, and said so.
+    let b = file("b.bin", 600)?;
+    let o = share(&sdir, &b)?;
+    let e = stderr(&o);
+    ensure!(!o.status.success() && e.contains("quota"), "{e}");
+    // Without the server's cookie.
+    let o = share(&tmp.path().join("nowhere"), &b)?;
+    let e = stderr(&o);
+    ensure!(
+        !o.status.success() && e.contains("cannot read the API cookie"),
+        "{e}"
+    );
+    // With it by flag from elsewhere: delete, then the second fits.
+    let o = meshwork(&tmp.path().join("nowhere"))
+        .args(["--server", &url, "content", "rm", &id, "--api-cookie"])
+        .arg(sdir.join("api.cookie"))
+        .output()?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let o = share(&sdir, &b)?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    guard.terminate()?;
+    ensure!(!sdir.join("api.cookie").exists(), "a clean stop removes it");
     Ok(())
 }
 
