@@ -631,13 +631,13 @@ async fn swarm_netns(
     let wire0 = r.tx_bytes(0)?;
     let t0 = Instant::now();
     let mut copies = vec![];
-    for i in 1..=n {
+    for (i, node_creds) in creds.iter().enumerate().skip(1) {
         let out = dir.join(format!("copy-{i}.bin"));
         http_json(
             reqwest::Method::POST,
             &format!("{}/fetch", api(i)),
             Some(serde_json::json!({ "target": ticket, "out": out })),
-            Some(&creds[i]),
+            Some(node_creds),
         )
         .await?;
         copies.push(out);

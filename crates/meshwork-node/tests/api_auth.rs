@@ -270,7 +270,7 @@ async fn the_cookie_file_is_private_new_at_each_start_and_gone_after_a_stop() {
     assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),
-        format!("__cookie__:{}", first.secret().to_string())
+        format!("__cookie__:{}", first.secret())
     );
     assert_eq!(first.secret().to_string().len(), 64);
     // The file's secret is what the API takes, as a bearer token too.
