@@ -21,6 +21,16 @@ fn stored(dir: &std::path::Path) -> Vec<String> {
     v
 }
 
+/// A 150 000-byte cap per upload, a 200 000-byte quota.
+fn config(dir: &std::path::Path) -> ServerConfig {
+    ServerConfig {
+        piece_size: Some(16 << 10),
+        max_upload_bytes: 150_000,
+        quota_bytes: 200_000,
+        ..ServerConfig::new(dir, ChainSpec::test("test-uploads"))
+    }
+}
+
 async fn raw_upload(
     base: &str,
     creds: Option<&Credentials>,
@@ -41,13 +51,7 @@ async fn raw_upload(
 async fn uploads_need_the_cookie_stay_in_quota_and_deletes_free_it() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("server");
-    let cfg = ServerConfig {
-        piece_size: Some(16 << 10),
-        max_upload_bytes: 150_000,
-        quota_bytes: 200_000,
-        ..ServerConfig::new(&dir, ChainSpec::test("test-uploads"))
-    };
-    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let srv = server::start("127.0.0.1:0".parse()?, config(&dir)).await?;
     let base = format!("http://{}", srv.addr);
     let creds = srv.api_credentials();
 
@@ -123,13 +127,7 @@ async fn uploads_need_the_cookie_stay_in_quota_and_deletes_free_it() -> Result<(
     // what is stored (another 100 000 fits, a third does not). The cookie is new.
     srv.stop().await;
     assert!(!cookie.exists(), "a clean stop removes the cookie");
-    let cfg = ServerConfig {
-        piece_size: Some(16 << 10),
-        max_upload_bytes: 150_000,
-        quota_bytes: 200_000,
-        ..ServerConfig::new(&dir, ChainSpec::test("test-uploads"))
-    };
-    let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
+    let srv = server::start("127.0.0.1:0".parse()?, config(&dir)).await?;
     let base = format!("http://{}", srv.addr);
     let creds2 = srv.api_credentials();
     assert_ne!(creds, creds2);
