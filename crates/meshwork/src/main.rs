@@ -694,9 +694,11 @@ impl Target {
 /// The node's API: `--api`, else the address the node wrote to `<data-dir>/api`; its cookie
 /// `--api-cookie`, else `<data-dir>/api.cookie`.
 pub(crate) fn api_base(data_dir: Option<&Path>, client: &ClientArgs) -> Result<Target> {
+    // With --api given, the data directory is needed only for the cookie, and may not exist.
     let dir = match (&client.api, &client.api_cookie) {
         (Some(_), Some(_)) => None,
-        _ => Some(config::data_dir(data_dir)?),
+        (Some(_), None) => config::data_dir(data_dir).ok(),
+        (None, _) => Some(config::data_dir(data_dir)?),
     };
     let addr = match &client.api {
         Some(a) => a.clone(),
