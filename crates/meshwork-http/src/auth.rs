@@ -429,7 +429,9 @@ impl Guard {
         })
     }
 
-    fn refusal(&self) -> Response {
+    /// The 401 answer: `WWW-Authenticate: Basic realm="meshwork"` and a JSON body that says
+    /// where the cookie is.
+    pub fn refusal(&self) -> Response {
         let where_ = match &self.inner.cookie_path {
             Some(p) => format!(
                 "the secret is in {} (pass that file with --api-cookie, or run as its owner)",

@@ -451,9 +451,9 @@ fn router(s: Shared, guard: meshwork_http::auth::Guard) -> Router {
         // The upload streams its body itself, with the store's own limit.
         .route(
             "/api/v1/upload/{name}",
-            post(upload)
-                .layer(DefaultBodyLimit::disable())
-                .layer(auth()),
+            post(upload).layer(DefaultBodyLimit::disable()).layer(
+                axum::middleware::from_fn_with_state(guard.clone(), upload_auth),
+            ),
         )
         .with_state(s)
 }
@@ -987,6 +987,21 @@ async fn upload(
         Ok(Err(e)) => upload_failure(&s, e),
         Err(e) => internal(format!("the upload's writer failed: {e}")),
     }
+}
+
+/// The cookie check of uploads. A refused upload's body is drained (bounded, as other
+/// refusals' are), so that the client, still sending, hears the 401 rather than a reset
+/// connection.
+async fn upload_auth(
+    State(g): State<meshwork_http::auth::Guard>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if g.authorized(req.headers()) {
+        return next.run(req).await;
+    }
+    drain(&mut req.into_body().into_data_stream()).await;
+    g.refusal()
 }
 
 /// `DELETE /api/v1/content/{id}` (authenticated): 204, or 404 when not stored.
