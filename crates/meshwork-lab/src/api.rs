@@ -9,9 +9,12 @@
 //! `GET /api/v1/accounts/{addr}` and `GET /api/v1/chain` (its `chain_id`) with the same JSON,
 //! so the transfer calls below work against both.
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use meshwork_http::auth::Credentials;
 use meshwork_ledger::{Address, Hash, SignedTransfer, TxStatus};
 use meshwork_node::api::{AccountView, BlockView, ChainView, MiningRequest, TxStatusView};
 use meshwork_node::content::{ContentInfo, FetchRequest, ShareRequest};
@@ -32,14 +35,78 @@ pub enum Submitted {
     Refused(String),
 }
 
+/// Where an [`Api`]'s credentials come from.
+#[derive(Clone, Debug)]
+enum Auth {
+    /// None: the server's open calls, or a probe.
+    None,
+    /// Given (an in-process service hands its cookie out).
+    Fixed(Credentials),
+    /// A cookie file, read when first needed and again after a 401 (a restarted process
+    /// writes a new cookie).
+    File {
+        path: PathBuf,
+        cached: Arc<Mutex<Option<Credentials>>>,
+    },
+}
+
 #[derive(Clone, Debug)]
 pub struct Api {
     base: String,
     http: reqwest::Client,
+    auth: Auth,
 }
 
 impl Api {
-    /// A client of the service at `addr` (`HOST:PORT` or a URL).
+    /// A client of the service at `addr` (`HOST:PORT` or a URL) that sends `creds` (the
+    /// service's cookie: see `meshwork_http::auth`).
+    pub fn with_credentials(addr: impl std::fmt::Display, creds: Credentials) -> Api {
+        Api {
+            auth: Auth::Fixed(creds),
+            ..Api::new(addr)
+        }
+    }
+
+    /// A client of the service at `addr` that sends the cookie in `path` (a process's
+    /// `<data-dir>/api.cookie`), read again whenever the service answers 401.
+    pub fn with_cookie_file(addr: impl std::fmt::Display, path: PathBuf) -> Api {
+        Api {
+            auth: Auth::File {
+                path,
+                cached: Arc::default(),
+            },
+            ..Api::new(addr)
+        }
+    }
+
+    /// The cookie file this client reads, if it reads one.
+    pub fn cookie_file(&self) -> Option<&std::path::Path> {
+        match &self.auth {
+            Auth::File { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    /// The credentials this client sends, if any (reading its cookie file if need be).
+    pub fn credentials(&self) -> Result<Option<Credentials>> {
+        self.creds(false)
+    }
+
+    fn creds(&self, reread: bool) -> Result<Option<Credentials>> {
+        match &self.auth {
+            Auth::None => Ok(None),
+            Auth::Fixed(c) => Ok(Some(c.clone())),
+            Auth::File { path, cached } => {
+                let mut cached = cached.lock().unwrap_or_else(|e| e.into_inner());
+                if reread || cached.is_none() {
+                    *cached = Some(Credentials::read(path)?);
+                }
+                Ok(cached.clone())
+            }
+        }
+    }
+
+    /// A client of the service at `addr` (`HOST:PORT` or a URL), without credentials.
     pub fn new(addr: impl std::fmt::Display) -> Api {
         let addr = addr.to_string();
         let base = if addr.starts_with("http://") || addr.starts_with("https://") {
@@ -53,6 +120,7 @@ impl Api {
                 .connect_timeout(Duration::from_secs(5))
                 .build()
                 .expect("a default reqwest client builds"),
+            auth: Auth::None,
         }
     }
 
@@ -69,11 +137,27 @@ impl Api {
         timeout: Duration,
     ) -> Result<(StatusCode, Vec<u8>)> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url).timeout(timeout);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let r = req.send().await.with_context(|| url.clone())?;
+        let mut reread = false;
+        let r = loop {
+            let mut req = self.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            // A cookie file not there yet (the process is starting) is a request without it.
+            if let Ok(Some(c)) = self.creds(reread) {
+                req = c.apply(req);
+            }
+            let r = req.send().await.with_context(|| url.clone())?;
+            if r.status() == StatusCode::UNAUTHORIZED
+                && !reread
+                && matches!(self.auth, Auth::File { .. })
+            {
+                // The process may have restarted with a new cookie: read it once more.
+                reread = true;
+                continue;
+            }
+            break r;
+        };
         let code = r.status();
         let bytes = meshwork_http::body::read_capped(r, meshwork_http::body::API_ANSWER_MAX)
             .await

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use meshwork_http::auth::{Credentials, COOKIE_FILE};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -383,15 +384,20 @@ async fn netns_all(
     Ok((res_cs, res_swarm))
 }
 
+/// One JSON call; `creds` for a node's API (or a server's mutating call).
 async fn http_json(
     method: reqwest::Method,
     url: &str,
     body: Option<serde_json::Value>,
+    creds: Option<&Credentials>,
 ) -> Result<serde_json::Value> {
     let c = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
     let mut req = c.request(method, url);
+    if let Some(creds) = creds {
+        req = creds.apply(req);
+    }
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -462,9 +468,16 @@ async fn cs_netns(
         ],
     )?;
     wait_up(&mut r, srv, &base, Duration::from_secs(30)).await?;
-    let sum = meshwork_server::client::upload(&base, file).await?;
-    let served0 = http_json(reqwest::Method::GET, &format!("{base}/api/v1/status"), None).await?
-        ["bytes_served"]
+    // The server wrote its cookie before it answered.
+    let server_creds = Credentials::read(&dir.join("server").join(COOKIE_FILE))?;
+    let sum = meshwork_server::client::upload(&base, &server_creds, file).await?;
+    let served0 = http_json(
+        reqwest::Method::GET,
+        &format!("{base}/api/v1/status"),
+        None,
+        None,
+    )
+    .await?["bytes_served"]
         .as_u64()
         .unwrap_or(0);
     let wire0 = r.tx_bytes(0)?;
@@ -508,8 +521,13 @@ async fn cs_netns(
         ensure!(Instant::now() < deadline, "client-server N={n} timed out");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let served = http_json(reqwest::Method::GET, &format!("{base}/api/v1/status"), None).await?
-        ["bytes_served"]
+    let served = http_json(
+        reqwest::Method::GET,
+        &format!("{base}/api/v1/status"),
+        None,
+        None,
+    )
+    .await?["bytes_served"]
         .as_u64()
         .unwrap_or(0);
     let wire = r.tx_bytes(0)? - wire0;
@@ -595,12 +613,17 @@ async fn swarm_netns(
         wait_up(&mut r, node, &addr, Duration::from_secs(60)).await?;
     }
     let api = |i: usize| format!("http://{}:{API_PORT}/api/v1", r.ip(i));
+    // Each node wrote its cookie before its API answered.
+    let creds = (0..=n)
+        .map(|i| Credentials::read(&dir.join(format!("node-{i}")).join(COOKIE_FILE)))
+        .collect::<Result<Vec<_>, _>>()?;
     let shared = http_json(
         reqwest::Method::POST,
         &format!("{}/content", api(0)),
         Some(serde_json::json!({
             "path": file, "super_seed": true, "piece_size": o.piece_kib.map(|k| k << 10)
         })),
+        Some(&creds[0]),
     )
     .await?;
     let id = shared["id"].as_str().context("share answer")?.to_string();
@@ -611,12 +634,13 @@ async fn swarm_netns(
     let wire0 = r.tx_bytes(0)?;
     let t0 = Instant::now();
     let mut copies = vec![];
-    for i in 1..=n {
+    for (i, node_creds) in creds.iter().enumerate().skip(1) {
         let out = dir.join(format!("copy-{i}.bin"));
         http_json(
             reqwest::Method::POST,
             &format!("{}/fetch", api(i)),
             Some(serde_json::json!({ "target": ticket, "out": out })),
+            Some(node_creds),
         )
         .await?;
         copies.push(out);
@@ -633,6 +657,7 @@ async fn swarm_netns(
                 reqwest::Method::GET,
                 &format!("{}/content/{id}", api(k + 1)),
                 None,
+                Some(&creds[k + 1]),
             )
             .await?;
             match info["state"].as_str() {
@@ -651,6 +676,7 @@ async fn swarm_netns(
         reqwest::Method::GET,
         &format!("{}/content/{id}", api(0)),
         None,
+        Some(&creds[0]),
     )
     .await?;
     let wire = r.tx_bytes(0)? - wire0;
@@ -732,7 +758,7 @@ async fn cs_inproc(
     cfg.piece_size = o.piece_kib.map(|k| k << 10);
     let srv = meshwork_server::server::start("127.0.0.1:0".parse()?, cfg).await?;
     let base = format!("http://{}", srv.addr);
-    let sum = meshwork_server::client::upload(&base, file).await?;
+    let sum = meshwork_server::client::upload(&base, &srv.api_credentials(), file).await?;
     let id: meshwork_swarm::ContentId = sum.id.parse()?;
     let t0 = Instant::now();
     let mut tasks = vec![];
@@ -751,7 +777,13 @@ async fn cs_inproc(
         times.push(t.await??);
     }
     times.sort_by(f64::total_cmp);
-    let st = http_json(reqwest::Method::GET, &format!("{base}/api/v1/status"), None).await?;
+    let st = http_json(
+        reqwest::Method::GET,
+        &format!("{base}/api/v1/status"),
+        None,
+        None,
+    )
+    .await?;
     srv.stop().await;
     let verified = tokio::task::spawn_blocking(move || verify_copies(&copies, want)).await??;
     Ok(ArchResult {

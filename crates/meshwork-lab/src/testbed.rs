@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use meshwork_http::auth::COOKIE_FILE;
 use meshwork_ledger::{Address, Wallet};
 use meshwork_node::content::{FetchRequest, ShareRequest, State};
 use meshwork_server::server::{RunningServer, ServerConfig};
@@ -313,7 +314,7 @@ impl Bed {
                     meshwork_server::server::start(SocketAddr::new(ip.into(), 0), cfg.clone())
                         .await?;
                 let addr = srv.addr;
-                self.server_api = Some(Api::new(addr));
+                self.server_api = Some(Api::with_credentials(addr, srv.api_credentials()));
                 self.server = Some(Server::Inproc {
                     srv: Some(srv),
                     cfg: Box::new(cfg),
@@ -338,7 +339,10 @@ impl Bed {
                 let ip = net.ip(0);
                 let p = net.spawn(0, "server", &args)?;
                 self.server = Some(Server::Netns(p));
-                self.server_api = Some(Api::new(format!("{ip}:{SERVER_PORT}")));
+                self.server_api = Some(Api::with_cookie_file(
+                    format!("{ip}:{SERVER_PORT}"),
+                    data.join(COOKIE_FILE),
+                ));
             }
         }
         self.wait_server().await
@@ -377,7 +381,13 @@ impl Bed {
         match self.server.as_mut().context("no server")? {
             Server::Inproc { srv, cfg, addr } => {
                 if srv.is_none() {
-                    *srv = Some(meshwork_server::server::start(*addr, (**cfg).clone()).await?);
+                    let started = meshwork_server::server::start(*addr, (**cfg).clone()).await?;
+                    // A new start, a new cookie.
+                    self.server_api = Some(Api::with_credentials(
+                        started.addr,
+                        started.api_credentials(),
+                    ));
+                    *srv = Some(started);
                 }
             }
             Server::Netns(p) => {
@@ -412,8 +422,10 @@ impl Bed {
                     .spawn(n)
                     .await?;
                 for u in 0..n {
-                    self.nodes.push(Api::new(
-                        h.running(u)?.api_addr.context("the node has no API")?,
+                    let node = h.running(u)?;
+                    self.nodes.push(Api::with_credentials(
+                        node.api_addr.context("the node has no API")?,
+                        node.api_credentials(),
                     ));
                 }
                 self.harness = Some(h);
@@ -452,7 +464,10 @@ impl Bed {
                         ));
                     }
                     self.node_procs.push(net.spawn(u, "node", &args)?);
-                    self.nodes.push(Api::new(format!("{ip}:{API_PORT}")));
+                    self.nodes.push(Api::with_cookie_file(
+                        format!("{ip}:{API_PORT}"),
+                        self.o.dir.join(format!("node-{u}")).join(COOKIE_FILE),
+                    ));
                 }
                 for u in 0..n {
                     self.wait_node(u).await?;
@@ -542,7 +557,11 @@ impl Bed {
                         .map(|(_, n)| n.dial_addr())
                         .collect();
                     h.restart(u, boot, |_| {}).await?;
-                    self.nodes[u] = Api::new(h.running(u)?.api_addr.context("no API")?);
+                    let node = h.running(u)?;
+                    self.nodes[u] = Api::with_credentials(
+                        node.api_addr.context("no API")?,
+                        node.api_credentials(),
+                    );
                 }
                 RunnerKind::Netns => {
                     let p = self.node_procs[u];
@@ -653,7 +672,7 @@ impl Bed {
             RunnerKind::Netns => {
                 let key = self.o.dir.join(format!("user-{u}.key"));
                 std::fs::write(&key, plan.wallet.secret_hex() + "\n")?;
-                let args = vec![
+                let mut args = vec![
                     "lab".into(),
                     "agent".into(),
                     "--target".into(),
@@ -665,6 +684,9 @@ impl Bed {
                     "--interval-ms".into(),
                     plan.interval.as_millis().to_string(),
                 ];
+                if let Some(cookie) = target.cookie_file() {
+                    args.extend(["--api-cookie".into(), cookie.display().to_string()]);
+                }
                 let host = self.host(u);
                 let p = self.net().spawn(host, &format!("agent-{u}"), &args)?;
                 self.agent_procs.push((u, p));
@@ -799,7 +821,11 @@ impl Bed {
                 Ok(info.ticket)
             }
             Arch::ClientServer => {
-                let s = meshwork_server::client::upload(self.server().base(), file).await?;
+                let creds = self
+                    .server()
+                    .credentials()?
+                    .context("the server's client has no cookie")?;
+                let s = meshwork_server::client::upload(self.server().base(), &creds, file).await?;
                 Ok(s.id)
             }
         }

@@ -1,6 +1,7 @@
 //! The HTTP API: JSON under `/api/v1/`, Prometheus text at `/metrics`. A thin layer over
-//! [`NodeHandle`]; it holds no state of its own. It listens on loopback by default and has no
-//! authentication, so it must not be exposed beyond the machine.
+//! [`NodeHandle`]; it holds no state of its own. The node serves this router behind
+//! `meshwork_http::auth::Guard::protect`: every route needs the node's cookie, and requests
+//! naming a foreign host or coming from a foreign origin are refused (issue 14).
 
 use std::time::Duration;
 

@@ -6,7 +6,8 @@
 //! - `node.redb`: the address book, bans and anchors (a cache: a damaged one is set aside as
 //!   `node.redb.damaged-<unix time>` and rebuilt);
 //! - `chain.redb`: the chain store (blocks, state, undo data);
-//! - `api`: the address of the running node's HTTP API (present while it runs).
+//! - `api`: the address of the running node's HTTP API (present while it runs);
+//! - `api.cookie`: the API's secret, new at each start, mode 0600 (present while it runs).
 //!
 //! Precedence: command-line flags override environment variables, which override the file,
 //! which overrides the defaults here.
@@ -29,6 +30,8 @@ pub const STORE_FILE: &str = "node.redb";
 /// The chain store: blocks, state, undo data (see `meshwork_ledger::chain`).
 pub const CHAIN_FILE: &str = "chain.redb";
 pub const API_FILE: &str = "api";
+/// The API cookie in the data directory (see `meshwork_http::auth`).
+pub const API_COOKIE_FILE: &str = meshwork_http::auth::COOKIE_FILE;
 pub const DEFAULT_NETWORK: &str = "meshwork";
 pub const DEFAULT_PORT: u16 = 4001;
 pub const DEFAULT_API: &str = "127.0.0.1:8650";
@@ -87,6 +90,7 @@ pub struct FileConfig {
     pub chain: ChainSection,
     pub content: ContentSection,
     pub api_connections: ApiConnectionsSection,
+    pub api: ApiSection,
 }
 
 /// `[api_connections]`: the HTTP API listener's bounds (`meshwork_http::serve::Limits`;
@@ -136,6 +140,15 @@ impl Default for ContentSection {
             tracker_retry_s: DEFAULT_TRACKER_RETRY_S,
         }
     }
+}
+
+/// `[api]`: who may call the HTTP API (its address is `[node] api`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    /// Further names the API answers to in the `Host` header (`NAME` or `NAME:PORT`), besides
+    /// its own address, `localhost` and (on loopback) `127.0.0.1`/`[::1]`; most 64.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -253,8 +266,9 @@ allow_private_addrs = {allow_private}
 [node]
 # Addresses to listen on (TCP and QUIC). --listen replaces this list.
 listen = [{listen}]
-# The HTTP API (JSON, /api/v1/...) and Prometheus metrics (/metrics). Keep it on loopback:
-# it is not authenticated. Port 0 picks a free port; the address in use is written to <data-dir>/api.
+# The HTTP API (JSON, /api/v1/...) and Prometheus metrics (/metrics). Every call needs the
+# cookie the node writes to <data-dir>/api.cookie at each start (HTTP basic as __cookie__, or
+# a bearer token). Port 0 picks a free port; the address in use is written to <data-dir>/api.
 api = "{api}"
 # Answer Kademlia queries from other peers (turn off on nodes that are not reachable).
 kad_server = {kad}
@@ -306,6 +320,12 @@ max_per_ip = {api_per_ip}
 header_read_s = {api_header}
 keep_alive_s = {api_keep}
 stall_s = {api_stall}
+
+[api]
+# Names the API answers to besides its own address and localhost (for a reverse proxy or a
+# DNS name), as "NAME" or "NAME:PORT". Requests naming any other host are refused (421), so
+# that a web page cannot reach the API through DNS rebinding.
+hosts = []
 "#,
         network = network,
         allow_private = d.network.allow_private_addrs,
@@ -469,6 +489,8 @@ pub struct NodeConfig {
     pub api: Option<SocketAddr>,
     /// The API's connection caps and timeouts (see `meshwork_http::serve`).
     pub api_limits: meshwork_http::serve::Limits,
+    /// `[api] hosts`: further names the API answers to (see `meshwork_http::auth`).
+    pub api_hosts: Vec<String>,
     pub allow_private_addrs: bool,
     pub kad_server: bool,
     pub target_outbound: usize,
@@ -547,6 +569,7 @@ impl NodeConfig {
             bootstrap: vec![],
             api: None,
             api_limits: meshwork_http::serve::Limits::api(),
+            api_hosts: vec![],
             allow_private_addrs: f.network.allow_private_addrs,
             kad_server: f.node.kad_server,
             target_outbound: f.connections.target_outbound,
@@ -652,6 +675,7 @@ impl NodeConfig {
             bootstrap,
             api: Some(api),
             api_limits,
+            api_hosts: file.api.hosts.clone(),
             allow_private_addrs: file.network.allow_private_addrs,
             kad_server: file.node.kad_server,
             target_outbound: file.connections.target_outbound,

@@ -92,6 +92,9 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The API cookie could not be written (see [`meshwork_http::auth::Cookie::write`]).
+    #[error(transparent)]
+    Cookie(#[from] meshwork_http::auth::CookieError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -438,6 +441,9 @@ pub struct RunningNode {
     /// The addresses the node listens on (port 0 resolved), without `/p2p`.
     pub listen_addrs: Vec<Multiaddr>,
     pub api_addr: Option<SocketAddr>,
+    /// The secret every API call needs (also in `<data-dir>/api.cookie` when the node has a
+    /// data directory and an API).
+    cookie: meshwork_http::auth::Cookie,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -453,7 +459,18 @@ impl RunningNode {
             .with(Protocol::P2p(self.handle.peer_id))
     }
 
-    /// Stops the node: closes connections and writes the address book and anchors.
+    /// What a client of this node's API sends (the cookie; see [`meshwork_http::auth`]).
+    pub fn api_credentials(&self) -> meshwork_http::auth::Credentials {
+        self.cookie.credentials()
+    }
+
+    /// The file that holds the API cookie, when the node wrote one.
+    pub fn api_cookie_path(&self) -> Option<&std::path::Path> {
+        self.cookie.path()
+    }
+
+    /// Stops the node: closes connections and writes the address book and anchors; removes
+    /// the API cookie.
     pub async fn shutdown(self) {
         // Content first: its stores flush and its trackers hear that we leave.
         self.handle.content.shutdown().await;
@@ -462,6 +479,9 @@ impl RunningNode {
             let _ = rx.await;
         }
         let _ = self.task.await;
+        if let Err(e) = self.cookie.remove() {
+            tracing::warn!("{e}");
+        }
     }
 }
 
@@ -936,7 +956,9 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     .await
     .map_err(NodeError::Swarm)?;
 
-    // The API, if asked for.
+    // The API, if asked for. Its cookie is new at each start: a secret that leaked with an
+    // old file is worth nothing after a restart.
+    let mut cookie = meshwork_http::auth::Cookie::generate();
     let api_addr = match cfg.api {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -946,11 +968,14 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                 .local_addr()
                 .map_err(|source| NodeError::Api { addr, source })?;
             if let Some(dir) = &cfg.data_dir {
+                // Before the address: a client that finds the address finds the cookie too.
+                cookie = meshwork_http::auth::Cookie::write(dir)?;
                 let path = dir.join(API_FILE);
                 std::fs::write(&path, format!("{bound}\n"))
                     .map_err(|source| NodeError::Io { path, source })?;
             }
-            let router = crate::api::router(handle.clone());
+            let guard = meshwork_http::auth::Guard::new(&cookie, bound).with_hosts(&cfg.api_hosts);
+            let router = guard.protect(crate::api::router(handle.clone()));
             let done = handle.tx.clone();
             let limits = cfg.api_limits.clone();
             tokio::spawn(async move {
@@ -977,6 +1002,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         handle,
         listen_addrs,
         api_addr,
+        cookie,
         task,
     })
 }

@@ -83,17 +83,24 @@ async fn height(n: &RunningNode) -> u64 {
     n.handle.ledger(|l| l.tip().height).await.unwrap()
 }
 
-async fn get(api: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
-    let r = reqwest::get(format!("http://{api}{path}")).await.unwrap();
+/// A node's API address and the cookie its calls need.
+type Api<'a> = (std::net::SocketAddr, &'a meshwork_http::auth::Credentials);
+
+async fn get((api, creds): Api<'_>, path: &str) -> (u16, serde_json::Value) {
+    let r = creds
+        .apply(reqwest::Client::new().get(format!("http://{api}{path}")))
+        .send()
+        .await
+        .unwrap();
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
 async fn post_tx(
-    api: std::net::SocketAddr,
+    (api, creds): Api<'_>,
     t: &meshwork_ledger::SignedTransfer,
 ) -> (u16, serde_json::Value) {
-    let r = reqwest::Client::new()
-        .post(format!("http://{api}/api/v1/tx"))
+    let r = creds
+        .apply(reqwest::Client::new().post(format!("http://{api}/api/v1/tx")))
         .json(&serde_json::json!({ "tx": hex::encode(t.encode()) }))
         .send()
         .await
@@ -130,7 +137,8 @@ async fn a_full_disk_stops_mining_and_transfers_until_the_store_reopens() {
         pace: Some(Duration::from_millis(30)),
     });
     let node = meshwork_node::start(cfg).await.unwrap();
-    let api = node.api_addr.unwrap();
+    let creds = node.api_credentials();
+    let api = (node.api_addr.unwrap(), &creds);
     wait_for("a few blocks", || async { height(&node).await >= 3 }).await;
     assert_eq!(get(api, "/api/v1/health").await.0, 200);
 

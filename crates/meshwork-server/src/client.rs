@@ -105,7 +105,11 @@ async fn check(url: &str, r: reqwest::Response) -> Result<reqwest::Response, Cli
 }
 
 /// Uploads `path` under its file name; the answer names the content id.
-pub async fn upload(base: &str, path: &Path) -> Result<ContentSummary, ClientError> {
+pub async fn upload(
+    base: &str,
+    creds: &meshwork_http::auth::Credentials,
+    path: &Path,
+) -> Result<ContentSummary, ClientError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -114,8 +118,8 @@ pub async fn upload(base: &str, path: &Path) -> Result<ContentSummary, ClientErr
     // The length lets the server cut the file as a node would (the same content id).
     let len = file.metadata().await.map_err(io(path))?.len();
     let url = format!("{base}/api/v1/upload/{}", urlencode(&name));
-    let r = client(None)
-        .post(&url)
+    let r = creds
+        .apply(client(None).post(&url))
         .header(reqwest::header::CONTENT_LENGTH, len)
         .body(reqwest::Body::from(file))
         .send()
@@ -125,6 +129,29 @@ pub async fn upload(base: &str, path: &Path) -> Result<ContentSummary, ClientErr
     read_json_capped(r, API_ANSWER_MAX)
         .await
         .map_err(answer(&url))
+}
+
+/// Deletes a stored content (`DELETE /api/v1/content/{id}`, with the server's cookie):
+/// `Ok(false)` when the server does not hold it.
+///
+/// Errors: the server unreachable ([`ClientError::Http`]), any other refusal (401 without
+/// the right cookie, 503 with the store down) as [`ClientError::Status`].
+pub async fn delete(
+    base: &str,
+    creds: &meshwork_http::auth::Credentials,
+    id: &ContentId,
+) -> Result<bool, ClientError> {
+    let url = format!("{base}/api/v1/content/{id}");
+    let r = creds
+        .apply(client(Some(Duration::from_secs(30))).delete(&url))
+        .send()
+        .await
+        .map_err(http(&url))?;
+    if r.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(false);
+    }
+    check(&url, r).await?;
+    Ok(true)
 }
 
 fn urlencode(s: &str) -> String {

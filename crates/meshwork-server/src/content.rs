@@ -15,10 +15,17 @@
 //!   ([`ContentError::Unrecorded`]) and creates nothing, so the refusal holds at every start
 //!   until the operator restores the database or moves the directory aside. Re-adopting the
 //!   files instead is impossible: a content id hashes the manifest (name, piece size), which
-//!   the file alone does not hold.
+//!   the file alone does not hold;
+//! - quota: `used` is the total size of the recorded contents plus the bytes that uploads in
+//!   progress have written (each upload reserves its bytes before it writes them, and gives
+//!   them back when it is dropped unrecorded or turns out to be a copy of a stored content),
+//!   and never exceeds `quota`: a write that would pass it fails the upload
+//!   ([`ContentError::OverQuota`]) and the upload's file is removed;
+//! - a delete removes the record first (durably), then the file, then frees its bytes.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use meshwork_swarm::manifest::{ManifestError, MAX_NAME_BYTES};
@@ -38,6 +45,9 @@ const TMP_PREFIX: &str = "tmp-";
 pub enum ContentError {
     #[error("the upload exceeds the server's limit of {0} bytes")]
     TooLarge(u64),
+    /// Storing the upload would pass the server's quota on stored bytes (HTTP 507).
+    #[error("the server's storage quota of {quota} bytes is used up ({used} bytes stored or being uploaded); delete contents to make room")]
+    OverQuota { quota: u64, used: u64 },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     /// The disk (or quota) is full: the upload is refused and its file removed (HTTP 507).
@@ -109,6 +119,36 @@ pub struct ContentStore {
     dir: PathBuf,
     max_bytes: u64,
     faults: Option<Arc<Faults>>,
+    quota: Arc<Quota>,
+}
+
+/// Stored bytes against the quota (see the module's invariants).
+struct Quota {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl Quota {
+    /// Takes `n` bytes, or says how full it is.
+    fn take(&self, n: u64) -> Result<(), ContentError> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .map(|_| ())
+            .map_err(|used| ContentError::OverQuota {
+                quota: self.limit,
+                used,
+            })
+    }
+
+    fn give_back(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
 }
 
 impl ContentStore {
@@ -121,6 +161,18 @@ impl ContentStore {
         store: Arc<Store>,
         dir: &Path,
         max_bytes: u64,
+    ) -> Result<ContentStore, ContentError> {
+        Self::open_with_quota(store, dir, max_bytes, u64::MAX)
+    }
+
+    /// [`ContentStore::open`] with a quota on the total bytes stored (`quota`); contents
+    /// already stored count, even when together they pass it (then uploads are refused
+    /// until deletes make room).
+    pub fn open_with_quota(
+        store: Arc<Store>,
+        dir: &Path,
+        max_bytes: u64,
+        quota: u64,
     ) -> Result<ContentStore, ContentError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let db = store.db()?;
@@ -165,6 +217,10 @@ impl ContentStore {
             store,
             dir: dir.to_path_buf(),
             max_bytes,
+            quota: Arc::new(Quota {
+                limit: quota,
+                used: AtomicU64::new(0),
+            }),
         };
         for name in others {
             let recorded = match name.parse::<ContentId>() {
@@ -181,6 +237,7 @@ impl ContentStore {
         // Every manifest decodes (a damaged one is an open error, not a client's surprise),
         // and a record whose file is gone or of another size is said once, at start.
         for (id, m) in s.list()? {
+            s.quota.used.fetch_add(m.size, Ordering::AcqRel);
             let p = s.path(&id);
             match std::fs::metadata(&p) {
                 Ok(md) if md.is_file() && md.len() == m.size => {}
@@ -194,6 +251,70 @@ impl ContentStore {
             }
         }
         Ok(s)
+    }
+
+    /// Bytes stored or being uploaded, and the quota on them.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.quota.used.load(Ordering::Acquire), self.quota.limit)
+    }
+
+    /// Whether an upload of `len` bytes could be accepted now: checked before its body is
+    /// read, so that a refusal costs the client nothing. The upload's writes are checked
+    /// again as they come (others may fill the room meanwhile).
+    ///
+    /// Errors: [`ContentError::TooLarge`], [`ContentError::OverQuota`].
+    pub fn check_room(&self, len: u64) -> Result<(), ContentError> {
+        if len > self.max_bytes {
+            return Err(ContentError::TooLarge(self.max_bytes));
+        }
+        let used = self.quota.used.load(Ordering::Acquire);
+        if used.saturating_add(len) > self.quota.limit {
+            return Err(ContentError::OverQuota {
+                quota: self.quota.limit,
+                used,
+            });
+        }
+        Ok(())
+    }
+
+    /// Deletes a stored content: its record (durably), then its file; frees its bytes.
+    /// `Ok(false)` when it is not stored.
+    ///
+    /// Errors: [`ContentError::Unavailable`] when the store is down (nothing deleted), store
+    /// errors. A file that cannot be removed after its record is gone is logged, not an
+    /// error: the content is deleted (no longer recorded nor served).
+    pub fn delete(&self, id: &ContentId) -> Result<bool, ContentError> {
+        self.store.check()?;
+        let w = self.store.db()?.begin_write()?;
+        let size = {
+            let mut t = w.open_table(CONTENT)?;
+            let old = t.remove(&id.0)?;
+            match old {
+                None => None,
+                Some(v) => Some(Manifest::decode_verified(v.value(), id)?.size),
+            }
+        };
+        let Some(size) = size else {
+            return Ok(false);
+        };
+        if let Err(e) = w.commit() {
+            return Err(match self.store.check() {
+                Err(down) => down.into(),
+                Ok(()) => e.into(),
+            });
+        }
+        let p = self.path(id);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                if let Ok(d) = std::fs::File::open(&self.dir) {
+                    let _ = d.sync_all();
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(file = %p.display(), "deleted content's file stays: {e}"),
+        }
+        self.quota.give_back(size);
+        Ok(true)
     }
 
     pub fn path(&self, id: &ContentId) -> PathBuf {
@@ -253,6 +374,8 @@ impl ContentStore {
             name: name.to_string(),
             piece_size,
             max_bytes: self.max_bytes,
+            quota: self.quota.clone(),
+            reserved: 0,
             hasher: blake3::Hasher::new(),
             in_piece: 0,
             size: 0,
@@ -283,6 +406,8 @@ impl ContentStore {
         drop(file);
         let dest = self.path(&id);
         if self.manifest(&id)?.is_some() && dest.is_file() {
+            // A copy of a stored content: its bytes are counted already (dropping `up` gives
+            // its reservation back).
             return Ok((id, manifest));
         }
         std::fs::rename(&up.tmp, &dest).map_err(|e| io_err(&up.tmp, e))?;
@@ -306,6 +431,8 @@ impl ContentStore {
                 Ok(()) => e,
             });
         }
+        // Recorded: its bytes now count as stored, not as reserved by the upload.
+        up.reserved = 0;
         Ok((id, manifest))
     }
 }
@@ -318,6 +445,9 @@ pub struct Upload {
     name: String,
     piece_size: u32,
     max_bytes: u64,
+    quota: Arc<Quota>,
+    /// Bytes taken from the quota by this upload (given back when it is dropped unrecorded).
+    reserved: u64,
     hasher: blake3::Hasher,
     /// Bytes of the current piece hashed so far (< piece_size).
     in_piece: u32,
@@ -335,6 +465,8 @@ impl Upload {
         if self.size > self.max_bytes {
             return Err(ContentError::TooLarge(self.max_bytes));
         }
+        self.quota.take(chunk.len() as u64)?;
+        self.reserved += chunk.len() as u64;
         if let Some(f) = self.file.as_mut() {
             let fits = match &self.faults {
                 Some(faults) => faults.take(chunk.len() as u64) as usize,
@@ -382,6 +514,7 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
+        self.quota.give_back(self.reserved);
         if self.file.is_some() || self.tmp.exists() {
             self.file = None;
             let _ = std::fs::remove_file(&self.tmp);

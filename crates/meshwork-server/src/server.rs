@@ -13,6 +13,9 @@
 //!
 //! Content:
 //! - `POST /api/v1/upload/{name}` (the raw file as the body) → 201 `{"id", "name", "size"}`;
+//!   413 above the per-upload cap, 507 past the quota on stored bytes (nothing is kept);
+//! - `DELETE /api/v1/content/{id}` → 204 (record and file removed, durably, the quota freed),
+//!   404 when not stored;
 //! - `GET /api/v1/content` and `GET /api/v1/content/{id}`: manifests' summaries;
 //! - `GET /content/{id}`: the bytes, with single `Range` requests (206, 416);
 //! - `GET /content/{id}/manifest`: the manifest, so that clients verify every piece.
@@ -21,6 +24,12 @@
 //! upload, for the lab). `GET /api/v1/health` → 200 `{"status": "ok"}`, or 503
 //! `{"status": "unavailable", "error", "down_s"}` while the store is down after a storage
 //! error (a full disk).
+//!
+//! Authentication: the mutating content calls (upload, delete) need the server's cookie
+//! (`<data-dir>/api.cookie`, new at each start, bitcoind's scheme: see
+//! [`meshwork_http::auth`]) and answer 401 without it. Reads and downloads stay open: they
+//! change nothing. Transfers stay open too: each is signed by its sender's key, which is the
+//! authorization that matters, and submitting them is what the server's clients are for.
 //!
 //! Storage failures: after an I/O error the store is down until it reopens by itself
 //! ([`crate::store`]; a task here retries every 100 ms, with backoff). Meanwhile status and
@@ -39,7 +48,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use meshwork_ledger::{Address, ChainSpec, Hash, SignedTransfer, TxError};
@@ -66,6 +75,11 @@ const MAINTAIN_EVERY: Duration = Duration::from_millis(100);
 /// the client gets the answer rather than a reset connection.
 const DRAIN_LIMIT: usize = 16 << 20;
 
+/// Default [`ServerConfig::max_upload_bytes`]: 4 GiB.
+pub const DEFAULT_MAX_UPLOAD: u64 = 4 << 30;
+/// Default [`ServerConfig::quota_bytes`]: 16 GiB.
+pub const DEFAULT_QUOTA: u64 = 16 << 30;
+
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
@@ -74,8 +88,11 @@ pub struct ServerConfig {
     /// its `Content-Length`, so that a file gets the same content id here as when a node
     /// shares it), or 256 KiB when the length is not given.
     pub piece_size: Option<u32>,
-    /// The largest upload accepted.
+    /// The largest upload accepted (413 above it).
     pub max_upload_bytes: u64,
+    /// The most bytes stored in all (uploads in progress included); an upload that would pass
+    /// it is refused with 507.
+    pub quota_bytes: u64,
     /// Caps the bytes per second of all content downloads together (the in-process lab's
     /// stand-in for a capped uplink; the netns lab caps the link with `tc` instead).
     pub upload_limit: Option<u64>,
@@ -92,7 +109,8 @@ impl ServerConfig {
             data_dir: data_dir.to_path_buf(),
             spec,
             piece_size: None,
-            max_upload_bytes: 64 << 30,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD,
+            quota_bytes: DEFAULT_QUOTA,
             upload_limit: None,
             refuse_senders: HashSet::new(),
             http: meshwork_http::serve::Limits::server(),
@@ -114,6 +132,8 @@ pub enum ServerError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Content(#[from] ContentError),
+    #[error(transparent)]
+    Cookie(#[from] meshwork_http::auth::CookieError),
 }
 
 struct Inner {
@@ -223,9 +243,15 @@ pub struct RunningServer {
     task: tokio::task::JoinHandle<()>,
     dying: tokio::sync::watch::Sender<bool>,
     maintenance: tokio::task::JoinHandle<()>,
+    cookie: meshwork_http::auth::Cookie,
 }
 
 impl RunningServer {
+    /// What an uploader sends (the cookie, also in `<data-dir>/api.cookie`).
+    pub fn api_credentials(&self) -> meshwork_http::auth::Credentials {
+        self.cookie.credentials()
+    }
+
     /// A crash, as near as one process can stage it inside another (the lab's in-process
     /// runner): downloads and long polls in flight are cut off at once instead of finishing,
     /// and nothing new is accepted. The store is left as it is, which is what a crash leaves:
@@ -247,6 +273,9 @@ impl RunningServer {
             .is_err()
         {
             task.abort();
+        }
+        if let Err(e) = self.cookie.remove() {
+            tracing::warn!("{e}");
         }
     }
 }
@@ -290,9 +319,11 @@ async fn start_inner(
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Io(listen.to_string(), e))?;
+    let cookie = meshwork_http::auth::Cookie::write(&dir)?;
+    let guard = meshwork_http::auth::Guard::new(&cookie, addr);
     let dying = inner.dying.clone();
     let maintenance = tokio::spawn(maintain(inner.clone()));
-    let app = router(inner);
+    let app = router(inner, guard);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let r = meshwork_http::serve::serve(listener, app, limits, async {
@@ -310,6 +341,7 @@ async fn start_inner(
         task,
         dying,
         maintenance,
+        cookie,
     })
 }
 
@@ -363,10 +395,11 @@ fn open(cfg: &ServerConfig, faults: Option<Arc<Faults>>) -> Result<Shared, Serve
     };
     // Content first: a new database next to stored files is refused before the ledger
     // initializes anything, so the refusal holds at the next start too.
-    let content = ContentStore::open(
+    let content = ContentStore::open_with_quota(
         store.clone(),
         &cfg.data_dir.join("content"),
         cfg.max_upload_bytes,
+        cfg.quota_bytes,
     )
     .map_err(|e| match e {
         e @ (ContentError::Store(_) | ContentError::Manifest(_)) => damaged(e.to_string()).into(),
@@ -398,7 +431,9 @@ fn open(cfg: &ServerConfig, faults: Option<Arc<Faults>>) -> Result<Shared, Serve
     }))
 }
 
-fn router(s: Shared) -> Router {
+fn router(s: Shared, guard: meshwork_http::auth::Guard) -> Router {
+    let auth =
+        || axum::middleware::from_fn_with_state(guard.clone(), meshwork_http::auth::require_auth);
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/health", get(health))
@@ -409,14 +444,19 @@ fn router(s: Shared) -> Router {
         .route("/api/v1/accounts/{addr}/history", get(history))
         .route("/api/v1/log", get(log))
         .route("/api/v1/content", get(content_list))
-        .route("/api/v1/content/{id}", get(content_info))
+        .route(
+            "/api/v1/content/{id}",
+            get(content_info).merge(delete(content_delete).layer(auth())),
+        )
         .route("/content/{id}", get(content_bytes))
         .route("/content/{id}/manifest", get(content_manifest))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         // The upload streams its body itself, with the store's own limit.
         .route(
             "/api/v1/upload/{name}",
-            post(upload).layer(DefaultBodyLimit::disable()),
+            post(upload).layer(DefaultBodyLimit::disable()).layer(
+                axum::middleware::from_fn_with_state(guard.clone(), upload_auth),
+            ),
         )
         .with_state(s)
 }
@@ -892,6 +932,13 @@ async fn upload(
         None => meshwork_swarm::manifest::DEFAULT_PIECE_SIZE,
     });
     let mut stream = body.into_data_stream();
+    if let Some(len) = length {
+        // Refused before a byte of the body is stored.
+        if let Err(e) = s.content.check_room(len) {
+            drain(&mut stream).await;
+            return upload_failure(&s, e);
+        }
+    }
     let up = match s.content.begin(&name, piece_size) {
         Ok(u) => u,
         Err(e) => {
@@ -945,6 +992,35 @@ async fn upload(
     }
 }
 
+/// The cookie check of uploads. A refused upload's body is drained (bounded, as other
+/// refusals' are), so that the client, still sending, hears the 401 rather than a reset
+/// connection.
+async fn upload_auth(
+    State(g): State<meshwork_http::auth::Guard>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if g.authorized(req.headers()) {
+        return next.run(req).await;
+    }
+    drain(&mut req.into_body().into_data_stream()).await;
+    g.refusal()
+}
+
+/// `DELETE /api/v1/content/{id}` (authenticated): 204, or 404 when not stored.
+async fn content_delete(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    let id = match id.parse::<ContentId>() {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match blocking(&s, move |s| s.content.delete(&id)).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("content {id} not found")),
+        Err(e @ ContentError::Unavailable(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => failure(&s, e),
+    }
+}
+
 /// Reads (and discards) a bounded rest of a refused upload's body, so that the client, still
 /// sending, hears the reason instead of a reset connection.
 async fn drain(stream: &mut axum::body::BodyDataStream) {
@@ -962,6 +1038,7 @@ async fn drain(stream: &mut axum::body::BodyDataStream) {
 fn upload_failure(s: &Inner, e: ContentError) -> Response {
     match e {
         e @ ContentError::TooLarge(_) => error(StatusCode::PAYLOAD_TOO_LARGE, e),
+        e @ ContentError::OverQuota { .. } => error(StatusCode::INSUFFICIENT_STORAGE, e),
         e @ ContentError::Manifest(_) => error(StatusCode::BAD_REQUEST, e),
         e @ ContentError::NoSpace(..) => {
             // Per upload, not per request of every kind: the disk filling is worth a line.

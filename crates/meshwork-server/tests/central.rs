@@ -91,7 +91,7 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 253) as u8).collect();
     let src = dir.path().join("report.bin");
     std::fs::write(&src, &data)?;
-    let sum = client::upload(&base, &src).await?;
+    let sum = client::upload(&base, &srv.api_credentials(), &src).await?;
     let want = meshwork_swarm::Manifest::from_file(&src, 16 << 10)?;
     assert_eq!(
         sum.id,
@@ -252,7 +252,7 @@ async fn a_killed_server_cuts_downloads_and_long_polls_at_once() -> Result<()> {
     let base = format!("http://{}", srv.addr);
     let file = dir.path().join("f.bin");
     std::fs::write(&file, vec![7u8; 4 << 20])?;
-    let sum = client::upload(&base, &file).await?;
+    let sum = client::upload(&base, &srv.api_credentials(), &file).await?;
     let id = sum.id.parse()?;
     let out = dir.path().join("copy.bin");
     let download = {
@@ -300,7 +300,7 @@ async fn an_upload_gets_the_content_id_a_node_would_give_it() -> Result<()> {
         &file,
         (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
     )?;
-    let sum = client::upload(&base, &file).await?;
+    let sum = client::upload(&base, &srv.api_credentials(), &file).await?;
     let want = Manifest::from_file(&file, default_piece_size(len as u64))?;
     assert_eq!(sum.id, want.id().to_string());
     assert_ne!(
@@ -331,7 +331,7 @@ async fn capped_downloads_never_beat_the_client_server_bound() -> Result<()> {
         &file,
         (0..size).map(|i| (i % 241) as u8).collect::<Vec<u8>>(),
     )?;
-    let sum = client::upload(&base, &file).await?;
+    let sum = client::upload(&base, &srv.api_credentials(), &file).await?;
     let id: meshwork_swarm::ContentId = sum.id.parse()?;
     // Idle before the transfers: an old bucket would have filled up meanwhile.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -95,7 +95,9 @@ async fn a_full_disk_makes_the_server_unhealthy_and_it_recovers_by_itself() -> R
     assert_eq!(code, 503, "{body}");
     let file = dir.path().join("f.bin");
     std::fs::write(&file, vec![1u8; 100_000])?;
-    let e = client::upload(&base, &file).await.unwrap_err();
+    let e = client::upload(&base, &srv.api_credentials(), &file)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, client::ClientError::Status { status, .. } if status.as_u16() == 503),
         "{e}"
@@ -115,7 +117,7 @@ async fn a_full_disk_makes_the_server_unhealthy_and_it_recovers_by_itself() -> R
     let (code, body) = post_tx(&base, &t3).await?;
     assert_eq!(code, 201, "accepted once space returned: {body}");
     acked.push(t3.id());
-    let sum = client::upload(&base, &file).await?;
+    let sum = client::upload(&base, &srv.api_credentials(), &file).await?;
 
     srv.stop().await;
     let srv = server::start("127.0.0.1:0".parse()?, cfg).await?;
@@ -149,7 +151,9 @@ async fn an_upload_that_runs_out_of_disk_is_refused_and_leaves_no_file() -> Resu
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 249) as u8).collect();
     std::fs::write(&file, &data)?;
     faults.set_space(Some(1_000_000));
-    let e = client::upload(&base, &file).await.unwrap_err();
+    let e = client::upload(&base, &srv.api_credentials(), &file)
+        .await
+        .unwrap_err();
     match &e {
         client::ClientError::Status { status, reason, .. } => {
             assert_eq!(status.as_u16(), 507, "{e}");
@@ -167,7 +171,9 @@ async fn an_upload_that_runs_out_of_disk_is_refused_and_leaves_no_file() -> Resu
     // Room for the file but not for its record: refused (the store is down), and the file
     // renamed to its content id is removed again.
     faults.set_space(Some(data.len() as u64));
-    let e = client::upload(&base, &file).await.unwrap_err();
+    let e = client::upload(&base, &srv.api_credentials(), &file)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, client::ClientError::Status { status, .. } if status.as_u16() == 503),
         "{e}"
@@ -184,7 +190,7 @@ async fn an_upload_that_runs_out_of_disk_is_refused_and_leaves_no_file() -> Resu
         assert!(Instant::now() < deadline, "the store never reopened");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let sum = client::upload(&base, &file).await?;
+    let sum = client::upload(&base, &srv.api_credentials(), &file).await?;
     assert_eq!(std::fs::read(content_dir.join(&sum.id))?, data);
     srv.stop().await;
     Ok(())
@@ -207,7 +213,7 @@ async fn populated(dir: &Path, net: &str) -> Result<(ServerConfig, Vec<String>)>
     for (name, byte) in [("a.bin", 1u8), ("b.bin", 2u8)] {
         let f = dir.join(name);
         std::fs::write(&f, vec![byte; 50_000])?;
-        ids.push(client::upload(&base, &f).await?.id);
+        ids.push(client::upload(&base, &srv.api_credentials(), &f).await?.id);
     }
     srv.stop().await;
     Ok((cfg, ids))

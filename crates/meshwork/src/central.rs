@@ -18,6 +18,10 @@ pub struct ServerOptions<'a> {
     pub network: &'a str,
     pub spec: Option<&'a Path>,
     pub refuse: std::collections::HashSet<meshwork_ledger::Address>,
+    /// Most content bytes stored in all.
+    pub quota: u64,
+    /// Largest single upload.
+    pub max_upload: u64,
 }
 
 pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Result<()> {
@@ -26,11 +30,10 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
         network,
         spec,
         refuse,
+        quota,
+        max_upload,
     } = o;
-    let dir = match data_dir {
-        Some(d) => d.to_path_buf(),
-        None => config::data_dir(None)?.join("server"),
-    };
+    let dir = server_dir(data_dir)?;
     let spec = match spec {
         Some(p) => config::load_spec(p)?,
         None => {
@@ -40,6 +43,8 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
     };
     let mut cfg = ServerConfig::new(&dir, spec);
     cfg.refuse_senders = refuse;
+    cfg.quota_bytes = quota;
+    cfg.max_upload_bytes = max_upload;
     let srv = server::start(listen, cfg).await.with_context(|| {
         format!(
             "cannot start the server (data dir {}, listening on {listen})",
@@ -48,11 +53,23 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
     })?;
     println!("data dir    {}", dir.display());
     println!("api         http://{}/api/v1/status", srv.addr);
+    println!(
+        "api cookie  {} (uploads and deletes need it)",
+        dir.join(meshwork_http::auth::COOKIE_FILE).display()
+    );
     println!("server is ready");
     crate::wait_for_signal().await?;
     srv.stop().await;
     println!("server stopped");
     Ok(())
+}
+
+/// The server's data directory: `--data-dir`, else `server/` in the default one.
+fn server_dir(data_dir: Option<&Path>) -> Result<PathBuf> {
+    Ok(match data_dir {
+        Some(d) => d.to_path_buf(),
+        None => config::data_dir(None)?.join("server"),
+    })
 }
 
 fn base(url: &str) -> String {
@@ -67,8 +84,13 @@ fn base(url: &str) -> String {
 /// Runs a client command against the server at `url`.
 pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()> {
     let base = base(url);
+    // The server's cookie (if any), never the node's: a server is not sent a node's secret.
+    let server_cookie = server_dir(data_dir)?.join(meshwork_http::auth::COOKIE_FILE);
     let with_api = |mut c: ClientArgs| {
         c.api = Some(base.clone());
+        if c.api_cookie.is_none() {
+            c.api_cookie = Some(server_cookie.clone());
+        }
         c
     };
     match cmd {
@@ -107,7 +129,10 @@ pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()>
                     "--tracker and --super-seed are swarm options; a server serves the file itself"
                 );
             }
-            let s = client::upload(&base, &path).await?;
+            // Uploads need the server's cookie: --api-cookie, else the server's data dir's.
+            let dir = server_dir(data_dir)?;
+            let target = crate::Target::new(base.clone(), client.api_cookie.as_deref(), Some(&dir));
+            let s = client::upload(&base, target.credentials()?, &path).await?;
             if client.json {
                 println!("{}", serde_json::to_string(&s)?);
                 return Ok(());
@@ -130,11 +155,31 @@ pub async fn run(cmd: Command, data_dir: Option<&Path>, url: &str) -> Result<()>
             follow,
             client,
         } => log(&base, after, follow, client.json).await,
+        Command::Content {
+            command: crate::ContentCommand::Rm { id, client },
+        } => {
+            // Deleting needs the server's cookie, as uploads do.
+            let dir = server_dir(data_dir)?;
+            let target = crate::Target::new(base.clone(), client.api_cookie.as_deref(), Some(&dir));
+            let cid: meshwork_swarm::ContentId =
+                id.parse().context("a content id (64 hex digits)")?;
+            if client::delete(&base, target.credentials()?, &cid).await? {
+                println!("deleted {id} from the server");
+                Ok(())
+            } else {
+                bail!("the server holds no content {id}")
+            }
+        }
         _ => bail!(
-            "--server works with tx send, tx status, balance, share, fetch and log; \
+            "--server works with tx send, tx status, balance, share, fetch, log and content rm; \
              for the other commands, leave it out"
         ),
     }
+}
+
+/// The server's open calls (reads): no credentials.
+fn open(base: &str) -> crate::Target {
+    crate::Target::new(base.to_string(), None, None)
 }
 
 /// Prints the server's log after `after` (by default the newest 20 entries, or from the end
@@ -157,7 +202,7 @@ async fn log(base: &str, after: Option<u64>, follow: bool, json: bool) -> Result
     let after = match after {
         Some(a) => a,
         None => {
-            let (st, _): (ServerStatus, _) = crate::get(base, "/api/v1/status").await?;
+            let (st, _): (ServerStatus, _) = crate::get(&open(base), "/api/v1/status").await?;
             if follow {
                 st.transactions
             } else {
@@ -167,7 +212,7 @@ async fn log(base: &str, after: Option<u64>, follow: bool, json: bool) -> Result
     };
     if !follow {
         let (page, _): (LogPage, _) =
-            crate::get(base, &format!("/api/v1/log?after={after}")).await?;
+            crate::get(&open(base), &format!("/api/v1/log?after={after}")).await?;
         return page.entries.into_iter().try_for_each(print);
     }
     let mut failed = None;

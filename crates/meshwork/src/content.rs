@@ -12,12 +12,13 @@ use crate::{api_base, api_error, get, request, ClientArgs};
 /// POSTs (or DELETEs, with no body) JSON and returns the answer's JSON; an error status
 /// becomes the API's error sentence.
 async fn send<B: serde::Serialize>(
+    target: &crate::Target,
     method: reqwest::Method,
     url: &str,
     body: Option<&B>,
     timeout: Duration,
 ) -> Result<serde_json::Value> {
-    let (code, json) = request(method, url, body, timeout).await?;
+    let (code, json) = request(target, method, url, body, timeout).await?;
     if !code.is_success() {
         bail!(
             "{}",
@@ -49,7 +50,7 @@ pub async fn share(
     if !path.is_file() {
         bail!("{}: not a readable file", path.display());
     }
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     let req = ShareRequest {
         path,
         super_seed,
@@ -57,6 +58,7 @@ pub async fn share(
         piece_size: None,
     };
     let json = send(
+        &base,
         reqwest::Method::POST,
         &format!("{base}/api/v1/content"),
         Some(&req),
@@ -125,7 +127,7 @@ pub async fn fetch(
     tracker: Option<String>,
     timeout: Option<u64>,
 ) -> Result<()> {
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     let req = FetchRequest {
         target: target.to_string(),
         out: out.map(absolute).transpose()?,
@@ -133,6 +135,7 @@ pub async fn fetch(
     };
     let url = format!("{base}/api/v1/fetch");
     let (code, json) = request(
+        &base,
         reqwest::Method::POST,
         &url,
         Some(&req),
@@ -221,7 +224,7 @@ fn target_id(target: &str) -> Result<String> {
 }
 
 pub async fn list(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     let (all, raw): (Vec<ContentInfo>, _) = get(&base, "/api/v1/content").await?;
     if client.json {
         println!("{raw}");
@@ -272,8 +275,9 @@ pub async fn list(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
 }
 
 pub async fn remove(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Result<()> {
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     send::<()>(
+        &base,
         reqwest::Method::DELETE,
         &format!("{base}/api/v1/content/{id}"),
         None,
@@ -285,8 +289,9 @@ pub async fn remove(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Re
 }
 
 pub async fn verify(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Result<()> {
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     let json = send::<()>(
+        &base,
         reqwest::Method::POST,
         &format!("{base}/api/v1/content/{id}/verify"),
         None,

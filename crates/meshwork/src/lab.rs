@@ -42,6 +42,10 @@ pub(crate) enum LabCommand {
         to: String,
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
+        /// The target's API cookie (a node's `<data-dir>/api.cookie`), re-read when the
+        /// target restarts.
+        #[arg(long, value_name = "FILE")]
+        api_cookie: Option<PathBuf>,
     },
     /// One file over one loopback connection: the content swarm (shared, fetched, verified,
     /// written) against a raw libp2p stream copy between the same two nodes. Prints JSON.
@@ -161,12 +165,16 @@ pub(crate) async fn run(cmd: LabCommand) -> Result<()> {
             key,
             to,
             interval_ms,
+            api_cookie,
         } => {
             if interval_ms == 0 {
                 bail!("--interval-ms must be at least 1");
             }
             let agent = meshwork_lab::agent::Agent {
-                target: meshwork_lab::api::Api::new(target),
+                target: match api_cookie {
+                    Some(c) => meshwork_lab::api::Api::with_cookie_file(target, c),
+                    None => meshwork_lab::api::Api::new(target),
+                },
                 wallet: crate::wallet::load_wallet(&key)?,
                 to: to.parse().context("--to")?,
                 interval: Duration::from_millis(interval_ms),

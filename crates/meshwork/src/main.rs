@@ -167,10 +167,11 @@ pub(crate) enum Command {
 }
 
 #[derive(Subcommand)]
-enum ContentCommand {
+pub(crate) enum ContentCommand {
     /// Every content, with its state and progress.
     List(ClientArgs),
     /// Stop sharing or fetching a content (a shared file and a finished download stay on disk).
+    /// With --server: delete it from the server (needs the server's cookie).
     Rm {
         /// The content id.
         id: String,
@@ -221,7 +222,33 @@ enum ServerCommand {
         /// Refuse transfers from this sender (repeatable): the operator's policy.
         #[arg(long, value_name = "ADDR")]
         refuse: Vec<String>,
+        /// The most content bytes stored in all (uploads past it get 507), e.g. 16GiB.
+        #[arg(long, env = "MESHWORK_SERVER_QUOTA", value_name = "BYTES", default_value = "16GiB", value_parser = parse_bytes)]
+        quota: u64,
+        /// The largest single upload (larger ones get 413), e.g. 4GiB.
+        #[arg(long, env = "MESHWORK_SERVER_MAX_UPLOAD", value_name = "BYTES", default_value = "4GiB", value_parser = parse_bytes)]
+        max_upload: u64,
     },
+}
+
+/// A byte count: digits with an optional binary suffix (KiB, MiB, GiB, TiB; K, M, G, T).
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 16GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        u => return Err(format!("unknown unit {u:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Subcommand)]
@@ -321,6 +348,10 @@ pub(crate) struct ClientArgs {
     /// The node's API address; by default read from <data-dir>/api.
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) api: Option<String>,
+    /// The API cookie (the file the node writes at each start); by default
+    /// <data-dir>/api.cookie.
+    #[arg(long, env = "MESHWORK_API_COOKIE", value_name = "FILE")]
+    pub(crate) api_cookie: Option<PathBuf>,
 }
 
 fn main() {
@@ -439,6 +470,8 @@ async fn run(mut cli: Cli) -> Result<()> {
                     network,
                     spec,
                     refuse,
+                    quota,
+                    max_upload,
                 },
         } => {
             let refuse = refuse
@@ -450,6 +483,8 @@ async fn run(mut cli: Cli) -> Result<()> {
                 network: &network,
                 spec: spec.as_deref(),
                 refuse,
+                quota,
+                max_upload,
             };
             central::server_start(cli.data_dir.as_deref(), opts).await
         }
@@ -572,6 +607,19 @@ async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
     if let Some(api) = node.api_addr {
         println!("api         http://{api}/api/v1/status");
         println!("metrics     http://{api}/metrics");
+        let cookie = node
+            .api_cookie_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(held in memory)".into());
+        println!("api cookie  {cookie}");
+        if !api.ip().is_loopback() {
+            println!(
+                "note        the API listens beyond loopback ({api}): every call needs the cookie \
+                 in {cookie} (HTTP basic as __cookie__, or a bearer token); only the hosts \
+                 {api}, localhost:{} and [api] hosts are answered",
+                api.port()
+            );
+        }
     }
     if let Some(m) = &cfg.mining {
         println!("mining to   {}", m.address);
@@ -599,13 +647,75 @@ pub(crate) async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
-/// The API base URL: `--api`, else the address the node wrote to `<data-dir>/api`.
-pub(crate) fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<String> {
-    let addr = match api {
-        Some(a) => a,
+/// A node's API (or a server's) as the CLI calls it: the base URL and the credentials.
+pub(crate) struct Target {
+    pub(crate) base: String,
+    /// The cookie's credentials, or why there are none (said when the service answers 401).
+    creds: std::result::Result<meshwork_http::auth::Credentials, String>,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.base)
+    }
+}
+
+impl Target {
+    /// `base` with the cookie from `cookie` (`--api-cookie`), else `<dir>/api.cookie`. A
+    /// cookie that cannot be read is not an error yet: calls that need none still work, and a
+    /// 401 then says why it was missing.
+    pub(crate) fn new(base: String, cookie: Option<&Path>, dir: Option<&Path>) -> Target {
+        let path = match (cookie, dir) {
+            (Some(c), _) => Some(c.to_path_buf()),
+            (None, Some(d)) => Some(d.join(config::API_COOKIE_FILE)),
+            (None, None) => None,
+        };
+        let creds = match &path {
+            Some(p) => meshwork_http::auth::Credentials::read(p).map_err(|e| e.to_string()),
+            None => Err("no API cookie: pass --api-cookie FILE".into()),
+        };
+        Target { base, creds }
+    }
+
+    /// Adds the credentials, when there are any.
+    pub(crate) fn authorize(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.creds {
+            Ok(c) => c.apply(req),
+            Err(_) => req,
+        }
+    }
+
+    /// The credentials, or the reason there are none.
+    pub(crate) fn credentials(&self) -> Result<&meshwork_http::auth::Credentials> {
+        self.creds.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The sentence for a 401 at `url`.
+    pub(crate) fn unauthorized(&self, url: &str) -> anyhow::Error {
+        match &self.creds {
+            Err(why) => anyhow::anyhow!("{url}: 401 Unauthorized: {why}"),
+            Ok(_) => anyhow::anyhow!(
+                "{url}: 401 Unauthorized: the API cookie was refused; it changes at each start of \
+                 the service, so pass the current one (--api-cookie FILE, or the data directory \
+                 of the running service with --data-dir)"
+            ),
+        }
+    }
+}
+
+/// The node's API: `--api`, else the address the node wrote to `<data-dir>/api`; its cookie
+/// `--api-cookie`, else `<data-dir>/api.cookie`.
+pub(crate) fn api_base(data_dir: Option<&Path>, client: &ClientArgs) -> Result<Target> {
+    // With --api given, the data directory is needed only for the cookie, and may not exist.
+    let dir = match (&client.api, &client.api_cookie) {
+        (Some(_), Some(_)) => None,
+        (Some(_), None) => config::data_dir(data_dir).ok(),
+        (None, _) => Some(config::data_dir(data_dir)?),
+    };
+    let addr = match &client.api {
+        Some(a) => a.clone(),
         None => {
-            let dir = config::data_dir(data_dir)?;
-            let path = dir.join(API_FILE);
+            let path = dir.as_deref().unwrap_or(Path::new(".")).join(API_FILE);
             std::fs::read_to_string(&path)
                 .with_context(|| {
                     format!(
@@ -617,24 +727,29 @@ pub(crate) fn api_base(data_dir: Option<&Path>, api: Option<String>) -> Result<S
                 .to_owned()
         }
     };
-    Ok(
-        if addr.starts_with("http://") || addr.starts_with("https://") {
-            addr
-        } else {
-            format!("http://{addr}")
-        },
-    )
+    let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Target::new(
+        base,
+        client.api_cookie.as_deref(),
+        dir.as_deref(),
+    ))
 }
 
 /// One request to the node's API: the status and the JSON answer (`null` for an empty body).
+/// A 401 is an error that says what to do.
 pub(crate) async fn request<B: serde::Serialize>(
+    target: &Target,
     method: reqwest::Method,
     url: &str,
     body: Option<&B>,
     timeout: Duration,
 ) -> Result<(reqwest::StatusCode, serde_json::Value)> {
     let client = reqwest::Client::builder().timeout(timeout).build()?;
-    let mut req = client.request(method, url);
+    let mut req = target.authorize(client.request(method, url));
     if let Some(b) = body {
         req = req.json(b);
     }
@@ -643,6 +758,9 @@ pub(crate) async fn request<B: serde::Serialize>(
         .await
         .with_context(|| format!("cannot reach the node at {url}"))?;
     let code = resp.status();
+    if code == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(target.unauthorized(url));
+    }
     let text = meshwork_http::body::read_capped(resp, meshwork_http::body::API_ANSWER_MAX)
         .await
         .with_context(|| format!("{url}: the answer"))?;
@@ -660,12 +778,18 @@ pub(crate) fn api_error(body: &serde_json::Value) -> Option<&str> {
 }
 
 pub(crate) async fn get<T: serde::de::DeserializeOwned>(
-    base: &str,
+    base: &Target,
     path: &str,
 ) -> Result<(T, serde_json::Value)> {
     let url = format!("{base}{path}");
-    let (code, body) =
-        request::<()>(reqwest::Method::GET, &url, None, Duration::from_secs(15)).await?;
+    let (code, body) = request::<()>(
+        base,
+        reqwest::Method::GET,
+        &url,
+        None,
+        Duration::from_secs(15),
+    )
+    .await?;
     if !code.is_success() {
         bail!("{url}: {code}: {}", api_error(&body).unwrap_or("error"));
     }
@@ -686,7 +810,7 @@ fn duration_text(s: u64) -> String {
 }
 
 async fn status(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
-    let base = api_base(data_dir, args.api)?;
+    let base = api_base(data_dir, &args)?;
     let (s, raw): (Status, _) = get(&base, "/api/v1/status").await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&raw)?);
@@ -734,7 +858,7 @@ async fn status(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
 }
 
 async fn peers(data_dir: Option<&Path>, args: ClientArgs) -> Result<()> {
-    let base = api_base(data_dir, args.api)?;
+    let base = api_base(data_dir, &args)?;
     let (peers, raw): (Vec<PeerInfo>, _) = get(&base, "/api/v1/peers").await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&raw)?);

@@ -66,7 +66,7 @@ pub async fn tx_send(data_dir: Option<&Path>, client: ClientArgs, a: SendArgs<'_
         bail!("--amount must be positive");
     }
     let w = load_wallet(a.key)?;
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     // Only the chain id is read, so that a node and a `meshwork server` both answer.
     let (chain, _): (serde_json::Value, _) = get(&base, "/api/v1/chain").await?;
     let chain_id: Hash = chain["chain_id"]
@@ -78,16 +78,20 @@ pub async fn tx_send(data_dir: Option<&Path>, client: ClientArgs, a: SendArgs<'_
         get(&base, &format!("/api/v1/accounts/{}", w.address())).await?;
     let t = w.transfer(chain_id, to, a.amount, a.fee, acct.next_nonce);
     let url = format!("{base}/api/v1/tx");
-    let resp = reqwest::Client::builder()
+    let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
-        .build()?
-        .post(&url)
+        .build()?;
+    let resp = base
+        .authorize(http.post(&url))
         .json(&SubmitTx {
             tx: hex::encode(t.encode()),
         })
         .send()
         .await
         .with_context(|| format!("cannot reach the node at {url}"))?;
+    if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(base.unauthorized(&url));
+    }
     if resp.status().is_success() {
         let s: Submitted = read_json_capped(resp, SMALL_ANSWER_MAX)
             .await
@@ -120,7 +124,7 @@ fn print_json(raw: &serde_json::Value) -> Result<()> {
 
 pub async fn balance(data_dir: Option<&Path>, client: ClientArgs, addr: &str) -> Result<()> {
     let addr: Address = addr.parse()?;
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     let (a, raw): (AccountView, _) = get(&base, &format!("/api/v1/accounts/{addr}")).await?;
     if client.json {
         return print_json(&raw);
@@ -137,7 +141,7 @@ pub async fn balance(data_dir: Option<&Path>, client: ClientArgs, addr: &str) ->
 }
 
 pub async fn chain(data_dir: Option<&Path>, client: ClientArgs) -> Result<()> {
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     let (c, raw): (ChainView, _) = get(&base, "/api/v1/chain").await?;
     if client.json {
         return print_json(&raw);
@@ -190,7 +194,7 @@ pub fn chain_verify(data_dir: Option<&Path>) -> Result<()> {
 }
 
 pub async fn block(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Result<()> {
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     let (b, raw): (BlockView, _) = get(&base, &format!("/api/v1/blocks/{id}")).await?;
     if client.json {
         return print_json(&raw);
@@ -234,7 +238,7 @@ pub async fn block(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Res
 
 pub async fn tx_status(data_dir: Option<&Path>, client: ClientArgs, id: &str) -> Result<()> {
     let id: Hash = id.parse().context("transaction id")?;
-    let base = api_base(data_dir, client.api)?;
+    let base = api_base(data_dir, &client)?;
     let (s, raw): (TxStatusView, _) = get(&base, &format!("/api/v1/tx/{id}")).await?;
     if client.json {
         return print_json(&raw);

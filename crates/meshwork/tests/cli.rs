@@ -24,6 +24,7 @@ fn meshwork(dir: &Path) -> Command {
     c.arg("--data-dir")
         .arg(dir)
         .env_remove("MESHWORK_HOME")
+        .env_remove("MESHWORK_API_COOKIE")
         .env("RUST_LOG", "warn");
     c
 }
@@ -110,9 +111,13 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::spawn(dir, &[&START[..], extra].concat(), "node is ready")
+    }
+
+    /// Any long-running command, once it printed `ready`.
+    fn spawn(dir: &Path, args: &[&str], ready: &str) -> Result<Self> {
         let mut child = meshwork(dir)
-            .args(START)
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("node.log"))?)
             .env("RUST_LOG", "info")
@@ -131,7 +136,7 @@ impl NodeProc {
             lines,
             seen: vec![],
         };
-        p.wait_line("node is ready", Duration::from_secs(60))?;
+        p.wait_line(ready, Duration::from_secs(60))?;
         Ok(p)
     }
 
@@ -262,7 +267,13 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
 
     // Metrics: libp2p's and ours.
     let api = std::fs::read_to_string(a_dir.join("api"))?;
-    let metrics = http_get(api.trim(), "/metrics")?;
+    let cookie = std::fs::read_to_string(a_dir.join("api.cookie"))?;
+    let unauthorized = http_get(api.trim(), "/metrics", None)?;
+    ensure!(
+        unauthorized.starts_with("HTTP/1.0 401") || unauthorized.starts_with("HTTP/1.1 401"),
+        "{unauthorized:.300}"
+    );
+    let metrics = http_get(api.trim(), "/metrics", Some(&cookie))?;
     ensure!(
         metrics.contains("libp2p_") && metrics.contains("meshwork_connections"),
         "metrics: {metrics:.300}"
@@ -283,15 +294,198 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
     Ok(())
 }
 
-/// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate.
-fn http_get(addr: &str, path: &str) -> Result<String> {
+/// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate; `cookie` is the cookie
+/// file's text (`__cookie__:SECRET`), sent as a bearer token.
+fn http_get(addr: &str, path: &str, cookie: Option<&str>) -> Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let auth = match cookie.and_then(|c| c.trim().split_once(':')) {
+        Some((_, secret)) => format!("Authorization: Bearer {secret}\r\n"),
+        None => String::new(),
+    };
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n")?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body)
+}
+
+/// Issue 14, case 1: the CLI finds the node's cookie in the data directory, `--api-cookie`
+/// or `MESHWORK_API_COOKIE`; without it, a refusal says what to do. As root, a process of
+/// another user (nobody) cannot read the cookie and is refused, and shares nothing.
+#[test]
+fn the_cli_sends_the_cookie_and_a_refusal_says_what_to_do() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("a");
+    ensure!(run(&dir, &["init", "--network", "clitest"])?
+        .status
+        .success());
+    let node = NodeProc::start(&dir, &[])?;
+    let api = std::fs::read_to_string(dir.join("api"))?.trim().to_owned();
+    let cookie = dir.join("api.cookie");
+    ensure!(
+        node.seen
+            .iter()
+            .any(|l| l.starts_with("api cookie") && l.contains("api.cookie")),
+        "node start names the cookie: {:?}",
+        node.seen
+    );
+    ensure!(json(&dir, &["status", "--json"])?["network"] == "clitest");
+
+    // Elsewhere, with the address and the cookie given (flag, then environment).
+    let other = tmp.path().join("elsewhere");
+    let o = meshwork(&other)
+        .args(["status", "--json", "--api", &api, "--api-cookie"])
+        .arg(&cookie)
+        .output()?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let o = meshwork(&other)
+        .args(["status", "--json", "--api", &api])
+        .env("MESHWORK_API_COOKIE", &cookie)
+        .output()?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+
+    // No cookie there: the error names the file and the flag.
+    let o = meshwork(&other).args(["status", "--api", &api]).output()?;
+    let e = stderr(&o);
+    ensure!(
+        !o.status.success()
+            && e.contains("401")
+            && e.contains("cannot read the API cookie")
+            && e.contains("--api-cookie"),
+        "{e}"
+    );
+    // A stale cookie (of an earlier start): refused, and told so.
+    let stale = tmp.path().join("stale.cookie");
+    std::fs::write(&stale, format!("__cookie__:{}", "ab".repeat(32)))?;
+    let o = meshwork(&other)
+        .args(["status", "--api", &api, "--api-cookie"])
+        .arg(&stale)
+        .output()?;
+    let e = stderr(&o);
+    ensure!(
+        !o.status.success() && e.contains("401") && e.contains("cookie was refused"),
+        "{e}"
+    );
+
+    // Another local user.
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping the other-user part: it needs root to run the CLI as nobody");
+        return Ok(());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open)?;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let file = open.join("readable.txt");
+    std::fs::write(&file, b"shared by nobody?")?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+    let as_nobody = |args: &[&str]| -> Result<Output> {
+        Ok(meshwork(&dir)
+            .args(args)
+            .env("HOME", "/nonexistent")
+            .uid(65534)
+            .gid(65534)
+            .output()?)
+    };
+    for args in [
+        vec!["status", "--api", api.as_str()],
+        vec!["share", file.to_str().context("utf-8 path")?, "--api", &api],
+    ] {
+        let o = as_nobody(&args)?;
+        let e = stderr(&o);
+        ensure!(
+            !o.status.success()
+                && e.contains("401")
+                && e.contains("permission denied; run as the node's user or pass --api-cookie"),
+            "{args:?} as nobody: {e}"
+        );
+    }
+    let list = json(&dir, &["content", "list", "--json"])?;
+    ensure!(
+        list.as_array().is_some_and(|l| l.is_empty()),
+        "nothing was shared: {list}"
+    );
+    drop(node);
+    Ok(())
+}
+
+/// Issue 14, case 8 through the binary: `server start --quota`, uploads with the server's
+/// cookie (its data dir, or --api-cookie), 507 past the quota, `content rm --server` frees it,
+/// and an upload without the cookie is refused with a sentence.
+#[test]
+fn server_uploads_need_its_cookie_and_stay_within_the_quota() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let sdir = tmp.path().join("server");
+    std::fs::create_dir_all(&sdir)?;
+    let guard = NodeProc::spawn(
+        &sdir,
+        &[
+            "server",
+            "start",
+            "--listen",
+            "127.0.0.1:0",
+            "--network",
+            "clitest",
+            "--quota",
+            "1KiB",
+        ],
+        "server is ready",
+    )?;
+    let url = guard
+        .seen
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("api")
+                .and_then(|a| a.trim().strip_suffix("/api/v1/status"))
+        })
+        .context("server start printed no api line")?
+        .to_string();
+    let file = |name: &str, n: usize| -> Result<std::path::PathBuf> {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, vec![7u8; n])?;
+        Ok(p)
+    };
+    let share = |dir: &Path, f: &Path| -> Result<Output> {
+        Ok(meshwork(dir)
+            .args(["--server", &url, "share", "--json"])
+            .arg(f)
+            .output()?)
+    };
+    let a = file("a.bin", 600)?;
+    let o = share(&sdir, &a)?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let id = serde_json::from_slice::<Value>(&o.stdout)?["id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    // Past the quota (600 + 600 > 1024): refused, and said so.
+    let b = file("b.bin", 600)?;
+    let o = share(&sdir, &b)?;
+    let e = stderr(&o);
+    ensure!(!o.status.success() && e.contains("quota"), "{e}");
+    // Without the server's cookie.
+    let o = share(&tmp.path().join("nowhere"), &b)?;
+    let e = stderr(&o);
+    ensure!(
+        !o.status.success() && e.contains("cannot read the API cookie"),
+        "{e}"
+    );
+    // With it by flag from elsewhere: delete, then the second fits.
+    let o = meshwork(&tmp.path().join("nowhere"))
+        .args(["--server", &url, "content", "rm", &id, "--api-cookie"])
+        .arg(sdir.join("api.cookie"))
+        .output()?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let o = share(&sdir, &b)?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    guard.terminate()?;
+    ensure!(!sdir.join("api.cookie").exists(), "a clean stop removes it");
+    Ok(())
 }
 
 /// Writes `blocks` blocks of `per_block` transfers each into the chain store of `dir`, offline,
@@ -477,10 +671,11 @@ fn wallet_commands_send_confirm_and_explain_refusals() -> Result<()> {
 
     // The API refuses garbage with a 400 and a reason, and keeps running.
     let api = std::fs::read_to_string(dir.join("api"))?.trim().to_owned();
+    let creds = meshwork_http::auth::Credentials::read(&dir.join("api.cookie"))?;
     let rt = tokio::runtime::Runtime::new()?;
     let (code, body) = rt.block_on(async {
-        let r = reqwest::Client::new()
-            .post(format!("http://{api}/api/v1/tx"))
+        let r = creds
+            .apply(reqwest::Client::new().post(format!("http://{api}/api/v1/tx")))
             .json(&serde_json::json!({ "tx": "00ff" }))
             .send()
             .await?;

@@ -128,6 +128,7 @@ async fn flood_and_probe(
     what: &str,
     target: SocketAddr,
     probe_path: &str,
+    creds: Option<meshwork_http::auth::Credentials>,
     during: impl FnOnce() -> Result<()> + Send + 'static,
 ) -> Result<Duration> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -165,7 +166,11 @@ async fn flood_and_probe(
             .local_address(IpAddr::V4(Ipv4Addr::LOCALHOST))
             .timeout(Duration::from_secs(5))
             .build()?;
-        let r = client.get(&url).send().await;
+        let mut req = client.get(&url);
+        if let Some(c) = &creds {
+            req = c.apply(req);
+        }
+        let r = req.send().await;
         let took = t0.elapsed();
         probes += 1;
         worst = worst.max(took);
@@ -232,7 +237,13 @@ fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()>
     cmd.args(["tracker", "start", "--listen", "127.0.0.1:0"]);
     let t = Proc::start(cmd, &tmp.path().join("tracker.log"), "tracker is ready")?;
     let addr = t.url_addr("stats")?;
-    runtime()?.block_on(flood_and_probe("tracker", addr, "/api/v1/stats", || Ok(())))?;
+    runtime()?.block_on(flood_and_probe(
+        "tracker",
+        addr,
+        "/api/v1/stats",
+        None,
+        || Ok(()),
+    ))?;
     Ok(())
 }
 
@@ -246,7 +257,13 @@ fn the_server_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> 
     cmd.args(["server", "start", "--listen", "127.0.0.1:0"]);
     let s = Proc::start(cmd, &tmp.path().join("server.log"), "server is ready")?;
     let addr = s.url_addr("api")?;
-    runtime()?.block_on(flood_and_probe("server", addr, "/api/v1/status", || Ok(())))?;
+    runtime()?.block_on(flood_and_probe(
+        "server",
+        addr,
+        "/api/v1/status",
+        None,
+        || Ok(()),
+    ))?;
     Ok(())
 }
 
@@ -302,11 +319,21 @@ fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_fil
         Ok(())
     };
     let rt = runtime()?;
-    rt.block_on(flood_and_probe("node API", api, "/api/v1/health", fetch))?;
+    // The API needs the node's cookie (the flood's requests never get past the headers).
+    let creds = meshwork_http::auth::Credentials::read(&a_dir.join("api.cookie"))?;
+    rt.block_on(flood_and_probe(
+        "node API",
+        api,
+        "/api/v1/health",
+        Some(creds.clone()),
+        fetch,
+    ))?;
     ensure!(std::fs::read(&out)? == bytes, "the fetched file differs");
     // The node's metrics count what the listener did.
     let metrics = rt.block_on(async {
-        reqwest::get(format!("http://{api}/metrics"))
+        creds
+            .apply(reqwest::Client::new().get(format!("http://{api}/metrics")))
+            .send()
             .await?
             .text()
             .await
