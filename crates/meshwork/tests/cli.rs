@@ -1,33 +1,15 @@
 //! The command-line program end to end, from the built binary.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
-/// `node start` on loopback with an ephemeral port and API port.
-const START: [&str; 6] = [
-    "node",
-    "start",
-    "--listen",
-    "/ip4/127.0.0.1/tcp/0",
-    "--api",
-    "127.0.0.1:0",
-];
+mod common;
 
-fn meshwork(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_meshwork"));
-    c.arg("--data-dir")
-        .arg(dir)
-        .env_remove("MESHWORK_HOME")
-        .env_remove("MESHWORK_API_COOKIE")
-        .env("RUST_LOG", "warn");
-    c
-}
+use common::{meshwork, Proc, NODE_START as START};
 
 fn run(dir: &Path, args: &[&str]) -> Result<Output> {
     Ok(meshwork(dir).args(args).output()?)
@@ -102,92 +84,16 @@ fn init_refuses_twice_keeps_the_key_private_and_names_corrupt_files() -> Result<
     Ok(())
 }
 
-/// A node process whose stdout is read on a thread.
-struct NodeProc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+/// `node start` with `extra` arguments, once it is ready.
+fn node(dir: &Path, extra: &[&str]) -> Result<Proc> {
+    spawn(dir, &[&START[..], extra].concat(), "node is ready")
 }
 
-impl NodeProc {
-    fn start(dir: &Path, extra: &[&str]) -> Result<Self> {
-        Self::spawn(dir, &[&START[..], extra].concat(), "node is ready")
-    }
-
-    /// Any long-running command, once it printed `ready`.
-    fn spawn(dir: &Path, args: &[&str], ready: &str) -> Result<Self> {
-        let mut child = meshwork(dir)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("node.log"))?)
-            .env("RUST_LOG", "info")
-            .spawn()?;
-        let out = child.stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut p = Self {
-            child,
-            lines,
-            seen: vec![],
-        };
-        p.wait_line(ready, Duration::from_secs(60))?;
-        Ok(p)
-    }
-
-    fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                let hit = l.contains(needle);
-                self.seen.push(l);
-                if hit {
-                    return Ok(());
-                }
-            }
-        }
-        bail!("no line with {needle:?}; saw {:?}", self.seen)
-    }
-
-    fn listen_addr(&self) -> Result<String> {
-        self.seen
-            .iter()
-            .find_map(|l| l.strip_prefix("listening").map(|a| a.trim().to_owned()))
-            .context("no listening line")
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> Result<std::process::ExitStatus> {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        ensure!(rc == 0, "kill failed");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!("the node did not stop within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// A test that fails part-way must not leave node processes behind.
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Any long-running command, once it printed `ready` (its stderr in `<dir>/node.log`).
+fn spawn(dir: &Path, args: &[&str], ready: &str) -> Result<Proc> {
+    let mut c = meshwork(dir);
+    c.args(args).env("RUST_LOG", "info");
+    Proc::start(c, &dir.join("node.log"), ready)
 }
 
 fn json(dir: &Path, args: &[&str]) -> Result<Value> {
@@ -203,7 +109,7 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
     for d in [&a_dir, &b_dir] {
         ensure!(run(d, &["init", "--network", "clitest"])?.status.success());
     }
-    let a = NodeProc::start(&a_dir, &[])?;
+    let a = node(&a_dir, &[])?;
     let a_addr = a.listen_addr()?;
     ensure!(
         a_dir.join("api").exists(),
@@ -235,7 +141,7 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
         "human status"
     );
 
-    let b = NodeProc::start(&b_dir, &["--bootstrap", &a_addr])?;
+    let b = node(&b_dir, &["--bootstrap", &a_addr])?;
     // Generous: only to avoid hanging; on a loaded machine the connection can take a while.
     let deadline = Instant::now() + Duration::from_secs(60);
     let peers = loop {
@@ -320,7 +226,7 @@ fn the_cli_sends_the_cookie_and_a_refusal_says_what_to_do() -> Result<()> {
     ensure!(run(&dir, &["init", "--network", "clitest"])?
         .status
         .success());
-    let node = NodeProc::start(&dir, &[])?;
+    let node = node(&dir, &[])?;
     let api = std::fs::read_to_string(dir.join("api"))?.trim().to_owned();
     let cookie = dir.join("api.cookie");
     ensure!(
@@ -422,7 +328,7 @@ fn server_uploads_need_its_cookie_and_stay_within_the_quota() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let sdir = tmp.path().join("server");
     std::fs::create_dir_all(&sdir)?;
-    let guard = NodeProc::spawn(
+    let guard = spawn(
         &sdir,
         &[
             "server",
@@ -528,9 +434,9 @@ fn a_node_killed_during_block_import_reopens_consistent_and_catches_up() -> Resu
             .success());
     }
     let (height, tip) = build_chain(&a_dir, "test-crash", 2000, 20)?;
-    let a = NodeProc::start(&a_dir, &["--allow-private-addrs"])?;
+    let a = node(&a_dir, &["--allow-private-addrs"])?;
     let a_addr = a.listen_addr()?;
-    let mut b = NodeProc::start(&b_dir, &["--allow-private-addrs", "--bootstrap", &a_addr])?;
+    let mut b = node(&b_dir, &["--allow-private-addrs", "--bootstrap", &a_addr])?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let killed_at = loop {
         ensure!(Instant::now() < deadline, "B never started importing");
@@ -556,7 +462,7 @@ fn a_node_killed_during_block_import_reopens_consistent_and_catches_up() -> Resu
         stderr(&verify)
     );
     drop(b);
-    let _b = NodeProc::start(&b_dir, &["--allow-private-addrs", "--bootstrap", &a_addr])?;
+    let _b = node(&b_dir, &["--allow-private-addrs", "--bootstrap", &a_addr])?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let v = json(&b_dir, &["chain", "--json"])?;
@@ -583,7 +489,7 @@ fn wallet_commands_send_confirm_and_explain_refusals() -> Result<()> {
     ensure!(run(&dir, &["init", "--network", "test-wallet"])?
         .status
         .success());
-    let _node = NodeProc::start(&dir, &["--mine", "--mine-pace-ms", "300"])?;
+    let _node = node(&dir, &["--mine", "--mine-pace-ms", "300"])?;
     let faucet = tmp.path().join("faucet.key");
     let bob_key = tmp.path().join("bob.key");
     ensure!(run(
@@ -701,8 +607,8 @@ fn share_fetch_list_and_remove_through_the_binary() -> Result<()> {
     let file = tmp.path().join("photo.bin");
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
     std::fs::write(&file, &bytes)?;
-    let a = NodeProc::start(&a_dir, &[])?;
-    let _b = NodeProc::start(&b_dir, &[])?;
+    let a = node(&a_dir, &[])?;
+    let _b = node(&b_dir, &[])?;
 
     let shared = run(&a_dir, &["share", file.to_str().context("path")?])?;
     ensure!(shared.status.success(), "share: {}", stderr(&shared));
@@ -770,7 +676,7 @@ fn share_fetch_list_and_remove_through_the_binary() -> Result<()> {
 
     // The shared content survives a restart of its node.
     ensure!(a.terminate()?.success());
-    let _a = NodeProc::start(&a_dir, &[])?;
+    let _a = node(&a_dir, &[])?;
     let list = json(&a_dir, &["content", "list", "--json"])?;
     ensure!(list[0]["state"] == "seeding", "after restart: {list}");
 

@@ -1,5 +1,5 @@
 //! Helpers of the black-box tests that start the built binary as long-running processes
-//! (`slow_clients`, `tracker_answer`).
+//! (`cli`, `slow_clients`, `tracker_answer`).
 
 #![allow(dead_code)] // each test binary uses its own part
 
@@ -40,6 +40,7 @@ pub fn meshwork(dir: &Path) -> Command {
     c.arg("--data-dir")
         .arg(dir)
         .env_remove("MESHWORK_HOME")
+        .env_remove("MESHWORK_API_COOKIE")
         .env("RUST_LOG", "warn");
     c
 }
@@ -73,20 +74,52 @@ impl Proc {
             lines,
             seen: vec![],
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        p.wait_line(ready, Duration::from_secs(60))?;
+        Ok(p)
+    }
+
+    /// Waits for a stdout line containing `needle` (failing early if the process exits).
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Ok(l) = p.lines.recv_timeout(Duration::from_millis(100)) {
-                let hit = l.contains(ready);
-                p.seen.push(l);
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                let hit = l.contains(needle);
+                self.seen.push(l);
                 if hit {
-                    return Ok(p);
+                    return Ok(());
                 }
             }
-            if let Some(st) = p.child.try_wait()? {
-                bail!("exited ({st}) before {ready:?}: {:?}", p.seen);
+            if let Some(st) = self.child.try_wait()? {
+                bail!("exited ({st}) before {needle:?}: {:?}", self.seen);
             }
         }
-        bail!("no line with {ready:?}; saw {:?}", p.seen)
+        bail!("no line with {needle:?}; saw {:?}", self.seen)
+    }
+
+    /// The address of the first `listening` line.
+    pub fn listen_addr(&self) -> Result<String> {
+        self.seen
+            .iter()
+            .find_map(|l| l.strip_prefix("listening").map(|a| a.trim().to_owned()))
+            .context("no listening line")
+    }
+
+    /// SIGTERM, then the exit status (killed after 30 s).
+    pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        ensure!(rc == 0, "kill failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("the process did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The `host:port` of the first `http://` URL on a line starting with `prefix`.
@@ -116,9 +149,12 @@ impl Proc {
     }
 }
 
+/// A test that fails part-way must not leave processes behind.
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
