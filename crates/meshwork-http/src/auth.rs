@@ -154,6 +154,7 @@ impl Cookie {
         Credentials {
             user: COOKIE_USER.into(),
             password: self.secret.clone(),
+            bearer: false,
         }
     }
 
@@ -183,6 +184,8 @@ impl Cookie {
 pub struct Credentials {
     user: String,
     password: String,
+    /// An API token goes as `Authorization: Bearer TOKEN` (RFC 6750); a cookie as Basic.
+    bearer: bool,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -209,6 +212,21 @@ impl Credentials {
         Ok(Credentials {
             user: user.into(),
             password: password.into(),
+            bearer: false,
+        })
+    }
+
+    /// An API token (see [`new_token`]), sent as `Authorization: Bearer TOKEN`. Errors: an
+    /// empty token or one with characters a header cannot carry.
+    pub fn token(token: &str) -> Result<Credentials, String> {
+        let token = token.trim();
+        if token.is_empty() || !token.chars().all(|c| c.is_ascii_graphic()) {
+            return Err("an API token is printable ASCII without spaces".into());
+        }
+        Ok(Credentials {
+            user: TOKEN_USER.into(),
+            password: token.into(),
+            bearer: true,
         })
     }
 
@@ -246,18 +264,28 @@ impl Credentials {
         Credentials::parse(&text).map_err(malformed)
     }
 
+    /// Whether these are an API token's (sent as Bearer) rather than a cookie's.
+    pub fn is_token(&self) -> bool {
+        self.bearer
+    }
+
     /// The secret (the password of the pair): what `Authorization: Bearer` carries, and what
     /// a Prometheus `bearer_token_file` holds.
     pub fn secret(&self) -> &str {
         &self.password
     }
 
-    /// The `Authorization: Basic ...` header value.
+    /// The `Authorization` header value: `Basic ...` for a cookie, `Bearer ...` for a token.
     pub fn header_value(&self) -> HeaderValue {
-        let b64 = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", self.user, self.password));
-        let mut v =
-            HeaderValue::from_str(&format!("Basic {b64}")).expect("base64 is a valid header value");
+        let text = if self.bearer {
+            format!("Bearer {}", self.password)
+        } else {
+            let b64 = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", self.user, self.password));
+            format!("Basic {b64}")
+        };
+        // Both are checked to be visible ASCII (a token by `token`, base64 by construction).
+        let mut v = HeaderValue::from_str(&text).expect("visible ASCII is a valid header value");
         v.set_sensitive(true);
         v
     }
@@ -286,8 +314,11 @@ pub struct Guard {
     inner: Arc<GuardInner>,
 }
 
+#[derive(Clone)]
 struct GuardInner {
     secret: String,
+    /// BLAKE3 hashes of the long-lived API tokens also accepted (`[api] token_hashes`).
+    token_hashes: Vec<[u8; 32]>,
     /// Where the cookie is, for the 401's sentence.
     cookie_path: Option<PathBuf>,
     /// The address the service was bound to: stands in for the connection's local address
@@ -301,12 +332,46 @@ struct GuardInner {
 /// Most configured host names (`[api] hosts`).
 pub const MAX_HOSTS: usize = 64;
 
+/// Most configured API tokens (`[api] token_hashes`).
+pub const MAX_TOKENS: usize = 64;
+
+/// The user name a token's [`Credentials`] carry (tokens go as Bearer; the name is for logs).
+pub const TOKEN_USER: &str = "__token__";
+
+/// A new API token and its hash: `(token, hash)`, the token 32 bytes from the OS RNG in hex,
+/// the hash its BLAKE3 in hex. The hash goes in the service's config (`[api] token_hashes`), the
+/// token to the client. A fast hash is enough because a token is 256 random bits, not a
+/// password a person chose: no guess can be tried against the hash faster than against the
+/// API. (bitcoind's `rpcauth` keeps a salted HMAC-SHA256 for the same reason.)
+pub fn new_token() -> (String, String) {
+    use rand::RngCore;
+    let mut bytes = [0u8; SECRET_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+/// The BLAKE3 hash, in hex, of an API token: what `[api] token_hashes` holds.
+pub fn token_hash(token: &str) -> String {
+    blake3::hash(token.trim().as_bytes()).to_hex().to_string()
+}
+
+/// Parses one `[api] token_hashes` entry: 64 hex digits. Errors say what was wrong.
+pub fn parse_token_hash(text: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut out)
+        .map_err(|e| format!("{text:?} is not a token hash (64 hexadecimal digits): {e}"))?;
+    Ok(out)
+}
+
 impl Guard {
     /// A guard that requires `cookie`, for a service bound to `bound`.
     pub fn new(cookie: &Cookie, bound: SocketAddr) -> Guard {
         Guard {
             inner: Arc::new(GuardInner {
                 secret: cookie.secret.clone(),
+                token_hashes: vec![],
                 cookie_path: cookie.path.clone(),
                 bound,
                 hosts: vec![],
@@ -324,15 +389,26 @@ impl Guard {
             );
         }
         let inner = GuardInner {
-            secret: self.inner.secret.clone(),
-            cookie_path: self.inner.cookie_path.clone(),
-            bound: self.inner.bound,
             hosts: hosts
                 .iter()
                 .take(MAX_HOSTS)
                 .map(|h| h.trim().to_ascii_lowercase())
                 .filter(|h| !h.is_empty())
                 .collect(),
+            ..(*self.inner).clone()
+        };
+        Guard {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Also accepts the API tokens whose BLAKE3 hashes are `hashes` (`[api] token_hashes`), as
+    /// `Authorization: Bearer TOKEN`: for clients that cannot read the cookie file (another
+    /// machine, a container, a monitoring system). At most [`MAX_TOKENS`] are used.
+    pub fn with_token_hashes(self, hashes: &[[u8; 32]]) -> Guard {
+        let inner = GuardInner {
+            token_hashes: hashes.iter().take(MAX_TOKENS).copied().collect(),
+            ..(*self.inner).clone()
         };
         Guard {
             inner: Arc::new(inner),
@@ -366,6 +442,9 @@ impl Guard {
         let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
         let rest = rest.trim();
         let given: Vec<u8> = if scheme.eq_ignore_ascii_case("bearer") {
+            if self.token_matches(rest) {
+                return true;
+            }
             rest.as_bytes().to_vec()
         } else if scheme.eq_ignore_ascii_case("basic") {
             let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) else {
@@ -387,6 +466,21 @@ impl Guard {
     }
 
     /// Whether `host` (a `Host` header's value) names this API, reached on `local`.
+    /// Whether `token` hashes to one of the configured token hashes. Every hash is compared,
+    /// each in constant time, so the answer's timing says nothing of which one (or how much)
+    /// matched.
+    fn token_matches(&self, token: &str) -> bool {
+        if self.inner.token_hashes.is_empty() {
+            return false;
+        }
+        let h = blake3::hash(token.as_bytes());
+        let mut hit = subtle::Choice::from(0);
+        for t in &self.inner.token_hashes {
+            hit |= h.as_bytes().ct_eq(t);
+        }
+        hit.into()
+    }
+
     fn host_allowed(&self, host: &str, local: SocketAddr) -> bool {
         let host = host.trim().to_ascii_lowercase();
         let port = local.port();

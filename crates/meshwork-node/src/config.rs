@@ -149,6 +149,9 @@ pub struct ApiSection {
     /// Further names the API answers to in the `Host` header (`NAME` or `NAME:PORT`), besides
     /// its own address, `localhost` and (on loopback) `127.0.0.1`/`[::1]`; most 64.
     pub hosts: Vec<String>,
+    /// BLAKE3 hashes (64 hex digits) of long-lived API tokens accepted besides the cookie
+    /// (`meshwork node token` makes one); at most 64.
+    pub token_hashes: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -326,6 +329,9 @@ stall_s = {api_stall}
 # DNS name), as "NAME" or "NAME:PORT". Requests naming any other host are refused (421), so
 # that a web page cannot reach the API through DNS rebinding.
 hosts = []
+# Hashes of long-lived API tokens, accepted as "Authorization: Bearer TOKEN" besides the cookie,
+# for clients that cannot read the cookie file. `meshwork node token` makes a token and its hash.
+token_hashes = []
 "#,
         network = network,
         allow_private = d.network.allow_private_addrs,
@@ -491,6 +497,8 @@ pub struct NodeConfig {
     pub api_limits: meshwork_http::serve::Limits,
     /// `[api] hosts`: further names the API answers to (see `meshwork_http::auth`).
     pub api_hosts: Vec<String>,
+    /// `[api] token_hashes`, parsed: BLAKE3 hashes of the API tokens also accepted.
+    pub api_token_hashes: Vec<[u8; 32]>,
     pub allow_private_addrs: bool,
     pub kad_server: bool,
     pub target_outbound: usize,
@@ -570,6 +578,7 @@ impl NodeConfig {
             api: None,
             api_limits: meshwork_http::serve::Limits::api(),
             api_hosts: vec![],
+            api_token_hashes: vec![],
             allow_private_addrs: f.network.allow_private_addrs,
             kad_server: f.node.kad_server,
             target_outbound: f.connections.target_outbound,
@@ -657,6 +666,21 @@ impl NodeConfig {
                 "refuse_senders holds more than {MAX_REFUSED} addresses"
             )));
         }
+        if file.api.token_hashes.len() > meshwork_http::auth::MAX_TOKENS {
+            return Err(invalid(format!(
+                "[api] token_hashes holds more than {} hashes",
+                meshwork_http::auth::MAX_TOKENS
+            )));
+        }
+        let api_token_hashes = file
+            .api
+            .token_hashes
+            .iter()
+            .map(|h| {
+                meshwork_http::auth::parse_token_hash(h)
+                    .map_err(|e| invalid(format!("[api] token_hashes: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let refuse_senders = file
             .chain
             .refuse_senders
@@ -676,6 +700,7 @@ impl NodeConfig {
             api: Some(api),
             api_limits,
             api_hosts: file.api.hosts.clone(),
+            api_token_hashes,
             allow_private_addrs: file.network.allow_private_addrs,
             kad_server: file.node.kad_server,
             target_outbound: file.connections.target_outbound,
@@ -791,6 +816,25 @@ mod tests {
         file.api_connections.header_read_s = 0;
         let err = NodeConfig::from_file(&file, key, dir.path().into()).unwrap_err();
         assert!(err.to_string().contains("header_read_s"), "{err}");
+    }
+
+    #[test]
+    fn api_token_hashes_come_from_the_file_and_a_malformed_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = init(dir.path(), &NetworkName::new("dev").unwrap()).unwrap();
+        let (token, hash) = meshwork_http::auth::new_token();
+        let mut file = FileConfig::default();
+        file.api.token_hashes = vec![hash];
+        let cfg = NodeConfig::from_file(&file, key.clone(), dir.path().into()).unwrap();
+        assert_eq!(cfg.api_token_hashes.len(), 1);
+        assert_eq!(
+            hex::encode(cfg.api_token_hashes[0]),
+            meshwork_http::auth::token_hash(&token)
+        );
+        // A malformed hash is refused at load, naming the setting.
+        file.api.token_hashes = vec!["abc".into()];
+        let err = NodeConfig::from_file(&file, key, dir.path().into()).unwrap_err();
+        assert!(err.to_string().contains("token_hashes"), "{err}");
     }
 
     #[test]

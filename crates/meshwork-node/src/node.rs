@@ -974,7 +974,9 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
                 std::fs::write(&path, format!("{bound}\n"))
                     .map_err(|source| NodeError::Io { path, source })?;
             }
-            let guard = meshwork_http::auth::Guard::new(&cookie, bound).with_hosts(&cfg.api_hosts);
+            let guard = meshwork_http::auth::Guard::new(&cookie, bound)
+                .with_hosts(&cfg.api_hosts)
+                .with_token_hashes(&cfg.api_token_hashes);
             let router = guard.protect(crate::api::router(handle.clone()));
             let done = handle.tx.clone();
             let limits = cfg.api_limits.clone();

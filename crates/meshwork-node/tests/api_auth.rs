@@ -303,3 +303,85 @@ async fn the_cookie_file_is_private_new_at_each_start_and_gone_after_a_stop() {
     node.shutdown().await;
     assert!(!path.exists());
 }
+
+/// A long-lived API token (`[api] token_hashes`, `meshwork node token`): the node keeps only
+/// its BLAKE3 hash and accepts the token as Bearer besides the cookie; another token, or the
+/// token at a node that does not list its hash, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_api_token_is_accepted_as_bearer_and_only_its_own() {
+    let (token, hash) = meshwork_http::auth::new_token();
+    assert_eq!(hash, meshwork_http::auth::token_hash(&token));
+    let (other, _) = meshwork_http::auth::new_token();
+    let mut cfg = config("test-api-token");
+    cfg.api_token_hashes = vec![meshwork_http::auth::parse_token_hash(&hash).unwrap()];
+    let node = meshwork_node::start(cfg).await.unwrap();
+    let plain = meshwork_node::start(config("test-api-token"))
+        .await
+        .unwrap();
+
+    let (code, _) = call(
+        &node,
+        "GET",
+        "/api/v1/status",
+        Auth::Bearer(token.clone()),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "the configured token");
+    let creds = Credentials::token(&token).unwrap();
+    let (code, _) = call(
+        &node,
+        "GET",
+        "/api/v1/status",
+        Auth::Basic(&creds),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "the token's credentials send it as Bearer");
+    let (code, _) = call(
+        &node,
+        "GET",
+        "/api/v1/status",
+        Auth::Bearer(other),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(code, 401, "a token whose hash is not configured");
+    let (code, _) = call(
+        &node,
+        "GET",
+        "/api/v1/status",
+        Auth::Bearer(hash.clone()),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(code, 401, "the hash itself is not a token");
+    let (code, _) = call(
+        &plain,
+        "GET",
+        "/api/v1/status",
+        Auth::Bearer(token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(code, 401, "a node that does not list the hash");
+    // The cookie still works beside the token.
+    let cookie = node.api_credentials();
+    let (code, _) = call(
+        &node,
+        "GET",
+        "/api/v1/status",
+        Auth::Basic(&cookie),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "the cookie beside the token");
+    node.shutdown().await;
+    plain.shutdown().await;
+}

@@ -300,6 +300,11 @@ enum ChainCommand {
 enum NodeCommand {
     /// Start the node and run until Ctrl-C or SIGTERM.
     Start(StartArgs),
+    /// Make a long-lived API token, for clients that cannot read the cookie file (another
+    /// machine, a container, a monitoring system): prints the token, for the client
+    /// (`--api-token`, MESHWORK_API_TOKEN, or `Authorization: Bearer TOKEN`), and its hash, for
+    /// `[api] token_hashes` in the node's config.toml. The node keeps only the hash.
+    Token,
 }
 
 #[derive(Args)]
@@ -352,6 +357,15 @@ pub(crate) struct ClientArgs {
     /// <data-dir>/api.cookie.
     #[arg(long, env = "MESHWORK_API_COOKIE", value_name = "FILE")]
     pub(crate) api_cookie: Option<PathBuf>,
+    /// A long-lived API token (`meshwork node token`), instead of the cookie.
+    #[arg(
+        long,
+        env = "MESHWORK_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "api_cookie"
+    )]
+    pub(crate) api_token: Option<String>,
 }
 
 fn main() {
@@ -398,6 +412,21 @@ async fn run(mut cli: Cli) -> Result<()> {
         Command::Node {
             command: NodeCommand::Start(args),
         } => node_start(cli.data_dir.as_deref(), args).await,
+        Command::Node {
+            command: NodeCommand::Token,
+        } => {
+            let (token, hash) = meshwork_http::auth::new_token();
+            println!("token  {token}");
+            println!("hash   {hash}");
+            println!();
+            println!("Add the hash to the node's config.toml and restart the node:");
+            println!("  [api]");
+            println!("  token_hashes = [\"{hash}\"]");
+            println!("and give the token to the client, which passes it with --api-token TOKEN");
+            println!("(or MESHWORK_API_TOKEN, or the header 'Authorization: Bearer TOKEN').");
+            println!("Keep the token secret: it works until its hash leaves the config.");
+            Ok(())
+        }
         Command::Status(args) => status(cli.data_dir.as_deref(), args).await,
         Command::Share {
             path,
@@ -677,6 +706,16 @@ impl Target {
         Target { base, creds }
     }
 
+    /// `base` with an API token (`--api-token`); a token a header cannot carry is an error.
+    pub(crate) fn with_token(base: String, token: &str) -> Result<Target> {
+        let creds = meshwork_http::auth::Credentials::token(token)
+            .map_err(|e| anyhow::anyhow!("--api-token: {e}"))?;
+        Ok(Target {
+            base,
+            creds: Ok(creds),
+        })
+    }
+
     /// Adds the credentials, when there are any.
     pub(crate) fn authorize(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.creds {
@@ -694,6 +733,10 @@ impl Target {
     pub(crate) fn unauthorized(&self, url: &str) -> anyhow::Error {
         match &self.creds {
             Err(why) => anyhow::anyhow!("{url}: 401 Unauthorized: {why}"),
+            Ok(c) if c.is_token() => anyhow::anyhow!(
+                "{url}: 401 Unauthorized: the API token was refused; is its hash in the node's \
+                 [api] token_hashes, and was the node restarted since?"
+            ),
             Ok(_) => anyhow::anyhow!(
                 "{url}: 401 Unauthorized: the API cookie was refused; it changes at each start of \
                  the service, so pass the current one (--api-cookie FILE, or the data directory \
@@ -732,6 +775,9 @@ pub(crate) fn api_base(data_dir: Option<&Path>, client: &ClientArgs) -> Result<T
     } else {
         format!("http://{addr}")
     };
+    if let Some(token) = &client.api_token {
+        return Target::with_token(base, token);
+    }
     Ok(Target::new(
         base,
         client.api_cookie.as_deref(),
