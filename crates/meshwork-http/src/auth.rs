@@ -483,11 +483,19 @@ impl Guard {
 
     fn host_allowed(&self, host: &str, local: SocketAddr) -> bool {
         let host = host.trim().to_ascii_lowercase();
-        let port = local.port();
         // `Host` without a port means the scheme's default, 80 for http.
         let (name, given_port) = split_host_port(&host);
         let given_port = given_port.unwrap_or(80);
-        if given_port != port {
+        // A configured `NAME` is answered on any port (a reverse proxy on 80 or 443 passes
+        // its own), `NAME:PORT` on that port only.
+        if self.inner.hosts.iter().any(|h| {
+            let (n, p) = split_host_port(h);
+            n == name && p.is_none_or(|p| p == given_port)
+        }) {
+            return true;
+        }
+        // The socket's own address and localhost: on the socket's port only.
+        if given_port != local.port() {
             return false;
         }
         let ip_name = |ip: IpAddr| match ip {
@@ -497,13 +505,7 @@ impl Guard {
         if name == ip_name(local.ip()) || name == "localhost" {
             return true;
         }
-        if local.ip().is_loopback() && (name == "127.0.0.1" || name == "[::1]") {
-            return true;
-        }
-        self.inner.hosts.iter().any(|h| {
-            let (n, p) = split_host_port(h);
-            n == name && p.is_none_or(|p| p == given_port)
-        })
+        local.ip().is_loopback() && (name == "127.0.0.1" || name == "[::1]")
     }
 
     /// The 401 answer: `WWW-Authenticate: Basic realm="meshwork"` and a JSON body that says
@@ -663,9 +665,19 @@ mod tests {
         let v6: SocketAddr = "[2001:db8::1]:8650".parse().unwrap();
         assert!(g.host_allowed("[2001:db8::1]:8650", v6));
         let g = g.with_hosts(&["node.lan".into(), "other.lan:9".into()]);
-        assert!(g.host_allowed("node.lan:8650", wide));
-        assert!(!g.host_allowed("other.lan:8650", wide));
-        assert!(!g.host_allowed("node.lan.attacker:8650", wide));
+        // A configured name answers on any port (a reverse proxy's own: 80 when omitted, 443),
+        // a configured name:port on that port only.
+        for ok in ["node.lan:8650", "node.lan", "node.lan:443", "other.lan:9"] {
+            assert!(g.host_allowed(ok, wide), "{ok}");
+        }
+        for bad in [
+            "other.lan:8650",
+            "other.lan",
+            "node.lan.attacker:8650",
+            "lan:8650",
+        ] {
+            assert!(!g.host_allowed(bad, wide), "{bad}");
+        }
     }
 
     #[test]

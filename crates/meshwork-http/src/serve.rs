@@ -322,10 +322,13 @@ pub async fn serve_counted(
                 };
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
                 counters.open.fetch_add(1, Ordering::Relaxed);
+                // The connection's own local address, not the listener's: on a wildcard bind
+                // (0.0.0.0) it is the address the client dialled, which the Host check needs.
+                let conn_local = stream.local_addr().unwrap_or(local);
                 let conn = ConnTask {
                     stream,
                     peer,
-                    local,
+                    local: conn_local,
                     app: app.clone(),
                     state,
                     limits: limits.clone(),

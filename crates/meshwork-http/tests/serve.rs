@@ -104,6 +104,25 @@ async fn requests_carry_the_peer_and_local_addresses() -> Result<()> {
     Ok(())
 }
 
+/// On a wildcard bind the local address is the one the client dialled (what the Host check
+/// compares with), not `0.0.0.0`.
+#[tokio::test]
+async fn on_a_wildcard_bind_the_local_address_is_the_one_dialled() -> Result<()> {
+    let l = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+    let port = l.local_addr()?.port();
+    let _task = tokio::spawn(serve(l, app(), limits(), std::future::pending()));
+    for dialled in ["127.0.0.1", "127.0.0.7"] {
+        let to: SocketAddr = format!("{dialled}:{port}").parse()?;
+        let mut s = connect_from("127.0.0.3", to).await?;
+        s.write_all(&get_req("/who")).await?;
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        ensure!(text.ends_with(&format!(" {to}")), "{text}");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_slow_head_is_cut_at_the_header_read_timeout_and_an_idle_keep_alive_later() -> Result<()>
 {

@@ -644,9 +644,10 @@ async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
         if !api.ip().is_loopback() {
             println!(
                 "note        the API listens beyond loopback ({api}): every call needs the cookie \
-                 in {cookie} (HTTP basic as __cookie__, or a bearer token); only the hosts \
-                 {api}, localhost:{} and [api] hosts are answered",
-                api.port()
+                 in {cookie} (HTTP basic as __cookie__, or a bearer token) or a token of \
+                 [api] token_hashes (`meshwork node token`); requests must name this machine by \
+                 the address they connect to (IP:{port}), localhost:{port} or a name of [api] hosts",
+                port = api.port()
             );
         }
     }
