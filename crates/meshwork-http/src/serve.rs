@@ -9,18 +9,22 @@
 //!   file limit (`RLIMIT_NOFILE`, soft) minus [`Limits::reserve_files`] across every loop of the
 //!   process (the rest of the process, peers, stores, files, needs descriptors too), and at most
 //!   [`Limits::max_per_ip`] from one source IP.
-//! - **Eviction.** A newcomer that finds a cap reached evicts an *idle* connection (no request in
-//!   flight: still waiting for its first headers, or between keep-alive requests). Among idle
-//!   connections the victim is the one whose IP holds the most connections, then the one idle the
-//!   longest, so a flood spread over many addresses evicts its own members before the single
-//!   connection of an ordinary client. Only if every candidate has a request in flight is the
-//!   newcomer refused (its socket closed at once). A per-IP cap evicts only from that IP.
+//! - **Eviction.** A newcomer that finds a cap reached evicts a connection that does no work of
+//!   ours: an *idle* one (no request in flight: still waiting for its first headers, or between
+//!   keep-alive requests) or one that *waits on its peer* (a slow upload body, or a peer that
+//!   does not read its answer). The victim comes from the IP holding the most connections, then
+//!   is the one inactive the longest, so a flood spread over many addresses evicts its own
+//!   members before the single connection of an ordinary client. Only if every candidate's
+//!   handler is working is the newcomer refused (its socket closed at once). A per-IP cap
+//!   evicts only from that IP.
 //! - **Timeouts.** Complete request headers within [`Limits::header_read`] of accept (or of the
 //!   first byte after a keep-alive pause), [`Limits::keep_alive`] of silence between requests,
 //!   and a request in flight that waits on the peer (for its upload body, or with its answer
 //!   blocked on a send queue that does not shrink) for [`Limits::stall`] is closed. A handler that works a long time (hashing a file,
 //!   a long poll) is not a stall: only waits on the peer count, and bytes that keep moving reset
-//!   them.
+//!   them. An upload body must also keep a minimum average rate ([`Limits::min_body_rate`],
+//!   after a grace of `header_read`), so one byte just inside every stall timeout does not
+//!   hold a connection.
 //! - **Accept errors.** `EMFILE`/`ENFILE` (someone else used the descriptors) pause the loop with
 //!   a growing back-off and are logged once per episode.
 //!
@@ -79,6 +83,12 @@ pub struct Limits {
     /// answer blocked on a full send queue that does not shrink) is closed. Checked about
     /// every quarter of it, so a stall is closed between 1 and 1.25 times this.
     pub stall: Duration,
+    /// The slowest upload body accepted, in bytes per second, after a grace of
+    /// [`Limits::header_read`] (Apache's `mod_reqtimeout` `MinRate`): a body that has taken `t`
+    /// must have brought at least `(t - header_read) * min_body_rate` bytes, or the connection
+    /// is closed. Without it a client that sends one body byte just inside every stall timeout
+    /// holds its connection for ever.
+    pub min_body_rate: u64,
     /// After the shutdown future fires: connections with a request in flight get this long to
     /// finish, then they are cut.
     pub shutdown_grace: Duration,
@@ -101,6 +111,7 @@ impl Default for Limits {
             header_read: Duration::from_secs(10),
             keep_alive: Duration::from_secs(60),
             stall: Duration::from_secs(60),
+            min_body_rate: 1024,
             shutdown_grace: Duration::from_secs(5),
             max_head: 64 * 1024,
             backlog: 4096,
@@ -122,6 +133,7 @@ impl Limits {
             header_read: Duration::from_secs(5),
             keep_alive: Duration::from_secs(30),
             stall: Duration::from_secs(30),
+            min_body_rate: 1024,
             shutdown_grace: Duration::from_secs(5),
             max_head: 64 * 1024,
             backlog: 4096,
@@ -141,6 +153,7 @@ impl Limits {
             header_read: Duration::from_secs(10),
             keep_alive: Duration::from_secs(60),
             stall: Duration::from_secs(60),
+            min_body_rate: 4096,
             shutdown_grace: Duration::from_secs(5),
             max_head: 64 * 1024,
             backlog: 4096,
@@ -159,6 +172,7 @@ impl Limits {
             header_read: Duration::from_secs(5),
             keep_alive: Duration::from_secs(15),
             stall: Duration::from_secs(15),
+            min_body_rate: 1024,
             shutdown_grace: Duration::from_secs(2),
             max_head: 16 * 1024,
             backlog: 4096,
@@ -476,6 +490,10 @@ struct ConnState {
     send_queue: AtomicU64,
     /// Since when the handler waits for the peer's upload body.
     body_wait: AtomicU64,
+    /// When the handler first asked for the current request's body (0: not yet), and the
+    /// bytes of it received since: the minimum-rate rule's clock.
+    body_started: AtomicU64,
+    body_bytes: AtomicU64,
     /// Set by eviction; the task closes the connection when notified.
     evict: tokio::sync::Notify,
 }
@@ -514,6 +532,16 @@ impl ConnState {
         !self.in_flight.load(Ordering::Relaxed) && self.write_blocked.load(Ordering::Relaxed) == 0
     }
 
+    /// Since when the connection waits on its peer (its upload body, or reading the answer),
+    /// or `None` if it does not: the second choice of eviction, after idle connections.
+    fn waiting_on_peer(&self) -> Option<u64> {
+        [&self.body_wait, &self.write_blocked]
+            .into_iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|t| *t != 0)
+            .min()
+    }
+
     fn begin_request(&self) {
         self.in_flight.store(true, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
@@ -523,6 +551,8 @@ impl ConnState {
         self.idle_since.store(now, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         self.body_wait.store(0, Ordering::Relaxed);
+        self.body_started.store(0, Ordering::Relaxed);
+        self.body_bytes.store(0, Ordering::Relaxed);
         // `write_blocked` stays: the end of the answer may still be waiting to go out.
         self.served.store(true, Ordering::Relaxed);
         self.in_flight.store(false, Ordering::Relaxed);
@@ -536,6 +566,19 @@ impl ConnState {
             for since in [&self.write_blocked, &self.body_wait] {
                 let since = since.load(Ordering::Relaxed);
                 if since != 0 && now.saturating_sub(since) >= stall {
+                    return Err(Expired::Stall);
+                }
+            }
+            // The minimum body rate: what a body brought must keep up with its age (after a
+            // grace), however often single bytes arrive.
+            let started = self.body_started.load(Ordering::Relaxed);
+            if started != 0 && self.body_wait.load(Ordering::Relaxed) != 0 && l.min_body_rate > 0 {
+                let owed = now
+                    .saturating_sub(started)
+                    .saturating_sub(ms(l.header_read))
+                    .saturating_mul(l.min_body_rate)
+                    / 1000;
+                if self.body_bytes.load(Ordering::Relaxed) < owed {
                     return Err(Expired::Stall);
                 }
             }
@@ -610,19 +653,31 @@ impl Table {
         Admission::In { id, state, evicted }
     }
 
-    /// The idle connection to evict: from `only` if given, else from the IP holding the most
-    /// connections; among those, the one idle the longest. `None` if all are busy.
+    /// The connection to evict: from `only` if given, else from the IP holding the most
+    /// connections; among those, the one inactive the longest: idle (no request in flight,
+    /// since its accept or its last answer) or waiting on its peer (its upload body, or the
+    /// peer reading the answer: a slow upload or a reader that does not read holds no work of
+    /// ours, and a flood of them must not lock newcomers out). A connection whose handler works
+    /// is never chosen. `None` if every candidate works. The crowd comes first, so a client's
+    /// single fresh connection is not taken while a flood's address holds several.
     fn victim(&self, only: Option<IpAddr>) -> Option<u64> {
         self.conns
             .iter()
-            .filter(|(_, (ip, s))| only.is_none_or(|o| o == *ip) && s.idle())
-            .max_by_key(|(id, (ip, s))| {
+            .filter(|(_, (ip, _))| only.is_none_or(|o| o == *ip))
+            .filter_map(|(id, (ip, s))| {
+                let since = if s.idle() {
+                    s.idle_since.load(Ordering::Relaxed)
+                } else {
+                    s.waiting_on_peer()?
+                };
                 let crowd = self.per_ip.get(ip).copied().unwrap_or(0);
-                let since = s.idle_since.load(Ordering::Relaxed);
-                // Most connections from its IP first, then idle longest, then oldest id.
-                (crowd, std::cmp::Reverse(since), std::cmp::Reverse(**id))
+                Some((id, crowd, since))
             })
-            .map(|(id, _)| *id)
+            // Most connections from its IP first, then inactive longest, then oldest id.
+            .max_by_key(|(id, crowd, since)| {
+                (*crowd, std::cmp::Reverse(*since), std::cmp::Reverse(**id))
+            })
+            .map(|(id, _, _)| *id)
     }
 
     fn evict(&mut self, id: u64) {
@@ -870,9 +925,20 @@ impl http_body::Body for Upload {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let now = self.clock.now();
+        let _ =
+            self.state
+                .body_started
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
         let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.state
+                    .body_bytes
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
         if r.is_pending() {
-            let now = self.clock.now();
             let _ =
                 self.state
                     .body_wait
@@ -1011,5 +1077,70 @@ mod tests {
         t.conns[last.map(|(i, _)| i).unwrap()].1.begin_request();
         assert!(matches!(t.admit(a, 5, 10, 2, false), Admission::Refused));
         assert_eq!(t.per_ip[&a], 2);
+    }
+
+    /// A body that dribbles (one byte just inside every stall timeout) is closed once what it
+    /// brought falls behind the minimum rate; a body that keeps up is not.
+    #[test]
+    fn a_body_below_the_minimum_rate_is_closed_however_often_it_dribbles() {
+        let l = Limits {
+            stall: Duration::from_secs(1000),
+            min_body_rate: 1000, // bytes per second: one per millisecond
+            ..limits()
+        };
+        let s = ConnState::new(1);
+        s.begin_request();
+        s.body_started.store(1_000, Ordering::Relaxed);
+        s.body_wait.store(1_000, Ordering::Relaxed);
+        // Within the grace (header_read, 100 ms) nothing is owed.
+        assert!(s.check(1_100, &l).is_ok());
+        // 500 ms in: 400 bytes owed. 399 is too few, 400 enough.
+        s.body_bytes.store(399, Ordering::Relaxed);
+        assert_eq!(s.check(1_500, &l), Err(Expired::Stall));
+        s.body_bytes.store(400, Ordering::Relaxed);
+        assert!(s.check(1_500, &l).is_ok());
+        // A handler that is not waiting for the body (it works on what came) owes nothing.
+        s.body_wait.store(0, Ordering::Relaxed);
+        assert!(s.check(100_000, &l).is_ok());
+        // The next request starts a new clock.
+        s.end_request(100_000);
+        assert_eq!(s.body_started.load(Ordering::Relaxed), 0);
+    }
+
+    /// With no idle connection, a newcomer evicts one that waits on its peer (a slow upload or
+    /// a reader that does not read), from the most crowded IP, before it is refused; a
+    /// connection whose handler works is never evicted.
+    #[test]
+    fn without_idle_connections_one_waiting_on_its_peer_is_evicted() {
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let me: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut t = Table::default();
+        let id = |x: Admission| match x {
+            Admission::In { id, .. } => id,
+            Admission::Refused => panic!("refused"),
+        };
+        let working = id(t.admit(me, 1, 3, 3, false));
+        let slow1 = id(t.admit(a, 2, 3, 3, false));
+        let slow2 = id(t.admit(a, 3, 3, 3, false));
+        for c in [working, slow1, slow2] {
+            t.conns[&c].1.begin_request();
+        }
+        t.conns[&slow1].1.body_wait.store(10, Ordering::Relaxed);
+        t.conns[&slow2].1.write_blocked.store(20, Ordering::Relaxed);
+        assert!(matches!(
+            t.admit(me, 30, 3, 3, false),
+            Admission::In { evicted: true, .. }
+        ));
+        assert!(
+            !t.conns.contains_key(&slow1),
+            "the longest waiting on its peer"
+        );
+        assert!(t.conns.contains_key(&working) && t.conns.contains_key(&slow2));
+        // Only working connections left to choose from (besides the newcomer, now working):
+        t.conns[&slow2].1.write_blocked.store(0, Ordering::Relaxed);
+        for (_, s) in t.conns.values() {
+            s.begin_request();
+        }
+        assert!(matches!(t.admit(me, 40, 3, 3, false), Admission::Refused));
     }
 }

@@ -79,10 +79,25 @@ struct FloodStats {
     closed_by_server: AtomicU64,
 }
 
-/// One slow client: connects from `from`, sends a request head one byte per second and never
-/// finishes it; re-connects whenever the server closes it, until `stop`.
-async fn slow_client(from: IpAddr, to: SocketAddr, stop: Arc<AtomicBool>, st: Arc<FloodStats>) {
-    let head = b"GET /api/v1/health HTTP/1.1\r\nHost: flood\r\nX-Slow: ";
+/// One slow client: connects from `from` and sends a request one byte per second, never
+/// finishing it: its head (slowloris), or with `body_to` a complete head of a POST of
+/// 15 000 bytes to that path and then its body (a slow upload); re-connects whenever the server
+/// closes it, until `stop`.
+async fn slow_client(
+    from: IpAddr,
+    to: SocketAddr,
+    body_to: Option<&'static str>,
+    stop: Arc<AtomicBool>,
+    st: Arc<FloodStats>,
+) {
+    let head: Vec<u8> = match body_to {
+        None => b"GET /api/v1/health HTTP/1.1\r\nHost: flood\r\nX-Slow: ".to_vec(),
+        Some(path) => format!(
+            "POST {path} HTTP/1.1\r\nHost: {to}\r\nContent-Type: application/json\r\n\
+             Content-Length: 15000\r\n\r\n{{"
+        )
+        .into_bytes(),
+    };
     while !stop.load(Ordering::Relaxed) {
         let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -99,9 +114,18 @@ async fn slow_client(from: IpAddr, to: SocketAddr, stop: Arc<AtomicBool>, st: Ar
         st.connects.fetch_add(1, Ordering::Relaxed);
         let held = st.held.fetch_add(1, Ordering::Relaxed) + 1;
         st.max_held.fetch_max(held, Ordering::Relaxed);
-        let mut i = 0usize;
+        // A slow upload sends its head at once; a slowloris byte by byte.
+        let mut i = if body_to.is_some() {
+            if s.write_all(&head).await.is_err() {
+                st.held.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            head.len()
+        } else {
+            0
+        };
         while !stop.load(Ordering::Relaxed) {
-            let b = if i < head.len() { head[i] } else { b'a' };
+            let b = if i < head.len() { head[i] } else { b' ' };
             i += 1;
             if s.write_all(&[b]).await.is_err() {
                 st.closed_by_server.fetch_add(1, Ordering::Relaxed);
@@ -128,6 +152,8 @@ async fn flood_and_probe(
     what: &str,
     target: SocketAddr,
     probe_path: &str,
+    body_to: Option<&'static str>,
+    bodies_every: usize,
     creds: Option<meshwork_http::auth::Credentials>,
     during: impl FnOnce() -> Result<()> + Send + 'static,
 ) -> Result<Duration> {
@@ -140,9 +166,12 @@ async fn flood_and_probe(
         } else {
             Ipv4Addr::new(127, 0, 0, 2 + (i % 249) as u8)
         };
+        // With `body_to`, every `bodies_every`-th client is a slow upload.
+        let body = body_to.filter(|_| i % bodies_every == 0);
         clients.spawn(slow_client(
             IpAddr::V4(from),
             target,
+            body,
             stop.clone(),
             st.clone(),
         ));
@@ -241,6 +270,9 @@ fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()>
         "tracker",
         addr,
         "/api/v1/stats",
+        // All slow uploads: no idle connection to evict, only ones that wait on their peer.
+        Some("/api/v1/announce"),
+        1,
         None,
         || Ok(()),
     ))?;
@@ -261,6 +293,8 @@ fn the_server_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> 
         "server",
         addr,
         "/api/v1/status",
+        Some("/api/v1/tx"),
+        2,
         None,
         || Ok(()),
     ))?;
@@ -325,6 +359,8 @@ fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_fil
         "node API",
         api,
         "/api/v1/health",
+        None,
+        1,
         Some(creds.clone()),
         fetch,
     ))?;
