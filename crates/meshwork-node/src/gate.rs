@@ -51,6 +51,10 @@ pub enum GateError {
     InboundFull(usize),
     #[error("limit of {0} inbound connections from IP {1} reached")]
     PerIpFull(usize, IpAddr),
+    #[error("limit of {0} inbound handshakes in progress reached")]
+    PendingFull(usize),
+    #[error("limit of {0} inbound handshakes in progress from IP {1} reached")]
+    PendingPerIpFull(usize, IpAddr),
     #[error("limit of {0} transient outbound connections reached")]
     TransientFull(usize),
     #[error("peer {0} is on the other side of a lab partition")]
@@ -65,6 +69,14 @@ pub struct GateLimits {
     /// pending and established together.
     pub max_transient: usize,
 }
+
+/// Inbound connections still in their handshake (TCP accepted, Noise and Yamux not done), in
+/// all and from one IP. Each holds a descriptor for up to the transport's timeout (10 s); without
+/// a cap, 1 100 sockets that never finish a handshake took a node at the usual 1 024 files to
+/// `EMFILE`, and its HTTP API with it.
+pub const MAX_PENDING_INBOUND: usize = 64;
+/// See [`MAX_PENDING_INBOUND`].
+pub const MAX_PENDING_INBOUND_PER_IP: usize = 4;
 
 pub struct Gate {
     limits: GateLimits,
@@ -85,6 +97,10 @@ pub struct Gate {
     to_close: VecDeque<(PeerId, ConnectionId)>,
     inbound: HashMap<ConnectionId, Option<IpAddr>>,
     inbound_per_ip: HashMap<IpAddr, usize>,
+    /// Inbound connections in their handshake (at most [`MAX_PENDING_INBOUND`]), and how many
+    /// of them come from each IP (at most [`MAX_PENDING_INBOUND_PER_IP`]; no zero entries).
+    pending_inbound: HashMap<ConnectionId, Option<IpAddr>>,
+    pending_per_ip: HashMap<IpAddr, usize>,
     /// Keep-alive changes to deliver to connection handlers. Bounded by the number of open
     /// connections: at most one promotion per connection.
     notify: VecDeque<(PeerId, ConnectionId)>,
@@ -111,6 +127,8 @@ impl Gate {
             to_close: VecDeque::new(),
             inbound: HashMap::new(),
             inbound_per_ip: HashMap::new(),
+            pending_inbound: HashMap::new(),
+            pending_per_ip: HashMap::new(),
             notify: VecDeque::new(),
             partitioned: HashSet::new(),
         }
@@ -186,6 +204,48 @@ impl Gate {
         Ok(ip)
     }
 
+    /// Counts a handshake in progress, or refuses it at the caps.
+    fn admit_pending(
+        &mut self,
+        id: ConnectionId,
+        ip: Option<IpAddr>,
+    ) -> Result<(), ConnectionDenied> {
+        if self.pending_inbound.len() >= MAX_PENDING_INBOUND {
+            return Err(ConnectionDenied::new(GateError::PendingFull(
+                MAX_PENDING_INBOUND,
+            )));
+        }
+        if let Some(ip) = ip {
+            let n = self.pending_per_ip.entry(ip).or_insert(0);
+            if *n >= MAX_PENDING_INBOUND_PER_IP {
+                return Err(ConnectionDenied::new(GateError::PendingPerIpFull(
+                    MAX_PENDING_INBOUND_PER_IP,
+                    ip,
+                )));
+            }
+            *n += 1;
+        }
+        self.pending_inbound.insert(id, ip);
+        Ok(())
+    }
+
+    /// The handshake of `id` ended (established, failed or timed out).
+    fn end_pending(&mut self, id: ConnectionId) {
+        if let Some(Some(ip)) = self.pending_inbound.remove(&id) {
+            if let Some(n) = self.pending_per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Inbound handshakes in progress now (for tests and metrics).
+    pub fn pending_inbound(&self) -> usize {
+        self.pending_inbound.len()
+    }
+
     fn check_peer(&self, peer: &PeerId, now: u64) -> Result<(), ConnectionDenied> {
         if self.bans.is_banned_peer(peer, now) {
             return Err(ConnectionDenied::new(GateError::BannedPeer(*peer)));
@@ -203,11 +263,12 @@ impl NetworkBehaviour for Gate {
 
     fn handle_pending_inbound_connection(
         &mut self,
-        _: ConnectionId,
+        id: ConnectionId,
         _: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
-        self.check_ip(remote, unix_now()).map(|_| ())
+        let ip = self.check_ip(remote, unix_now())?;
+        self.admit_pending(id, ip)
     }
 
     fn handle_established_inbound_connection(
@@ -217,6 +278,7 @@ impl NetworkBehaviour for Gate {
         _: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.end_pending(id);
         let now = unix_now();
         self.check_peer(&peer, now)?;
         let ip = self.check_ip(remote, now)?;
@@ -282,6 +344,7 @@ impl NetworkBehaviour for Gate {
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
             FromSwarm::ConnectionClosed(c) => {
+                self.end_pending(c.connection_id);
                 self.managed.remove(&c.connection_id);
                 self.feelers.remove(&c.connection_id);
                 self.content.remove(&c.connection_id);
@@ -300,6 +363,7 @@ impl NetworkBehaviour for Gate {
                     }
                 }
             }
+            FromSwarm::ListenFailure(f) => self.end_pending(f.connection_id),
             FromSwarm::DialFailure(f) => {
                 self.managed.remove(&f.connection_id);
                 self.feelers.remove(&f.connection_id);
@@ -369,4 +433,66 @@ impl ConnectionHandler for KeepAlive {
     }
 
     fn on_connection_event(&mut self, _: ConnectionEvent<DeniedUpgrade, DeniedUpgrade>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> Gate {
+        Gate::new(GateLimits {
+            max_inbound: 1000,
+            max_inbound_per_ip: 1000,
+            max_transient: 16,
+        })
+    }
+
+    fn from(ip: &str) -> Multiaddr {
+        format!("/ip4/{ip}/tcp/40000").parse().unwrap()
+    }
+
+    /// Handshakes in progress are capped per IP and in all, and a slot is free again once the
+    /// handshake ends: a flood of sockets that never finish one cannot hold the node's files.
+    #[test]
+    fn inbound_handshakes_in_progress_are_capped_per_ip_and_in_all() {
+        let mut g = gate();
+        let local: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+        let mut next = 0;
+        let mut id = || {
+            next += 1;
+            ConnectionId::new_unchecked(next)
+        };
+        let mut first = vec![];
+        for _ in 0..MAX_PENDING_INBOUND_PER_IP {
+            let c = id();
+            first.push(c);
+            assert!(g
+                .handle_pending_inbound_connection(c, &local, &from("127.0.0.9"))
+                .is_ok());
+        }
+        assert!(
+            g.handle_pending_inbound_connection(id(), &local, &from("127.0.0.9"))
+                .is_err(),
+            "one IP beyond its share"
+        );
+        // Other IPs fill the rest, then everyone is refused.
+        let mut ip = 10;
+        while g.pending_inbound() < MAX_PENDING_INBOUND {
+            let _ =
+                g.handle_pending_inbound_connection(id(), &local, &from(&format!("127.0.0.{ip}")));
+            ip += 1;
+        }
+        assert!(g
+            .handle_pending_inbound_connection(id(), &local, &from("127.0.1.1"))
+            .is_err());
+        // A handshake that completes frees its slot (and its IP's).
+        let peer = PeerId::random();
+        assert!(g
+            .handle_established_inbound_connection(first[0], peer, &local, &from("127.0.0.9"))
+            .is_ok());
+        assert_eq!(g.pending_inbound(), MAX_PENDING_INBOUND - 1);
+        assert!(g
+            .handle_pending_inbound_connection(id(), &local, &from("127.0.0.9"))
+            .is_ok());
+    }
 }

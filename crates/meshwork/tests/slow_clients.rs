@@ -148,15 +148,28 @@ async fn slow_client(
 /// Floods `target` for [`FLOOD_FOR`] while probing `GET probe_path` from 127.0.0.1 every
 /// [`PROBE_EVERY`] on a fresh connection; runs `during` (blocking) meanwhile. Returns the worst
 /// probe latency after asserting every probe was answered with 200 within [`ANSWER_WITHIN`].
+/// What the flood sends, and where.
+struct Flood {
+    /// With a path, every `bodies_every`-th client is a slow upload to it, the rest slow heads.
+    body_to: Option<&'static str>,
+    bodies_every: usize,
+    /// Flood this address instead of the probed one (the node's p2p port).
+    to: Option<SocketAddr>,
+}
+
 async fn flood_and_probe(
     what: &str,
     target: SocketAddr,
     probe_path: &str,
-    body_to: Option<&'static str>,
-    bodies_every: usize,
+    flood: Flood,
     creds: Option<meshwork_http::auth::Credentials>,
     during: impl FnOnce() -> Result<()> + Send + 'static,
 ) -> Result<Duration> {
+    let Flood {
+        body_to,
+        bodies_every,
+        to: flood_to,
+    } = flood;
     let stop = Arc::new(AtomicBool::new(false));
     let st = Arc::new(FloodStats::default());
     let mut clients = tokio::task::JoinSet::new();
@@ -170,7 +183,7 @@ async fn flood_and_probe(
         let body = body_to.filter(|_| i % bodies_every == 0);
         clients.spawn(slow_client(
             IpAddr::V4(from),
-            target,
+            flood_to.unwrap_or(target),
             body,
             stop.clone(),
             st.clone(),
@@ -225,8 +238,11 @@ async fn flood_and_probe(
         st.max_held.load(Ordering::Relaxed),
         st.closed_by_server.load(Ordering::Relaxed),
     );
+    // Against HTTP the flood must have held its connections; against the p2p port (whose
+    // gate closes handshakes beyond its caps at once) it must have kept connecting.
     ensure!(
-        st.max_held.load(Ordering::Relaxed) >= 900,
+        st.max_held.load(Ordering::Relaxed) >= 900
+            || (flood_to.is_some() && st.connects.load(Ordering::Relaxed) >= 10 * FLOOD as u64),
         "the flood never held 900 connections: it did not test anything"
     );
     ensure!(
@@ -271,8 +287,11 @@ fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()>
         addr,
         "/api/v1/stats",
         // All slow uploads: no idle connection to evict, only ones that wait on their peer.
-        Some("/api/v1/announce"),
-        1,
+        Flood {
+            body_to: Some("/api/v1/announce"),
+            bodies_every: 1,
+            to: None,
+        },
         None,
         || Ok(()),
     ))?;
@@ -293,8 +312,11 @@ fn the_server_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> 
         "server",
         addr,
         "/api/v1/status",
-        Some("/api/v1/tx"),
-        2,
+        Flood {
+            body_to: Some("/api/v1/tx"),
+            bodies_every: 2,
+            to: None,
+        },
         None,
         || Ok(()),
     ))?;
@@ -359,8 +381,11 @@ fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_fil
         "node API",
         api,
         "/api/v1/health",
-        None,
-        1,
+        Flood {
+            body_to: None,
+            bodies_every: 1,
+            to: None,
+        },
         Some(creds.clone()),
         fetch,
     ))?;
@@ -387,5 +412,61 @@ fn a_node_api_answers_and_serves_a_fetch_through_a_slow_client_flood_at_1024_fil
     eprintln!("node API metrics: {evicted} evicted, {timed_out} timed out");
     ensure!(evicted > 0, "the flood evicted connections: {metrics}");
     drop(a);
+    Ok(())
+}
+
+/// Sockets that never finish a libp2p handshake, 1 100 of them on the node's p2p port, neither
+/// exhaust the node's descriptors (its gate caps handshakes in progress) nor stop its API.
+#[test]
+fn a_node_api_answers_through_a_flood_of_unfinished_p2p_handshakes_at_1024_files() -> Result<()> {
+    let Some(_turn) = flood_turn() else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("a");
+    let mut init = meshwork_limited(&dir);
+    init.args(["init", "--network", "test-p2p-flood"]);
+    common::run_ok(init)?;
+    let mut cmd = meshwork_limited(&dir);
+    cmd.args(common::NODE_START).env("RUST_LOG", "info");
+    let node = Proc::start(cmd, &dir.join("node.log"), "node is ready")?;
+    let api: SocketAddr = std::fs::read_to_string(dir.join("api"))?.trim().parse()?;
+    let listen = node.listen_addr()?;
+    let port: u16 = listen
+        .split('/')
+        .nth(4)
+        .context("a /ip4/IP/tcp/PORT listen address")?
+        .parse()?;
+    let p2p = SocketAddr::from(([127, 0, 0, 1], port));
+    let creds = meshwork_http::auth::Credentials::read(&dir.join("api.cookie"))?;
+    let pid = node.child.id();
+    // Throughout the flood, the node's open descriptors stay well below its 1 024.
+    let fds = move || -> Result<()> {
+        let until = Instant::now() + FLOOD_FOR;
+        let mut most = 0;
+        while Instant::now() < until {
+            let n = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+            most = most.max(n);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("p2p flood: the node held at most {most} descriptors");
+        ensure!(
+            most < 512,
+            "the node held {most} descriptors under the flood"
+        );
+        Ok(())
+    };
+    runtime()?.block_on(flood_and_probe(
+        "node API (p2p flood)",
+        api,
+        "/api/v1/health",
+        Flood {
+            body_to: None,
+            bodies_every: 1,
+            to: Some(p2p),
+        },
+        Some(creds),
+        fds,
+    ))?;
     Ok(())
 }
