@@ -144,14 +144,25 @@ fn is_routable_v4(ip: Ipv4Addr) -> bool {
         || o[0] >= 240) // 240.0.0.0/4, reserved
 }
 
+/// Only global unicast (2000::/3, RFC 4291) outside the special-purpose blocks (RFC 6890)
+/// is routable; an address that embeds an IPv4 address (NAT64 64:ff9b::/96, RFC 6052; 6to4
+/// 2002::/16, RFC 3056) is routable only if that IPv4 address is. Everything else, the
+/// IPv4-compatible ::/96, site-local fec0::/10 and discard 100::/64 among it, is not.
 fn is_routable_v6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || (s[0] & 0xfe00) == 0xfc00 // fc00::/7, unique local
-        || (s[0] & 0xffc0) == 0xfe80 // fe80::/10, link-local
-        || (s[0] == 0x2001 && s[1] == 0x0db8)) // 2001:db8::/32, documentation
+    let o = ip.octets();
+    // 64:ff9b::/96: the last 32 bits are the IPv4 address.
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return is_routable_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    }
+    // 2002:V4ADDR::/48.
+    if s[0] == 0x2002 {
+        return is_routable_v4(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    (s[0] & 0xe000) == 0x2000 // 2000::/3, global unicast
+        && !(s[0] == 0x2001 && s[1] < 0x0200) // 2001::/23, IETF protocol assignments (Teredo 2001::/32 among them)
+        && !(s[0] == 0x2001 && s[1] == 0x0db8) // 2001:db8::/32, documentation
+        && !(s[0] == 0x3fff && s[1] < 0x1000) // 3fff::/20, documentation (RFC 9637)
 }
 
 /// Checks that `addr` is a dialable address: an IP, then TCP or QUIC, optionally `/p2p/<peer>`
@@ -276,13 +287,33 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "2001:db8::1",
+            // IPv6 forms that embed a private IPv4 address, and special-purpose blocks.
+            "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::1",
+            "::127.0.0.1",
+            "::8.8.8.8",
+            "fec0::1",
+            "100::1",
+            "2001::1",
+            "3fff::1",
+            "4000::1",
         ] {
             assert!(
                 !is_routable(bad.parse().unwrap()),
                 "{bad} should be unroutable"
             );
         }
-        for good in ["1.2.3.4", "8.8.8.8", "172.32.0.1", "2001:470::1"] {
+        for good in [
+            "1.2.3.4",
+            "8.8.8.8",
+            "172.32.0.1",
+            "2001:470::1",
+            "2a00:1450::1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(
                 is_routable(good.parse().unwrap()),
                 "{good} should be routable"
