@@ -114,10 +114,11 @@ impl Cookie {
             path: path.clone(),
             source,
         };
+        // A name of its own randomness: nothing of the secret shows in a directory listing.
         let tmp = dir.join(format!(
-            ".{COOKIE_FILE}.{}.{}.tmp",
+            ".{COOKIE_FILE}.{}.{:016x}.tmp",
             std::process::id(),
-            &c.secret[..8]
+            rand::random::<u64>()
         ));
         let written = (|| {
             use std::os::unix::fs::OpenOptionsExt;

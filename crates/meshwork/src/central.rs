@@ -51,6 +51,10 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
             dir.display()
         )
     })?;
+    // Where this server answers: the CLI sends the cookie of this data directory only there.
+    let api_file = dir.join(config::API_FILE);
+    std::fs::write(&api_file, format!("{}\n", srv.addr))
+        .with_context(|| format!("cannot write {}", api_file.display()))?;
     println!("data dir    {}", dir.display());
     println!("api         http://{}/api/v1/status", srv.addr);
     println!(
@@ -60,6 +64,7 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
     println!("server is ready");
     crate::wait_for_signal().await?;
     srv.stop().await;
+    let _ = std::fs::remove_file(&api_file);
     println!("server stopped");
     Ok(())
 }

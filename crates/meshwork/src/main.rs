@@ -695,14 +695,17 @@ impl Target {
     /// cookie that cannot be read is not an error yet: calls that need none still work, and a
     /// 401 then says why it was missing.
     pub(crate) fn new(base: String, cookie: Option<&Path>, dir: Option<&Path>) -> Target {
-        let path = match (cookie, dir) {
-            (Some(c), _) => Some(c.to_path_buf()),
-            (None, Some(d)) => Some(d.join(config::API_COOKIE_FILE)),
-            (None, None) => None,
-        };
-        let creds = match &path {
-            Some(p) => meshwork_http::auth::Credentials::read(p).map_err(|e| e.to_string()),
-            None => Err("no API cookie: pass --api-cookie FILE".into()),
+        let creds = match (cookie, dir) {
+            (Some(c), _) => meshwork_http::auth::Credentials::read(c).map_err(|e| {
+                format!("{e} (the file given with --api-cookie or MESHWORK_API_COOKIE)")
+            }),
+            // A cookie of the data directory goes to its own service only.
+            (None, Some(d)) => {
+                meshwork_http::auth::Credentials::read(&d.join(config::API_COOKIE_FILE))
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| own_service(d, &base).map(|()| c))
+            }
+            (None, None) => Err("no API cookie: pass --api-cookie FILE".into()),
         };
         Target { base, creds }
     }
@@ -745,6 +748,49 @@ impl Target {
             ),
         }
     }
+}
+
+/// Whether `base` is the service whose data directory is `dir` (the address it wrote to
+/// `<dir>/api`): the cookie of a data directory is sent there only, never to another address
+/// given with `--api` or `--server` (which may be anyone's). A wildcard or loopback bind also
+/// answers `localhost` and loopback addresses on its port.
+fn own_service(dir: &Path, base: &str) -> Result<(), String> {
+    let file = dir.join(API_FILE);
+    let refuse = |why: &str| {
+        Err(format!(
+            "the cookie of {} goes only to the service that wrote it ({why}); for {base} pass \
+             --api-cookie FILE or --api-token TOKEN",
+            dir.display()
+        ))
+    };
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        return refuse(&format!("{} is missing: is it running?", file.display()));
+    };
+    let Ok(own) = text.trim().parse::<std::net::SocketAddr>() else {
+        return refuse(&format!("{} holds no address", file.display()));
+    };
+    let authority = base
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    if authority.parse::<std::net::SocketAddr>().ok() == Some(own) {
+        return Ok(());
+    }
+    let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "80"));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if port.parse::<u16>().ok() == Some(own.port())
+        && loopback
+        && (own.ip().is_unspecified() || own.ip().is_loopback())
+    {
+        return Ok(());
+    }
+    refuse(&format!("it answers at {own}"))
 }
 
 /// The node's API: `--api`, else the address the node wrote to `<data-dir>/api`; its cookie

@@ -251,6 +251,28 @@ fn the_cli_sends_the_cookie_and_a_refusal_says_what_to_do() -> Result<()> {
         .output()?;
     ensure!(o.status.success(), "{}", stderr(&o));
 
+    // The data directory's cookie goes to its own node only, never to another address given
+    // with --api (which may be anyone's): a listener there sees no Authorization header.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let sink_addr = sink.local_addr()?.to_string();
+    let heard = std::thread::spawn(move || -> Result<String> {
+        use std::io::Read;
+        let (mut s, _) = sink.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut head = vec![0u8; 8192];
+        let n = s.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+    });
+    // The sink hangs up after the head: the command fails, which is not what is tested.
+    let _ = meshwork(&dir)
+        .args(["status", "--api", &sink_addr])
+        .output()?;
+    let head = heard.join().expect("the sink thread")?;
+    ensure!(
+        head.starts_with("GET ") && !head.to_ascii_lowercase().contains("authorization"),
+        "the cookie went to another address: {head}"
+    );
+
     // No cookie there: the error names the file and the flag.
     let o = meshwork(&other).args(["status", "--api", &api]).output()?;
     let e = stderr(&o);
