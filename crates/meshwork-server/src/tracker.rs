@@ -10,13 +10,15 @@
 //! # What an announcer controls
 //! - **Only its own record.** The record of (content, peer) changes only by an announce signed
 //!   with that peer's key, made within [`TrackerConfig::max_skew`] of the tracker's clock and
-//!   newer than the last one accepted for it (a replay, even of a `stopped` after the record
-//!   left, is refused for as long as its time is acceptable at all).
+//!   newer than the last one accepted for it (a replay, even after the record left by a
+//!   `stopped`, by expiry or by eviction, is refused for as long as its time is acceptable
+//!   at all: the last time of a record that left is kept as a tombstone).
 //! - **Not where others dial.** As BitTorrent trackers do, the tracker hands out the IP the
 //!   announce came from; of each claimed address it keeps only the transport and port
 //!   (`/tcp/P` or `/udp/P/quic-v1`). Claims of another address family, DNS names and other
 //!   transports are dropped; port 0 and unspecified, multicast or broadcast IPs are refused.
-//! - **A bounded share.** Per source IP: a token bucket of announces ([`IpLimits`]), caps on
+//! - **A bounded share.** Per source (an IPv4 address, an IPv6 /64: [`source_of`]): a token
+//!   bucket of announces ([`IpLimits`]), caps on
 //!   its records per content, its records in total and the contents it holds records in. An
 //!   answer holds at most [`ANSWER_PER_IP`] peers of one IP, so no single IP can crowd the
 //!   others out of an answer.
@@ -25,16 +27,19 @@
 //! - A request is validated whole before anything changes: a refused announce changes
 //!   nothing (but spends its IP's token).
 //! - At most `max_contents` contents, `max_peers_per_content` peers per content and
-//!   `max_peers` in all; a full content evicts its stalest peer for a new one; a new content
-//!   or record beyond the totals is refused. Every content listed has at least one peer.
+//!   `max_peers` in all. A full content makes room for a newcomer by evicting the stalest
+//!   record of its most crowded source, if the newcomer's source, with it, still holds fewer;
+//!   a full total (contents or records) does the same for a source below its fair share
+//!   (the limit over the sources holding any) and fewer than the most crowded one; everyone
+//!   else is refused. Every content listed has at least one peer.
 //! - `expiry` holds exactly one key per record, `(seen, seq)`, equal to the record's own:
 //!   expiry pops the oldest first and never scans, and the refusal path does no expiry at all
 //!   beyond a bounded batch.
 //! - Every map keyed by IPs or peers is bounded: `ips` by `max_ips`, `tombstones` by
 //!   [`MAX_TOMBSTONES`], the rest by the record limits.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -57,8 +62,12 @@ pub const MAX_NUMWANT: usize = 50;
 pub const ANSWER_PER_IP: usize = 2;
 /// Records removed per announce (the rest wait for the next announce or the sweep).
 pub const EXPIRE_BATCH: usize = 256;
-/// Remembered `stopped` announces (their time refuses replays), at most.
+/// Remembered announce times of records that left (stopped, expired or evicted: their time
+/// refuses replays), at most.
 pub const MAX_TOMBSTONES: usize = 100_000;
+/// Records of the most crowded source looked at, oldest first, for a content it holds alone
+/// when a full tracker makes room for a new content (bounded: the refusal path never sweeps).
+pub const SOLO_SCAN: usize = 64;
 
 /// Per source IP limits.
 #[derive(Clone, Debug)]
@@ -183,6 +192,8 @@ type IndexKey = (Instant, u64);
 struct Entry {
     /// Where the announce came from: the only IP handed out for it.
     ip: IpAddr,
+    /// Its source as the per-IP limits count it ([`source_of`]).
+    src: IpAddr,
     transports: Vec<Transport>,
     left: u64,
     /// Its key in [`Tracker::expiry`].
@@ -194,15 +205,42 @@ struct Entry {
 #[derive(Default)]
 struct Swarm {
     peers: HashMap<String, Entry>,
-    /// Records per source IP in this content.
-    per_ip: HashMap<IpAddr, usize>,
+    /// The records of each source ([`source_of`]) in this content, by their expiry key
+    /// (oldest first); no empty set.
+    per_ip: HashMap<IpAddr, BTreeSet<IndexKey>>,
+    /// `(records, source)` for every source of `per_ip`: the most crowded last.
+    crowd: BTreeSet<(usize, IpAddr)>,
     seeders: usize,
+}
+
+/// Moves `ip` from `old` to `new` in a `(count, ip)` ranking (a count of 0 is not ranked).
+fn rerank(set: &mut BTreeSet<(usize, IpAddr)>, ip: IpAddr, old: usize, new: usize) {
+    if old > 0 {
+        set.remove(&(old, ip));
+    }
+    if new > 0 {
+        set.insert((new, ip));
+    }
+}
+
+/// The source an IP counts as for every per-IP limit: an IPv4 address as it is (users behind
+/// one NAT share it anyway), an IPv6 address by its /64 (the prefix one host or one site is
+/// given, RFC 6177: any of its 2^64 addresses is the same source).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
 }
 
 struct IpState {
     tokens: f64,
     refilled: Instant,
-    records: usize,
+    /// Its records in all contents, by their expiry key (oldest first).
+    records: BTreeSet<IndexKey>,
     /// Contents it holds records in.
     contents: usize,
     /// It is in [`Tracker::idle`].
@@ -227,6 +265,10 @@ pub struct Tracker {
     /// The time of recent `stopped` announces, so that none is replayed.
     tombstones: HashMap<(ContentId, String), (u64, Instant)>,
     tomb_order: VecDeque<(Instant, ContentId, String)>,
+    /// `(records, source)` of every source holding records: the most crowded last.
+    crowd_records: BTreeSet<(usize, IpAddr)>,
+    /// `(contents, source)` of every source holding records: the most crowded last.
+    crowd_contents: BTreeSet<(usize, IpAddr)>,
     peers: usize,
     seeders: usize,
     announces: u64,
@@ -329,6 +371,8 @@ impl Tracker {
             idle: VecDeque::new(),
             tombstones: HashMap::new(),
             tomb_order: VecDeque::new(),
+            crowd_records: BTreeSet::new(),
+            crowd_contents: BTreeSet::new(),
             peers: 0,
             seeders: 0,
             announces: 0,
@@ -352,6 +396,7 @@ impl Tracker {
     ) -> Result<AnnounceResponse, AnnounceError> {
         let source = canonical(source);
         self.expire_some(now, EXPIRE_BATCH);
+        // Every limit counts the source ([`source_of`]); answers hand out the IP itself.
         let r = self.try_announce(req, source, now, unix_ms, rng);
         match &r {
             Ok(_) => self.announces += 1,
@@ -369,7 +414,8 @@ impl Tracker {
         rng: &mut impl Rng,
     ) -> Result<AnnounceResponse, AnnounceError> {
         // Cheapest first: the bucket, the shape, the clock, then the signature.
-        self.take_token(source, now)?;
+        let src = source_of(source);
+        self.take_token(src, now)?;
         let c = check(req, source)?;
         let skew = req.time_ms.abs_diff(unix_ms);
         if skew > self.cfg.max_skew.as_millis() as u64 {
@@ -398,7 +444,7 @@ impl Tracker {
                 peers: vec![],
             });
         }
-        self.upsert(&c, req, source, now)?;
+        self.upsert(&c, req, source, src, now)?;
         Ok(self.answer(&c, req, rng))
     }
 
@@ -425,7 +471,7 @@ impl Tracker {
                 IpState {
                     tokens: lim.burst as f64,
                     refilled: now,
-                    records: 0,
+                    records: BTreeSet::new(),
                     contents: 0,
                     queued: true,
                 },
@@ -459,7 +505,7 @@ impl Tracker {
             let Some(s) = self.ips.get_mut(&ip) else {
                 continue;
             };
-            if s.records > 0 {
+            if !s.records.is_empty() {
                 // Queued again when its last record goes.
                 s.queued = false;
             } else if now.saturating_duration_since(s.refilled) >= refill {
@@ -491,61 +537,115 @@ impl Tracker {
         shrink(&mut self.tombstones);
     }
 
-    /// Adds or refreshes the record, within every limit.
+    /// Adds or refreshes the record, within every limit. `ip` is where the announce came
+    /// from, `src` the source it counts as ([`source_of`]).
+    ///
+    /// A full content, a full tracker (contents) or a full record total makes room for a
+    /// newcomer from the most crowded source (of that content, of contents, of records), its
+    /// stalest first, unless the newcomer's own source is that crowded: many sources filling
+    /// a limit push out one another's records, never a long-standing one of a source that
+    /// holds few. Finding the victim is O(log n) (the rankings), never a sweep.
     fn upsert(
         &mut self,
         c: &Checked,
         req: &AnnounceRequest,
-        source: IpAddr,
+        ip: IpAddr,
+        src: IpAddr,
         now: Instant,
     ) -> Result<(), AnnounceError> {
         let lim = &self.cfg.ip;
         let swarm = self.contents.get(&c.content);
-        let old_ip = swarm.and_then(|s| s.peers.get(&req.peer)).map(|e| e.ip);
-        let ip_state = self.ips.get(&source).expect("a token was taken");
-        if old_ip != Some(source) {
-            // A new record for this IP (new, or moved from another IP).
-            let here = swarm
-                .and_then(|s| s.per_ip.get(&source))
-                .copied()
-                .unwrap_or(0);
+        let old_src = swarm.and_then(|s| s.peers.get(&req.peer)).map(|e| e.src);
+        let ip_state = self.ips.get(&src).expect("a token was taken");
+        let here = swarm
+            .and_then(|s| s.per_ip.get(&src))
+            .map_or(0, |m| m.len());
+        if old_src != Some(src) {
+            // A new record for this source (new, or moved from another source).
             if here >= lim.records_per_content {
-                return Err(AnnounceError::IpLimit(source, "records in this content"));
+                return Err(AnnounceError::IpLimit(src, "records in this content"));
             }
-            if ip_state.records >= lim.records {
-                return Err(AnnounceError::IpLimit(source, "records"));
+            if ip_state.records.len() >= lim.records {
+                return Err(AnnounceError::IpLimit(src, "records"));
             }
             if here == 0 && ip_state.contents >= lim.contents {
-                return Err(AnnounceError::IpLimit(source, "contents"));
+                return Err(AnnounceError::IpLimit(src, "contents"));
             }
         }
-        if swarm.is_none() && self.contents.len() >= self.cfg.max_contents {
-            return Err(AnnounceError::Full(self.cfg.max_contents));
-        }
+        // The records to evict for this one (the checks end before any goes).
+        let mut evict: Vec<IndexKey> = vec![];
         let full_content = swarm.is_some_and(|s| s.peers.len() >= self.cfg.max_peers_per_content);
-        if old_ip.is_none() && !full_content && self.peers >= self.cfg.max_peers {
-            return Err(AnnounceError::FullPeers(self.cfg.max_peers));
+        if swarm.is_none() && self.contents.len() >= self.cfg.max_contents {
+            // A fair share of contents each for the sources holding any.
+            let share = self.cfg.max_contents / self.crowd_contents.len().max(1);
+            let refuse = Err(AnnounceError::Full(self.cfg.max_contents));
+            let Some(&(most_n, most)) = self.crowd_contents.last() else {
+                return refuse;
+            };
+            if ip_state.contents >= share || ip_state.contents + 1 >= most_n {
+                return refuse;
+            }
+            // Its stalest content it holds alone (the others' records there stay): among
+            // its oldest records only, so the work is bounded.
+            let victim = self.ips[&most]
+                .records
+                .iter()
+                .take(SOLO_SCAN)
+                .map(|k| &self.expiry[k].0)
+                .find(|id| self.contents[*id].per_ip.len() == 1);
+            let Some(id) = victim else {
+                return refuse;
+            };
+            evict.extend(self.contents[id].per_ip[&most].iter().copied());
+        } else if old_src.is_none() && full_content {
+            let s = swarm.expect("a full content exists");
+            let &(most_n, most) = s.crowd.last().expect("a full content has peers");
+            // Strictly fewer than the victim's source even with this one, or sources of one
+            // record each would take turns pushing out one another (the oldest first).
+            if here + 1 >= most_n {
+                return Err(AnnounceError::IpLimit(src, "records in this full content"));
+            }
+            evict.push(
+                *s.per_ip[&most]
+                    .first()
+                    .expect("ranked sources hold records"),
+            );
+        } else if old_src.is_none() && self.peers >= self.cfg.max_peers {
+            let share = self.cfg.max_peers / self.crowd_records.len().max(1);
+            let refuse = Err(AnnounceError::FullPeers(self.cfg.max_peers));
+            let Some(&(most_n, most)) = self.crowd_records.last() else {
+                return refuse;
+            };
+            let mine = ip_state.records.len();
+            if mine >= share || mine + 1 >= most_n {
+                return refuse;
+            }
+            evict.push(*self.ips[&most].records.first().expect("ranked"));
         }
         // Checked: from here on it succeeds.
-        if old_ip.is_none() && full_content {
-            let stalest = self.contents[&c.content]
-                .peers
-                .iter()
-                .min_by_key(|(_, e)| e.key)
-                .map(|(p, _)| p.clone())
-                .expect("a full content has peers");
-            self.remove(&c.content, &stalest);
+        for k in evict {
+            let (id, peer) = self.expiry[&k].clone();
+            if let Some(e) = self.remove(&id, &peer) {
+                // An evicted record's announces must not come back as replays either.
+                self.tombstone((id, peer), e.time_ms, now);
+            }
         }
-        if old_ip.is_some_and(|ip| ip != source) {
+        if old_src.is_some_and(|s| s != src) {
             self.remove(&c.content, &req.peer);
         }
         self.seq += 1;
         let key = (now, self.seq);
         let seeder = req.left == 0;
         let swarm = self.contents.entry(c.content).or_default();
+        let st = self.ips.get_mut(&src).expect("a token was taken");
         match swarm.peers.get_mut(&req.peer) {
             Some(e) => {
                 self.expiry.remove(&e.key);
+                let mine = swarm.per_ip.get_mut(&src).expect("the record is counted");
+                mine.remove(&e.key);
+                mine.insert(key);
+                st.records.remove(&e.key);
+                st.records.insert(key);
                 if (e.left == 0) != seeder {
                     if seeder {
                         swarm.seeders += 1;
@@ -555,6 +655,7 @@ impl Tracker {
                         self.seeders -= 1;
                     }
                 }
+                e.ip = ip;
                 e.transports = c.transports.clone();
                 e.left = req.left;
                 e.key = key;
@@ -564,19 +665,24 @@ impl Tracker {
                 swarm.peers.insert(
                     req.peer.clone(),
                     Entry {
-                        ip: source,
+                        ip,
+                        src,
                         transports: c.transports.clone(),
                         left: req.left,
                         key,
                         time_ms: req.time_ms,
                     },
                 );
-                let here = swarm.per_ip.entry(source).or_default();
-                *here += 1;
-                let s = self.ips.get_mut(&source).expect("a token was taken");
-                s.records += 1;
-                if *here == 1 {
-                    s.contents += 1;
+                let mine = swarm.per_ip.entry(src).or_default();
+                mine.insert(key);
+                let n = mine.len();
+                rerank(&mut swarm.crowd, src, n - 1, n);
+                st.records.insert(key);
+                let total = st.records.len();
+                rerank(&mut self.crowd_records, src, total - 1, total);
+                if n == 1 {
+                    st.contents += 1;
+                    rerank(&mut self.crowd_contents, src, st.contents - 1, st.contents);
                 }
                 self.peers += 1;
                 if seeder {
@@ -601,10 +707,12 @@ impl Tracker {
             self.seeders -= 1;
         }
         let mut left_content = false;
-        if let Some(n) = swarm.per_ip.get_mut(&e.ip) {
-            *n -= 1;
-            if *n == 0 {
-                swarm.per_ip.remove(&e.ip);
+        if let Some(mine) = swarm.per_ip.get_mut(&e.src) {
+            mine.remove(&e.key);
+            let n = mine.len();
+            rerank(&mut swarm.crowd, e.src, n + 1, n);
+            if n == 0 {
+                swarm.per_ip.remove(&e.src);
                 left_content = true;
             }
         }
@@ -615,14 +723,17 @@ impl Tracker {
             shrink(&mut swarm.peers);
             shrink(&mut swarm.per_ip);
         }
-        if let Some(s) = self.ips.get_mut(&e.ip) {
-            s.records -= 1;
+        if let Some(s) = self.ips.get_mut(&e.src) {
+            s.records.remove(&e.key);
+            let total = s.records.len();
+            rerank(&mut self.crowd_records, e.src, total + 1, total);
             if left_content {
                 s.contents -= 1;
+                rerank(&mut self.crowd_contents, e.src, s.contents + 1, s.contents);
             }
-            if s.records == 0 && !s.queued {
+            if s.records.is_empty() && !s.queued {
                 s.queued = true;
-                self.idle.push_back((e.key.0, e.ip));
+                self.idle.push_back((e.key.0, e.src));
             }
         }
         Some(e)
@@ -646,7 +757,7 @@ impl Tracker {
             if peers.len() >= c.numwant {
                 break;
             }
-            let n = per_ip.entry(e.ip).or_default();
+            let n = per_ip.entry(e.src).or_default();
             if *n >= ANSWER_PER_IP {
                 continue;
             }
@@ -668,7 +779,7 @@ impl Tracker {
     /// Counts a request from `source` refused before it could be parsed (bad JSON at the HTTP
     /// layer); it spends one of the IP's tokens like any announce.
     pub fn note_rejected(&mut self, source: IpAddr, now: Instant) {
-        let _ = self.take_token(canonical(source), now);
+        let _ = self.take_token(source_of(source), now);
         self.rejected += 1;
     }
 
@@ -685,7 +796,11 @@ impl Tracker {
                 break;
             }
             let (_, (id, peer)) = self.expiry.pop_first().expect("first exists");
-            self.remove(&id, &peer);
+            if let Some(e) = self.remove(&id, &peer) {
+                // Its last time still refuses a replay while that time is within the skew
+                // window (longer than the TTL).
+                self.tombstone((id, peer), e.time_ms, now);
+            }
             n += 1;
         }
         n
@@ -1104,9 +1219,14 @@ mod tests {
         let now = Instant::now();
         for (i, k) in keys(5).iter().enumerate() {
             let when = now + Duration::from_secs(i as u64);
-            send(&mut t, &signed(k, ID, 1, None, T0), "127.0.0.1", when).unwrap();
+            let r = send(&mut t, &signed(k, ID, 1, None, T0), "127.0.0.1", when);
+            assert_eq!(
+                r.is_ok(),
+                i < 3,
+                "the full content's most crowded IP is refused"
+            );
         }
-        assert_eq!(t.stats().peers, 3, "the stalest peers were evicted");
+        assert_eq!(t.stats().peers, 3);
         assert_eq!(t.expiry.len(), 3);
         let q = Keypair::generate_ed25519();
         send(
@@ -1123,6 +1243,196 @@ mod tests {
             now,
         );
         assert_eq!(third, Err(AnnounceError::Full(2)));
+    }
+
+    /// The flood of the review: many IPs with 8 records each fill a content whose long-standing
+    /// real seeder holds one record; the evictions fall on the crowded IPs, never on it.
+    #[test]
+    fn a_flood_of_many_ips_never_evicts_a_long_standing_seeder() {
+        let mut t = Tracker::new(TrackerConfig {
+            max_peers_per_content: 100,
+            ip: IpLimits {
+                records_per_content: 8,
+                ..open().cfg.ip
+            },
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let real = Keypair::generate_ed25519();
+        let real_id = real.public().to_peer_id().to_string();
+        send(&mut t, &signed(&real, ID, 0, None, T0), "127.0.0.1", now).unwrap();
+        let flood = keys(150 * 8);
+        let mut accepted = 0;
+        for (i, flood) in flood.chunks(8).enumerate() {
+            let i = i as u32;
+            let src = format!("127.3.{}.{}", i / 200, i % 200 + 1);
+            let when = now + Duration::from_millis(u64::from(i) + 1);
+            for k in flood {
+                if send(&mut t, &signed(k, ID, 0, None, T0), &src, when).is_ok() {
+                    accepted += 1;
+                }
+            }
+        }
+        let swarm = &t.contents[&ContentId::from_str(ID).unwrap()];
+        assert_eq!(swarm.peers.len(), 100, "full");
+        assert!(swarm.peers.contains_key(&real_id), "the real seeder stays");
+        assert!(
+            accepted > 100,
+            "newcomers evicted the crowded IPs: {accepted}"
+        );
+        let most = swarm.crowd.last().unwrap().0;
+        assert!(most <= 2, "evened out: the most crowded IP holds {most}");
+    }
+
+    /// An IPv6 source counts by its /64 (the bucket, the caps), an IPv4 one by its address.
+    #[test]
+    fn ipv6_sources_count_by_their_64_and_ipv4_by_address() {
+        let mut t = Tracker::new(TrackerConfig {
+            ip: IpLimits {
+                burst: 3,
+                per_second: 1,
+                records_per_content: 2,
+                ..IpLimits::default()
+            },
+            ..TrackerConfig::default()
+        });
+        let now = Instant::now();
+        let ks = keys(8);
+        let prefix = ip("2001:db8:1:2::");
+        let a1 = send(
+            &mut t,
+            &signed(&ks[0], ID, 0, None, T0),
+            "2001:db8:1:2::1",
+            now,
+        );
+        a1.unwrap();
+        send(
+            &mut t,
+            &signed(&ks[1], ID, 0, None, T0),
+            "2001:db8:1:2:ffff::9",
+            now,
+        )
+        .unwrap();
+        // A third record of the same /64 in this content, from yet another address.
+        let third = send(
+            &mut t,
+            &signed(&ks[2], ID, 0, None, T0),
+            "2001:db8:1:2:1::1",
+            now,
+        );
+        assert_eq!(
+            third.unwrap_err(),
+            AnnounceError::IpLimit(prefix, "records in this content")
+        );
+        // Three tokens spent by the /64: the fourth address is refused too.
+        let fourth = send(
+            &mut t,
+            &signed(&ks[3], ID, 0, None, T0),
+            "2001:db8:1:2:2::1",
+            now,
+        );
+        assert_eq!(fourth.unwrap_err(), AnnounceError::RateLimited(prefix));
+        // Another /64 and two IPv4 addresses are sources of their own.
+        send(
+            &mut t,
+            &signed(&ks[4], ID, 0, None, T0),
+            "2001:db8:1:3::1",
+            now,
+        )
+        .unwrap();
+        for (k, a) in [(5, "127.0.0.1"), (6, "127.0.0.2")] {
+            for j in 0..3 {
+                send(&mut t, &signed(&ks[k], ID, 0, None, T0 + j), a, now).unwrap();
+            }
+        }
+        assert_eq!(t.stats().peers, 5);
+        assert_eq!(source_of(ip("::ffff:127.0.0.9")), ip("127.0.0.9"));
+    }
+
+    /// A few IPs fill the content and record totals; a new content (record) from another IP
+    /// takes the room of the most crowded one's stalest, while the crowded ones are refused.
+    #[test]
+    fn full_totals_make_room_for_an_ip_below_its_share() {
+        let mut t = Tracker::new(TrackerConfig {
+            max_contents: 100,
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        let content = |i: u32| format!("{i:064x}");
+        for i in 0..100u32 {
+            let src = format!("127.0.0.{}", i % 4 + 1);
+            let when = now + Duration::from_millis(u64::from(i));
+            send(&mut t, &signed(&k, &content(i), 0, None, T0), &src, when).unwrap();
+        }
+        let later = now + Duration::from_secs(1);
+        let crowded = send(
+            &mut t,
+            &signed(&k, &content(200), 0, None, T0),
+            "127.0.0.4",
+            later,
+        );
+        assert_eq!(crowded.unwrap_err(), AnnounceError::Full(100));
+        send(
+            &mut t,
+            &signed(&k, &content(201), 0, None, T0),
+            "127.0.9.9",
+            later,
+        )
+        .unwrap();
+        assert_eq!(t.stats().contents, 100);
+        let lost = (1..=4)
+            .filter(|i| t.ips[&ip(&format!("127.0.0.{i}"))].contents == 24)
+            .count();
+        assert_eq!(lost, 1, "one crowded IP gave up one content");
+
+        // The record total: two IPs hold it all, in one content.
+        let mut t = Tracker::new(TrackerConfig {
+            max_peers: 50,
+            ..open().cfg
+        });
+        let ks = keys(52);
+        for (i, k) in ks[..50].iter().enumerate() {
+            let src = format!("127.0.0.{}", i % 2 + 1);
+            send(&mut t, &signed(k, ID, 0, None, T0), &src, now).unwrap();
+        }
+        let crowded = send(
+            &mut t,
+            &signed(&ks[50], ID, 0, None, T0),
+            "127.0.0.1",
+            later,
+        );
+        assert_eq!(crowded.unwrap_err(), AnnounceError::FullPeers(50));
+        send(
+            &mut t,
+            &signed(&ks[51], ID, 0, None, T0),
+            "127.0.9.9",
+            later,
+        )
+        .unwrap();
+        assert_eq!(t.stats().peers, 50);
+    }
+
+    /// A captured announce replayed after its record expired (TTL 3 min) while its time is
+    /// still within the skew window (5 min) is refused.
+    #[test]
+    fn a_replay_after_expiry_is_refused() {
+        let mut t = open();
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        let captured = signed(&k, ID, 0, Some(Event::Started), T0);
+        send(&mut t, &captured, "127.0.0.1", now).unwrap();
+        let after = now + t.cfg.peer_ttl + Duration::from_secs(1);
+        t.expire(after);
+        assert_eq!(t.stats().peers, 0, "expired");
+        let wall = T0 + (t.cfg.peer_ttl + Duration::from_secs(1)).as_millis() as u64;
+        let mut rng = rand::thread_rng();
+        let r = t.announce(&captured, ip("127.0.0.2"), after, wall, &mut rng);
+        assert_eq!(r.unwrap_err(), AnnounceError::Replay);
+        let fresh = signed(&k, ID, 0, None, wall);
+        t.announce(&fresh, ip("127.0.0.1"), after, wall, &mut rng)
+            .unwrap();
+        assert_eq!(t.stats().peers, 1, "a newer announce is accepted");
     }
 
     /// A full tracker refuses a new content without sweeping: the median refusal, over many,
@@ -1184,6 +1494,6 @@ mod tests {
         assert_eq!((t.stats().contents, t.stats().peers), (0, 0));
         assert!(t.contents.capacity() < 64, "{}", t.contents.capacity());
         assert_eq!(t.take_freed(), 1000);
-        assert_eq!(t.ips[&ip("127.0.0.1")].records, 0);
+        assert!(t.ips[&ip("127.0.0.1")].records.is_empty());
     }
 }

@@ -114,6 +114,35 @@ const TRACKER_ERROR_MAX: usize = 4 << 10;
 /// Tracker answers are obeyed within these bounds.
 const MIN_ANNOUNCE: Duration = Duration::from_secs(10);
 const MAX_ANNOUNCE: Duration = Duration::from_secs(1800);
+/// Announces in flight at once, to all trackers: a node sharing hundreds of contents through
+/// one tracker stays within its per-IP connection cap and rate bucket.
+const ANNOUNCES_IN_FLIGHT: usize = 4;
+/// The first wait after a tracker answered 429 (doubled per 429 in a row, up to the retry
+/// period).
+const RATE_LIMITED_FIRST: Duration = Duration::from_secs(1);
+
+/// `e` with its causes, outermost first ("error sending request for url (...): client error
+/// (Connect): tcp connect error: Connection refused"): reqwest's own text names none.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        // Some layers repeat their cause in their own text.
+        if !s.ends_with(&c_text) {
+            s.push_str(": ");
+            s.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    s
+}
+
+/// A wait of `d` shortened by a random part of up to a quarter, so that announces that fell
+/// due together spread out over the next round.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(1.0 - rand::random::<f64>() * 0.25)
+}
 /// A candidate that failed is dialed again after this, doubled with every failure in a row...
 const REDIAL_FIRST: Duration = Duration::from_secs(1);
 /// ...up to this.
@@ -375,6 +404,8 @@ enum Event {
         content: ContentId,
         /// The tracker's answer: its interval, or why it failed.
         answer: Result<Duration, String>,
+        /// It failed with 429 (rate limited): asked again soon, with backoff.
+        rate_limited: bool,
     },
     /// A file to share, hashed.
     Shared {
@@ -492,6 +523,8 @@ struct Content {
     announcing: bool,
     /// Why the last announce failed (see [`ContentInfo::tracker_error`]).
     tracker_error: Option<String>,
+    /// 429 answers in a row.
+    rate_limited: u32,
     announced_started: bool,
     announced_completed: bool,
     next_dht: Instant,
@@ -594,6 +627,7 @@ impl Content {
             next_announce: now,
             announcing: false,
             tracker_error: None,
+            rate_limited: 0,
             announced_started: false,
             announced_completed: false,
             next_dht: now,
@@ -686,6 +720,9 @@ pub(crate) struct Service {
     events: mpsc::Sender<Event>,
     writable: Arc<Writable>,
     http: reqwest::Client,
+    /// Permits of announces in flight ([`ANNOUNCES_IN_FLIGHT`]); waiting announces hold no
+    /// connection (one per content at most: see `Content::announcing`).
+    announce_slots: Arc<tokio::sync::Semaphore>,
     next_link: u64,
     cfg: ContentConfig,
     /// The upload cap, across all contents.
@@ -745,8 +782,11 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
         .accept(protocol.clone())
         .map_err(|e| format!("piece protocol: {e}"))?;
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
+    // A tracker's redirect is not followed: the announce would be re-sent to any host a
+    // tracker names (a redirect is a failed announce instead).
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
         .local_address(dial_from)
         .build()
         .map_err(|e| e.to_string())?;
@@ -766,6 +806,7 @@ pub(crate) async fn spawn(req_rx: mpsc::Receiver<Request>, setup: Setup) -> Resu
         events: ev_tx.clone(),
         writable: Arc::new(Writable::default()),
         http,
+        announce_slots: Arc::new(tokio::sync::Semaphore::new(ANNOUNCES_IN_FLIGHT)),
         next_link: 0,
         limit: cfg.upload_limit.map(UploadLimit::new),
         limit_wake: None,
@@ -1783,20 +1824,31 @@ impl Service {
                     self.connect_more(&content);
                 }
             }
-            Event::Announced { content, answer } => {
+            Event::Announced {
+                content,
+                answer,
+                rate_limited,
+            } => {
                 if let Some(c) = self.contents.get_mut(&content) {
                     c.announcing = false;
-                    // A failed tracker, whatever the failure, is asked again after the same
-                    // pause.
+                    // A failed tracker is asked again after the retry period; a rate-limited
+                    // one soon, backing off (1 s, 2 s, 4 s... up to that period). Every wait is
+                    // jittered so that announces due together do not stay together.
+                    let retry = self.cfg.tracker_retry.max(Duration::from_secs(1));
+                    c.rate_limited = if rate_limited { c.rate_limited + 1 } else { 0 };
                     let (every, error) = match answer {
                         Ok(every) => (every.clamp(MIN_ANNOUNCE, MAX_ANNOUNCE), None),
-                        Err(why) => (
-                            self.cfg.tracker_retry.max(Duration::from_secs(1)),
-                            Some(why),
-                        ),
+                        Err(why) if rate_limited => {
+                            let n = (c.rate_limited - 1).min(16);
+                            (
+                                RATE_LIMITED_FIRST.saturating_mul(1 << n).min(retry),
+                                Some(why),
+                            )
+                        }
+                        Err(why) => (retry, Some(why)),
                     };
                     c.tracker_error = error;
-                    c.next_announce = Instant::now() + every;
+                    c.next_announce = Instant::now() + jittered(every);
                 }
             }
         }
@@ -2403,15 +2455,32 @@ impl Service {
         }
         let http = self.http.clone();
         let events = self.events.clone();
+        let slots = self.announce_slots.clone();
         let content = *id;
         tokio::spawn(async move {
+            let mut rate_limited = false;
             let answer = async {
+                let _slot = slots.acquire_owned().await.map_err(|e| e.to_string())?;
                 let r = http
                     .post(&url)
                     .json(&req)
                     .send()
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| error_chain(&e))?;
+                if r.status().is_redirection() {
+                    let to = r
+                        .headers()
+                        .get(reqwest::header::LOCATION)
+                        .map(|l| {
+                            String::from_utf8_lossy(l.as_bytes())
+                                .chars()
+                                .take(200)
+                                .collect()
+                        })
+                        .unwrap_or_else(|| "(no location)".to_string());
+                    return Err(format!("the tracker redirected to {to:?} ({})", r.status()));
+                }
+                rate_limited = r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS;
                 if !r.status().is_success() {
                     let status = r.status();
                     let text = read_text_capped(r, TRACKER_ERROR_MAX)
@@ -2443,7 +2512,13 @@ impl Service {
                     Err(e)
                 }
             };
-            let _ = events.send(Event::Announced { content, answer }).await;
+            let _ = events
+                .send(Event::Announced {
+                    content,
+                    answer,
+                    rate_limited,
+                })
+                .await;
         });
     }
 
