@@ -293,7 +293,11 @@ async fn scenario(a: &LabRunArgs) -> Result<Outputs> {
     })
 }
 
-async fn lab_run(a: LabRunArgs) -> Result<()> {
+async fn lab_run(mut a: LabRunArgs) -> Result<()> {
+    // The nodes run elsewhere (other working directories, other namespaces): they are given
+    // absolute paths only.
+    a.out = std::path::absolute(&a.out)
+        .with_context(|| format!("--out {}: cannot make it absolute", a.out.display()))?;
     if runner_of(&a) == RunnerKind::Netns {
         if let Some(why) = meshwork_lab::netns::unavailable() {
             bail!("{why}");

@@ -378,6 +378,24 @@ fn main() {
     // their own results: their nodes' routine logs (blocks mined, gossipsub's complaints about
     // restarted peers) would bury them. RUST_LOG overrides these defaults.
     let quiet = matches!(cli.command, Command::Demo { .. } | Command::Lab { .. });
+    // A client command whose output goes to a pipe closed early (`meshwork status | head`)
+    // ends quietly, as Unix tools do, instead of panicking in println!. The long-running
+    // services keep Rust's default (SIGPIPE ignored, EPIPE returned), so that nothing they
+    // write can kill them.
+    let service = matches!(
+        cli.command,
+        Command::Node { .. }
+            | Command::Server { .. }
+            | Command::Tracker { .. }
+            | Command::Lab { .. }
+            | Command::Demo { .. }
+    );
+    if !service {
+        // SAFETY: restoring a signal's default disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let default = if quiet {
         "warn,yamux=error,libp2p_gossipsub=error"
     } else {
