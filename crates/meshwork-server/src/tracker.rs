@@ -263,8 +263,11 @@ pub struct Tracker {
     /// IPs that may be forgotten once their bucket is full again and they hold no record.
     idle: VecDeque<(Instant, IpAddr)>,
     /// The time of recent `stopped` announces, so that none is replayed.
-    tombstones: HashMap<(ContentId, String), (u64, Instant)>,
-    tomb_order: VecDeque<(Instant, ContentId, String)>,
+    /// Keyed by [`tomb_key`]: fixed-size entries in two flat tables, so that tombstones made
+    /// while a flood expires hold no small allocations among the records' freed memory (which
+    /// would pin those pages and keep the tracker at its peak size).
+    tombstones: HashMap<TombKey, (u64, Instant)>,
+    tomb_order: VecDeque<(Instant, TombKey)>,
     /// `(records, source)` of every source holding records: the most crowded last.
     crowd_records: BTreeSet<(usize, IpAddr)>,
     /// `(contents, source)` of every source holding records: the most crowded last.
@@ -354,6 +357,19 @@ fn check(req: &AnnounceRequest, source: IpAddr) -> Result<Checked, AnnounceError
 }
 
 /// Gives back a map's spare room once it is mostly empty (a flood that expired leaves none).
+/// A tombstone's key: the first 16 bytes of BLAKE3(content id, peer id). A collision would
+/// need about 2^64 tries, and would only make one announce look like a replay.
+type TombKey = [u8; 16];
+
+fn tomb_key(content: &ContentId, peer: &str) -> TombKey {
+    let mut h = blake3::Hasher::new();
+    h.update(&content.0);
+    h.update(peer.as_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    k
+}
+
 fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
     if m.capacity() > 64 && m.len() * 4 < m.capacity() {
         m.shrink_to_fit();
@@ -428,7 +444,11 @@ impl Tracker {
             .get(&c.content)
             .and_then(|s| s.peers.get(&req.peer))
             .map(|e| e.time_ms)
-            .or_else(|| self.tombstones.get(&key).map(|(t, _)| *t));
+            .or_else(|| {
+                self.tombstones
+                    .get(&tomb_key(&key.0, &key.1))
+                    .map(|(t, _)| *t)
+            });
         if last.is_some_and(|t| req.time_ms <= t) {
             return Err(AnnounceError::Replay);
         }
@@ -518,6 +538,7 @@ impl Tracker {
     }
 
     fn tombstone(&mut self, key: (ContentId, String), time_ms: u64, now: Instant) {
+        let key = tomb_key(&key.0, &key.1);
         // Older tombstones are useless: their replays fail the clock check anyway.
         while let Some((t, ..)) = self.tomb_order.front() {
             if now.saturating_duration_since(*t) <= self.cfg.max_skew
@@ -525,14 +546,13 @@ impl Tracker {
             {
                 break;
             }
-            let (t, c, p) = self.tomb_order.pop_front().expect("front exists");
-            let k = (c, p);
+            let (t, k) = self.tomb_order.pop_front().expect("front exists");
             // Only the newest stop of a record owns its tombstone.
             if self.tombstones.get(&k).is_some_and(|(_, at)| *at == t) {
                 self.tombstones.remove(&k);
             }
         }
-        self.tomb_order.push_back((now, key.0, key.1.clone()));
+        self.tomb_order.push_back((now, key));
         self.tombstones.insert(key, (time_ms, now));
         shrink(&mut self.tombstones);
     }
