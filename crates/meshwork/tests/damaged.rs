@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 use anyhow::{ensure, Result};
 use meshwork_ledger::{ChainSpec, Ledger, Wallet};
 
+mod common;
+
 const NETWORK: &str = "test-damaged";
 
 fn run(dir: &Path, args: &[&str]) -> Result<Output> {
@@ -85,17 +87,7 @@ fn a_truncated_chain_store_is_refused_cleanly_by_verify_and_start() -> Result<()
         .open(&file)?
         .set_len(4096)?;
     clean_refusal(&run(&dir, &["chain", "verify"])?, &file, "chain verify")?;
-    let start = run(
-        &dir,
-        &[
-            "node",
-            "start",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            "127.0.0.1:0",
-        ],
-    )?;
+    let start = run(&dir, &common::NODE_START)?;
     clean_refusal(&start, &file, "node start")?;
     Ok(())
 }
@@ -118,17 +110,7 @@ fn a_flipped_balance_is_refused_cleanly_by_verify_and_start() -> Result<()> {
     std::fs::write(&file, bytes)?;
     let err = clean_refusal(&run(&dir, &["chain", "verify"])?, &file, "chain verify")?;
     ensure!(err.contains("account state"), "{err}");
-    let start = run(
-        &dir,
-        &[
-            "node",
-            "start",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            "127.0.0.1:0",
-        ],
-    )?;
+    let start = run(&dir, &common::NODE_START)?;
     let err = clean_refusal(&start, &file, "node start")?;
     ensure!(err.contains("account state"), "{err}");
     Ok(())
