@@ -244,12 +244,12 @@ pub fn raise_file_limit() -> Option<u64> {
     (r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur as u64)
 }
 
-/// The total cap of connections `limits` allows in this process right now.
-fn effective_cap(limits: &Limits) -> usize {
-    let by_files = file_limit()
-        .map(|n| (n as usize).saturating_sub(limits.reserve_files).max(16))
-        .unwrap_or(usize::MAX);
-    limits.max_connections.min(by_files).max(1)
+/// The descriptors every serve loop of this process may hold together: the file limit less
+/// `reserve` (at least 16), or no bound where the limit cannot be read.
+fn file_budget(reserve: usize) -> usize {
+    file_limit()
+        .map(|n| (n as usize).saturating_sub(reserve).max(16))
+        .unwrap_or(usize::MAX)
 }
 
 /// Serves `app` on `listener` within `limits` until `shutdown` completes, then lets requests
@@ -283,11 +283,8 @@ pub async fn serve_counted(
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     widen_backlog(&listener, limits.backlog);
-    let cap = effective_cap(&limits);
-    let by_files = effective_cap(&Limits {
-        max_connections: usize::MAX,
-        ..limits.clone()
-    });
+    let by_files = file_budget(limits.reserve_files);
+    let cap = limits.max_connections.min(by_files).max(1);
     tracing::debug!(%local, cap, per_ip = limits.max_per_ip, "serving");
     let clock = Clock(Instant::now());
     let table = Arc::new(Mutex::new(Table::default()));
@@ -454,6 +451,11 @@ impl Drop for FdGuard {
     fn drop(&mut self) {
         OPEN_IN_PROCESS.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Sets a [`Clock`] time that is still unset (0) to `now`; a set one keeps its first value.
+fn set_once(at: &AtomicU64, now: u64) {
+    let _ = at.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
 }
 
 /// Milliseconds since the loop started, plus one, so that 0 can mean "not set".
@@ -838,12 +840,7 @@ impl AsyncRead for Tracked {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before && self.state.idle() {
             let now = self.clock.now();
-            let _ = self.state.head_started.compare_exchange(
-                0,
-                now,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            set_once(&self.state.head_started, now);
         }
         r
     }
@@ -854,12 +851,7 @@ impl Tracked {
         match r {
             Poll::Pending => {
                 let now = self.clock.now();
-                let _ = self.state.write_blocked.compare_exchange(
-                    0,
-                    now,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                set_once(&self.state.write_blocked, now);
             }
             Poll::Ready(_) => {
                 let was = self.state.write_blocked.swap(0, Ordering::Relaxed);
@@ -926,10 +918,7 @@ impl http_body::Body for Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let now = self.clock.now();
-        let _ =
-            self.state
-                .body_started
-                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        set_once(&self.state.body_started, now);
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
@@ -939,10 +928,7 @@ impl http_body::Body for Upload {
             }
         }
         if r.is_pending() {
-            let _ =
-                self.state
-                    .body_wait
-                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            set_once(&self.state.body_wait, now);
         } else {
             self.state.body_wait.store(0, Ordering::Relaxed);
         }

@@ -12,7 +12,7 @@
 //! - `backoff` holds at most `max_ips` IPs; when full, entries whose wait is over go first,
 //!   and failures beyond that are not remembered (the in-flight cap still holds).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -74,7 +74,7 @@ impl DialGuard {
     /// without an IP are dropped (the policy admits none).
     pub fn admit(&self, addrs: Vec<Multiaddr>, now: Instant) -> Result<Vec<Multiaddr>, Refused> {
         let mut why = None;
-        let mut taken: HashMap<IpAddr, usize> = HashMap::new();
+        let mut taken: HashSet<IpAddr> = HashSet::new();
         let ok: Vec<Multiaddr> = addrs
             .into_iter()
             .filter(|a| {
@@ -86,13 +86,13 @@ impl DialGuard {
                     return false;
                 }
                 // Two addresses of one IP in one dial count once.
-                let first_of_ip = !taken.contains_key(&ip);
+                let first_of_ip = !taken.contains(&ip);
                 let n = self.in_flight.get(&ip).copied().unwrap_or(0);
                 if first_of_ip && n >= self.per_ip {
                     why = Some(Refused::Busy(ip, n));
                     return false;
                 }
-                *taken.entry(ip).or_default() += 1;
+                taken.insert(ip);
                 true
             })
             .collect();

@@ -28,7 +28,7 @@ pub enum AddrGroup {
 
 impl AddrGroup {
     pub fn of_ip(ip: IpAddr) -> Self {
-        match canonical_ip(ip) {
+        match ip.to_canonical() {
             IpAddr::V4(v4) => {
                 let o = v4.octets();
                 AddrGroup::V4([o[0], o[1]])
@@ -83,17 +83,6 @@ pub enum AddrError {
     WrongPeer(String, String),
 }
 
-/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are the IPv4 address they map.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
-    }
-}
-
 /// The IP of an address (its first component), if it has one.
 pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     match addr.iter().next()? {
@@ -122,7 +111,7 @@ pub fn without_peer(addr: &Multiaddr) -> Multiaddr {
 /// (RFC 1918, RFC 4193), link-local, shared (RFC 6598), documentation, multicast, unspecified
 /// and reserved ranges are not.
 pub fn is_routable(ip: IpAddr) -> bool {
-    match canonical_ip(ip) {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => is_routable_v4(v4),
         IpAddr::V6(v6) => is_routable_v6(v6),
     }

@@ -129,17 +129,32 @@ struct Quota {
 }
 
 impl Quota {
+    /// The total with `n` more bytes on top of `used`, if it stays within the limit.
+    fn with(&self, used: u64, n: u64) -> Option<u64> {
+        used.checked_add(n).filter(|t| *t <= self.limit)
+    }
+
+    fn over(&self, used: u64) -> ContentError {
+        ContentError::OverQuota {
+            quota: self.limit,
+            used,
+        }
+    }
+
+    /// Whether `n` more bytes would fit now (taking nothing).
+    fn room(&self, n: u64) -> Result<(), ContentError> {
+        let used = self.used.load(Ordering::Acquire);
+        self.with(used, n)
+            .map(|_| ())
+            .ok_or_else(|| self.over(used))
+    }
+
     /// Takes `n` bytes, or says how full it is.
     fn take(&self, n: u64) -> Result<(), ContentError> {
         self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                u.checked_add(n).filter(|t| *t <= self.limit)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| self.with(u, n))
             .map(|_| ())
-            .map_err(|used| ContentError::OverQuota {
-                quota: self.limit,
-                used,
-            })
+            .map_err(|used| self.over(used))
     }
 
     fn give_back(&self, n: u64) {
@@ -267,14 +282,7 @@ impl ContentStore {
         if len > self.max_bytes {
             return Err(ContentError::TooLarge(self.max_bytes));
         }
-        let used = self.quota.used.load(Ordering::Acquire);
-        if used.saturating_add(len) > self.quota.limit {
-            return Err(ContentError::OverQuota {
-                quota: self.quota.limit,
-                used,
-            });
-        }
-        Ok(())
+        self.quota.room(len)
     }
 
     /// Deletes a stored content: its record (durably), then its file; frees its bytes.

@@ -227,7 +227,7 @@ fn rerank(set: &mut BTreeSet<(usize, IpAddr)>, ip: IpAddr, old: usize, new: usiz
 /// one NAT share it anyway), an IPv6 address by its /64 (the prefix one host or one site is
 /// given, RFC 6177: any of its 2^64 addresses is the same source).
 pub fn source_of(ip: IpAddr) -> IpAddr {
-    match canonical(ip) {
+    match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);
             IpAddr::V6(Ipv6Addr::from(bits))
@@ -262,8 +262,8 @@ pub struct Tracker {
     ips: HashMap<IpAddr, IpState>,
     /// IPs that may be forgotten once their bucket is full again and they hold no record.
     idle: VecDeque<(Instant, IpAddr)>,
-    /// The time of recent `stopped` announces, so that none is replayed.
-    /// Keyed by [`tomb_key`]: fixed-size entries in two flat tables, so that tombstones made
+    /// The last time of records that left (stopped, expired or evicted), so that none of
+    /// their announces is replayed while its time is acceptable. Keyed by [`tomb_key`]: fixed-size entries in two flat tables, so that tombstones made
     /// while a flood expires hold no small allocations among the records' freed memory (which
     /// would pin those pages and keep the tracker at its peak size).
     tombstones: HashMap<TombKey, (u64, Instant)>,
@@ -280,16 +280,8 @@ pub struct Tracker {
     freed: usize,
 }
 
-/// The IPv4 address an IPv4-mapped IPv6 address maps, else the address.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
 fn undialable_ip(ip: IpAddr) -> bool {
-    match canonical(ip) {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
         IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
     }
@@ -313,7 +305,7 @@ fn transport_of(a: &str, source: IpAddr) -> Result<Option<Transport>, AnnounceEr
     if undialable_ip(ip) {
         return Err(undialable());
     }
-    if canonical(ip).is_ipv4() != source.is_ipv4() {
+    if ip.to_canonical().is_ipv4() != source.is_ipv4() {
         return Ok(None);
     }
     let t = match (it.next(), it.next()) {
@@ -410,7 +402,7 @@ impl Tracker {
         unix_ms: u64,
         rng: &mut impl Rng,
     ) -> Result<AnnounceResponse, AnnounceError> {
-        let source = canonical(source);
+        let source = source.to_canonical();
         self.expire_some(now, EXPIRE_BATCH);
         // Every limit counts the source ([`source_of`]); answers hand out the IP itself.
         let r = self.try_announce(req, source, now, unix_ms, rng);

@@ -787,24 +787,19 @@ fn own_service(dir: &Path, base: &str) -> Result<(), String> {
     let Ok(own) = text.trim().parse::<std::net::SocketAddr>() else {
         return refuse(&format!("{} holds no address", file.display()));
     };
-    let authority = base
-        .trim_start_matches("http://")
-        .trim_start_matches("https://")
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    if authority.parse::<std::net::SocketAddr>().ok() == Some(own) {
+    let Ok(url) = reqwest::Url::parse(base) else {
+        return refuse("not a URL");
+    };
+    let port = url.port_or_known_default();
+    // An IPv6 host comes in brackets.
+    let host: Option<std::net::IpAddr> = url
+        .host_str()
+        .and_then(|h| h.trim_start_matches('[').trim_end_matches(']').parse().ok());
+    if host.map(|ip| std::net::SocketAddr::new(ip, port.unwrap_or(0))) == Some(own) {
         return Ok(());
     }
-    let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "80"));
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if port.parse::<u16>().ok() == Some(own.port())
-        && loopback
-        && (own.ip().is_unspecified() || own.ip().is_loopback())
+    let loopback = url.host_str() == Some("localhost") || host.is_some_and(|ip| ip.is_loopback());
+    if port == Some(own.port()) && loopback && (own.ip().is_unspecified() || own.ip().is_loopback())
     {
         return Ok(());
     }

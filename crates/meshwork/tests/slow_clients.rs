@@ -272,19 +272,36 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-#[test]
-fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> {
+/// Starts the service `args` names (at 1 024 files, data in `name` of a temporary
+/// directory), reads its URL from the line starting with `url_line` once it printed `ready`,
+/// and floods it while probing `probe`.
+fn flood_service(
+    name: &str,
+    args: &[&str],
+    ready: &str,
+    url_line: &str,
+    probe: &str,
+    flood: Flood,
+) -> Result<()> {
     let Some(_turn) = flood_turn() else {
         return Ok(());
     };
     let tmp = tempfile::tempdir()?;
-    let mut cmd = meshwork_limited(&tmp.path().join("home"));
-    cmd.args(["tracker", "start", "--listen", "127.0.0.1:0"]);
-    let t = Proc::start(cmd, &tmp.path().join("tracker.log"), "tracker is ready")?;
-    let addr = t.url_addr("stats")?;
-    runtime()?.block_on(flood_and_probe(
+    let mut cmd = meshwork_limited(&tmp.path().join(name));
+    cmd.args(args);
+    let service = Proc::start(cmd, &tmp.path().join(format!("{name}.log")), ready)?;
+    let addr = service.url_addr(url_line)?;
+    runtime()?.block_on(flood_and_probe(name, addr, probe, flood, None, || Ok(())))?;
+    Ok(())
+}
+
+#[test]
+fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> {
+    flood_service(
         "tracker",
-        addr,
+        &["tracker", "start", "--listen", "127.0.0.1:0"],
+        "tracker is ready",
+        "stats",
         "/api/v1/stats",
         // All slow uploads: no idle connection to evict, only ones that wait on their peer.
         Flood {
@@ -292,35 +309,23 @@ fn the_tracker_answers_through_a_slow_client_flood_at_1024_files() -> Result<()>
             bodies_every: 1,
             to: None,
         },
-        None,
-        || Ok(()),
-    ))?;
-    Ok(())
+    )
 }
 
 #[test]
 fn the_server_answers_through_a_slow_client_flood_at_1024_files() -> Result<()> {
-    let Some(_turn) = flood_turn() else {
-        return Ok(());
-    };
-    let tmp = tempfile::tempdir()?;
-    let mut cmd = meshwork_limited(&tmp.path().join("server"));
-    cmd.args(["server", "start", "--listen", "127.0.0.1:0"]);
-    let s = Proc::start(cmd, &tmp.path().join("server.log"), "server is ready")?;
-    let addr = s.url_addr("api")?;
-    runtime()?.block_on(flood_and_probe(
+    flood_service(
         "server",
-        addr,
+        &["server", "start", "--listen", "127.0.0.1:0"],
+        "server is ready",
+        "api",
         "/api/v1/status",
         Flood {
             body_to: Some("/api/v1/tx"),
             bodies_every: 2,
             to: None,
         },
-        None,
-        || Ok(()),
-    ))?;
-    Ok(())
+    )
 }
 
 #[test]
