@@ -259,6 +259,21 @@ mod tests {
         assert_eq!(AddrGroup::V4([1, 2]).to_string(), "1.2.0.0/16");
     }
 
+    /// The byte form is hashed into the address book's bucket positions, which are persisted:
+    /// it must stay exactly this, and never let a v4 group collide with a v6 one.
+    #[test]
+    fn group_bytes_are_stable_and_tagged_by_family() {
+        assert_eq!(AddrGroup::V4([1, 2]).to_bytes(), [4, 1, 2, 0, 0]);
+        assert_eq!(
+            AddrGroup::V6([0x20, 0x01, 0x04, 0x70]).to_bytes(),
+            [6, 0x20, 0x01, 0x04, 0x70]
+        );
+        assert_ne!(
+            AddrGroup::V4([0, 0]).to_bytes(),
+            AddrGroup::V6([0, 0, 0, 0]).to_bytes()
+        );
+    }
+
     #[test]
     fn routability() {
         for bad in [
@@ -288,6 +303,18 @@ mod tests {
             "2001::1",
             "3fff::1",
             "4000::1",
+            // Each special-purpose IPv4 block, at both of its ends.
+            "0.1.2.3",
+            "0.255.255.255",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.255",
+            "100.127.255.255",
+            "192.0.0.0",
+            "192.0.0.255",
+            "198.18.0.0",
+            "198.19.255.255",
+            "2001:1ff:ffff::1",
         ] {
             assert!(
                 !is_routable(bad.parse().unwrap()),
@@ -302,6 +329,18 @@ mod tests {
             "2a00:1450::1",
             "64:ff9b::808:808",
             "2002:808:808::1",
+            // The first and last routable addresses around each special-purpose block.
+            "1.0.0.0",
+            "100.63.255.255",
+            "100.128.0.0",
+            "192.0.1.0",
+            "191.255.255.255",
+            "192.1.0.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "2001:200::1",
+            "2001:db9::1",
+            "3fff:1000::1",
         ] {
             assert!(
                 is_routable(good.parse().unwrap()),
@@ -351,6 +390,20 @@ mod tests {
             check_dialable(&ma("/dns4/a.b/tcp/1"), None, true),
             Err(AddrError::NoIp(_))
         ));
+        // Nothing may follow QUIC but the peer id, and nothing may follow the peer id.
+        for trailing in [
+            "/ip4/1.2.3.4/udp/1/quic-v1/tcp/5".to_string(),
+            format!("/ip4/1.2.3.4/udp/1/quic-v1/p2p/{peer}/tcp/5"),
+            format!("/ip4/1.2.3.4/tcp/1/p2p/{peer}/tcp/5"),
+        ] {
+            assert!(
+                matches!(
+                    check_dialable(&ma(&trailing), None, true),
+                    Err(AddrError::UnsupportedTransport(_))
+                ),
+                "{trailing}"
+            );
+        }
     }
 
     #[test]

@@ -111,4 +111,11 @@ mod tests {
         assert_ne!(a.protocol("kad", 1), b.protocol("kad", 1));
         assert_ne!(a.identify_version(), b.identify_version());
     }
+
+    #[test]
+    fn a_name_reads_back_as_given() {
+        let n: NetworkName = "lab-42".parse().unwrap();
+        assert_eq!(n.as_str(), "lab-42");
+        assert_eq!(n.to_string(), "lab-42");
+    }
 }

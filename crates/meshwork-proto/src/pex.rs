@@ -270,6 +270,116 @@ mod tests {
         ));
     }
 
+    /// A request is one byte on the wire and asks for at most `MAX_RECORDS`.
+    #[test]
+    fn requests_round_trip_and_are_capped() {
+        let req = PexRequest { max: 7 };
+        assert_eq!(req.encode(), vec![7]);
+        assert_eq!(PexRequest::decode(&req.encode()), Ok(req.clone()));
+        assert_eq!(req.allowed(), 7);
+        assert_eq!(PexRequest { max: 200 }.allowed(), MAX_RECORDS);
+        assert_eq!(PexRequest { max: 0 }.allowed(), 0);
+    }
+
+    /// The size limit is exact for both messages: `MAX_MESSAGE_BYTES` is read (postcard ignores
+    /// trailing bytes), one byte more is refused before decoding.
+    #[test]
+    fn the_message_limit_is_exact() {
+        let mut req = vec![5u8; MAX_MESSAGE_BYTES];
+        assert_eq!(PexRequest::decode(&req), Ok(PexRequest { max: 5 }));
+        req.push(5);
+        assert_eq!(
+            PexRequest::decode(&req),
+            Err(PexError::Oversized(MAX_MESSAGE_BYTES + 1))
+        );
+
+        let msg = PexResponse::from_records(vec![record("1.2.3.4")], 32);
+        let mut bytes = msg.encode();
+        bytes.resize(MAX_MESSAGE_BYTES, 0);
+        assert_eq!(PexResponse::decode(&bytes), Ok(msg));
+        bytes.push(0);
+        assert_eq!(
+            PexResponse::decode(&bytes),
+            Err(PexError::Oversized(MAX_MESSAGE_BYTES + 1))
+        );
+    }
+
+    /// `from_records` stops at the last record whose size bound (15 bytes of framing, the peer
+    /// id, each address plus 5) still fits: records of exactly 712 bound bytes fill the 16 376
+    /// bytes after the 8-byte header 23 times over, and the 24th is left out. The encoded answer
+    /// is within the limit.
+    #[test]
+    fn an_answer_is_cut_at_the_byte_limit() {
+        let peer = PeerId::random();
+        let name_len = 712 - 15 - peer.to_bytes().len() - 5 - 6;
+        let addr: Multiaddr = format!("/dns/{}/tcp/1", "a".repeat(name_len))
+            .parse()
+            .unwrap();
+        assert_eq!(15 + peer.to_bytes().len() + addr.to_vec().len() + 5, 712);
+        let recs = (0..24).map(|_| PeerRecord {
+            peer,
+            addrs: vec![addr.clone()],
+            last_seen: u64::MAX,
+        });
+        let msg = PexResponse::from_records(recs, 32);
+        assert_eq!(msg.records.len(), 23);
+        assert!(msg.encode().len() <= MAX_MESSAGE_BYTES);
+    }
+
+    /// An address field over 128 bytes is refused as such, before it is parsed; one of exactly
+    /// 128 bytes is parsed and judged on what it is (here: no IP).
+    #[test]
+    fn the_address_field_limit_is_exact() {
+        let peer = PeerId::random();
+        // `/dns/NAME/tcp/1` is NAME plus 5 or 6 bytes (the length varint is 1 or 2 bytes).
+        let dns = |total: usize| -> Vec<u8> {
+            (total - 6..=total - 5)
+                .map(|n| {
+                    let a: Multiaddr = format!("/dns/{}/tcp/1", "a".repeat(n)).parse().unwrap();
+                    a.to_vec()
+                })
+                .find(|v| v.len() == total)
+                .expect("a name of the right length")
+        };
+        for (len, want) in [
+            (128, PexError::Addr(AddrError::NoIp(String::new()))),
+            (129, PexError::InvalidMultiaddr),
+            (300, PexError::InvalidMultiaddr),
+        ] {
+            let msg = PexResponse {
+                records: vec![WireRecord {
+                    peer: peer.to_bytes(),
+                    addrs: vec![dns(len)],
+                    last_seen: 0,
+                }],
+            };
+            let got = msg.validate(32, true).unwrap_err();
+            assert_eq!(
+                std::mem::discriminant(&got),
+                std::mem::discriminant(&want),
+                "{len} bytes: {got}"
+            );
+            if let (PexError::Addr(g), PexError::Addr(w)) = (&got, &want) {
+                assert_eq!(std::mem::discriminant(g), std::mem::discriminant(w));
+            }
+        }
+    }
+
+    /// Only unroutable addresses and transports we do not speak are mild: they come from honest
+    /// but misconfigured peers. Everything else is severe.
+    #[test]
+    fn severity_of_each_error() {
+        assert!(PexError::Oversized(1).is_severe());
+        assert!(PexError::Decode(String::new()).is_severe());
+        assert!(PexError::TooManyRecords { got: 2, allowed: 1 }.is_severe());
+        assert!(PexError::BadAddrCount(0).is_severe());
+        assert!(PexError::InvalidPeerId.is_severe());
+        assert!(PexError::InvalidMultiaddr.is_severe());
+        assert!(PexError::Addr(AddrError::NoIp(String::new())).is_severe());
+        assert!(!PexError::Addr(AddrError::Unroutable(String::new())).is_severe());
+        assert!(!PexError::Addr(AddrError::UnsupportedTransport(String::new())).is_severe());
+    }
+
     proptest! {
         /// Arbitrary bytes never panic the decoder or the validator.
         #[test]
