@@ -38,18 +38,16 @@ fn transfers(chain_id: Hash, n: u64) -> Vec<Transaction> {
 /// A block on `parent` with exactly `txs`, its Merkle root computed from them.
 fn block(parent: &Header, txs: Vec<Transaction>) -> Block {
     let ids: Vec<Hash> = txs.iter().map(|t| t.id()).collect();
-    Block {
-        header: Header {
-            version: 1,
-            height: parent.height + 1,
-            prev: parent.hash(),
-            merkle_root: merkle_root(&ids),
-            timestamp: parent.timestamp + 1000,
-            target: parent.target,
-            nonce: 0,
-        },
-        txs,
-    }
+    // The parent's version and difficulty carry over (the spec never retargets).
+    let header = Header {
+        height: parent.height + 1,
+        prev: parent.hash(),
+        merkle_root: merkle_root(&ids),
+        timestamp: parent.timestamp + 1000,
+        nonce: 0,
+        ..*parent
+    };
+    Block { header, txs }
 }
 
 /// A valid block on `parent`: a coinbase of exactly reward plus fees, then `txs`.
