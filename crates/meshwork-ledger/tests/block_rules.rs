@@ -175,7 +175,7 @@ fn a_transaction_twice_in_a_block_is_refused() {
     let mut chain = Chain::in_memory(spec()).unwrap();
     let g = genesis(&chain);
     let t = transfers(chain.chain_id(), 1).remove(0);
-    let b = valid(&chain, &g, vec![t.clone(), t.clone()]);
+    let b = valid(&chain, &g, vec![t, t]);
     assert_eq!(
         chain.add_block(&b, NOW),
         Err(BlockError::DuplicateTx(t.id()))
@@ -313,7 +313,7 @@ fn the_orphan_pool_holds_at_most_64_mib() {
     // Orphans are checked for their proof of work only, so one transfer repeated fills them.
     let t = transfers(l.chain().chain_id(), 1).remove(0);
     let base = valid(l.chain(), &g, vec![]).encode().len();
-    let one = valid(l.chain(), &g, vec![t.clone()]).encode().len() - base;
+    let one = valid(l.chain(), &g, vec![t]).encode().len() - base;
     // About 1 040 000 bytes: 64 fit in 64 MiB, 65 do not.
     let n = (1_040_000 - base) / one;
     let mut big = valid(l.chain(), &g, vec![t; n]);
