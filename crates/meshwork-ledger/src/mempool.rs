@@ -294,21 +294,34 @@ mod tests {
         assert_eq!(m.admit(tx(&w, 3, 1), acct), Err(TxError::Duplicate));
     }
 
+    /// A pending transfer is replaced only by one with the same nonce and a fee at least 10 %
+    /// higher (at 100: 110, where "+1" would be 101), and at least 1 higher (at 5: 6, where
+    /// 10 % rounds to 0). One unit below is refused and leaves the pool as it was.
     #[test]
-    fn same_nonce_needs_a_higher_fee() {
-        let w = Wallet::from_secret(&[2; 32]);
-        let mut m = Mempool::new(100);
-        let first = tx(&w, 0, 10);
-        m.admit(first, funded(1000)).unwrap();
-        let mut second = w.transfer(Hash::ZERO, w.address(), 11, 10, 0);
-        assert!(matches!(
-            m.admit(second, funded(1000)),
-            Err(TxError::Conflict { fee_needed: 11, .. })
-        ));
-        second = w.transfer(Hash::ZERO, w.address(), 11, 11, 0);
-        m.admit(second, funded(1000)).unwrap();
-        assert_eq!(m.len(), 1);
-        assert!(!m.contains(&first.id()));
+    fn same_nonce_needs_a_fee_10_percent_higher() {
+        for (old_fee, needed) in [(100, 110), (5, 6), (1000, 1100)] {
+            let w = Wallet::from_secret(&[2; 32]);
+            let mut m = Mempool::new(100);
+            let first = tx(&w, 0, old_fee);
+            m.admit(first, funded(10_000)).unwrap();
+            // The amount differs so that each replacement is a new transfer.
+            let below = w.transfer(Hash::ZERO, w.address(), 11, needed - 1, 0);
+            assert_eq!(
+                m.admit(below, funded(10_000)),
+                Err(TxError::Conflict {
+                    nonce: 0,
+                    fee_needed: needed
+                }),
+                "fee {} replacing {old_fee}",
+                needed - 1
+            );
+            assert!(m.contains(&first.id()) && m.len() == 1);
+            let enough = w.transfer(Hash::ZERO, w.address(), 12, needed, 0);
+            m.admit(enough, funded(10_000)).unwrap();
+            assert_eq!(m.len(), 1);
+            assert!(!m.contains(&first.id()) && m.contains(&enough.id()));
+            assert_eq!(m.next_nonce(&w.address(), 0), 1);
+        }
     }
 
     #[test]
@@ -326,6 +339,51 @@ mod tests {
         assert_eq!(m.len(), 3);
         let fees: Vec<Amount> = m.list(10).iter().map(|t| t.transfer.fee).collect();
         assert_eq!(fees, vec![50, 7, 6]);
+    }
+
+    /// A full pool evicts the lowest-fee transfer together with its sender's later ones (they
+    /// would wait on the gap), keeps that sender's earlier ones, and leaves every other
+    /// sender's transfers alone.
+    #[test]
+    fn full_pool_evicts_the_lowest_fee_with_its_senders_later_transfers() {
+        let a = Wallet::from_secret(&[20; 32]);
+        let b = Wallet::from_secret(&[21; 32]);
+        let c = Wallet::from_secret(&[22; 32]);
+        let mut m = Mempool::new(7);
+        // a: nonce 0 at fee 30, nonce 1 at fee 2 (the lowest), nonces 2 and 3 above it.
+        let a_txs: Vec<SignedTransfer> = [30, 2, 40, 50]
+            .iter()
+            .enumerate()
+            .map(|(n, fee)| tx(&a, n as u64, *fee))
+            .collect();
+        let b_txs: Vec<SignedTransfer> = [3, 60, 70]
+            .iter()
+            .enumerate()
+            .map(|(n, fee)| tx(&b, n as u64, *fee))
+            .collect();
+        for t in a_txs.iter().chain(&b_txs) {
+            m.admit(*t, funded(1000)).unwrap();
+        }
+        assert_eq!(m.len(), 7);
+        let newcomer = tx(&c, 0, 10);
+        m.admit(newcomer, funded(1000)).unwrap();
+        assert!(m.contains(&a_txs[0].id()), "a's earlier transfer stays");
+        for t in &a_txs[1..] {
+            assert!(!m.contains(&t.id()), "a's nonce {} left", t.transfer.nonce);
+        }
+        assert!(b_txs.iter().all(|t| m.contains(&t.id())), "b is untouched");
+        assert!(m.contains(&newcomer.id()));
+        assert_eq!(m.len(), 5);
+        assert_eq!(m.next_nonce(&a.address(), 0), 1);
+        // Refill; now b's nonce 0 (fee 3) is the lowest: a newcomer takes all of b with it.
+        m.admit(tx(&c, 1, 20), funded(1000)).unwrap();
+        m.admit(tx(&c, 2, 25), funded(1000)).unwrap();
+        assert_eq!(m.len(), 7);
+        let last = tx(&c, 3, 26);
+        m.admit(last, funded(1000)).unwrap();
+        assert!(b_txs.iter().all(|t| !m.contains(&t.id())), "b left whole");
+        assert!(m.contains(&a_txs[0].id()) && m.contains(&last.id()));
+        assert_eq!(m.len(), 5);
     }
 
     #[test]

@@ -316,7 +316,10 @@ impl CentralLedger {
         Ok(out)
     }
 
-    /// Replays the log from genesis and compares balances, nonces and the head.
+    /// Replays the log from genesis and compares balances, nonces and the head. Each entry is
+    /// checked as [`CentralLedger::submit`] checked it (fields and signature, then nonce and
+    /// balance): a log rewritten together with its head and accounts still fails on the entry
+    /// its writer could not sign.
     pub fn verify(&self) -> Result<(), String> {
         let mut state: HashMap<Address, Account> =
             meshwork_ledger::chain::genesis_state(&self.spec);
@@ -331,6 +334,11 @@ impl CentralLedger {
             for (s, t) in page {
                 if s != seq + 1 {
                     return Err(format!("log gap before {s}"));
+                }
+                check_transfer_fields(&t, &self.spec, &self.chain_id)
+                    .map_err(|e| format!("entry {s}: {e}"))?;
+                if !t.verify() {
+                    return Err(format!("entry {s}: {}", TxError::BadSignature));
                 }
                 apply_transfer(&mut state, &t).map_err(|e| format!("entry {s}: {e}"))?;
                 head = next_head(&head, &t.id());
@@ -484,5 +492,181 @@ mod tests {
             Err(LedgerError::OtherSpec { .. })
         ));
         let _ = first;
+    }
+
+    /// Three transfers from two senders, submitted: faucet → alice, faucet → bob, alice → bob.
+    fn three(dir: &Path) -> (CentralLedger, Vec<SignedTransfer>) {
+        let l = open(dir);
+        let id = l.chain_id();
+        let faucet = Wallet::from_secret(&DEV_FAUCET_SECRET);
+        let (alice, bob) = (
+            Wallet::from_secret(&[31; 32]),
+            Wallet::from_secret(&[32; 32]),
+        );
+        let txs = vec![
+            faucet.transfer(id, alice.address(), 1000, 1, 0),
+            faucet.transfer(id, bob.address(), 100, 1, 1),
+            alice.transfer(id, bob.address(), 10, 1, 0),
+        ];
+        for t in &txs {
+            l.submit(t).unwrap();
+        }
+        l.verify().unwrap();
+        (l, txs)
+    }
+
+    /// Changes the stored ledger behind the API's back, as a damaged disk or an operator
+    /// with the file would.
+    fn tamper(l: &CentralLedger, f: impl FnOnce(&redb::WriteTransaction)) {
+        let db = l.store.db().unwrap();
+        let w = db.begin_write().unwrap();
+        f(&w);
+        w.commit().unwrap();
+    }
+
+    fn entry(w: &redb::WriteTransaction, seq: u64) -> Vec<u8> {
+        w.open_table(LOG)
+            .unwrap()
+            .get(seq)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec()
+    }
+
+    fn put_entry(w: &redb::WriteTransaction, seq: u64, bytes: &[u8]) {
+        w.open_table(LOG).unwrap().insert(seq, bytes).unwrap();
+    }
+
+    fn set_head(w: &redb::WriteTransaction, head: &Hash, count: u64) {
+        let mut meta = w.open_table(META).unwrap();
+        meta.insert(HEAD_KEY, head.0.as_slice()).unwrap();
+        meta.insert(COUNT_KEY, count.to_le_bytes().as_slice())
+            .unwrap();
+    }
+
+    /// The head as the module docs define it, computed here: `head(0)` the chain id (the
+    /// genesis block's hash), `head(s) = blake3(head(s-1) ‖ id(s))`.
+    fn head_of(spec: &ChainSpec, ids: &[Hash]) -> Hash {
+        let mut h = *blake3::hash(&genesis_block(spec).header.encode()).as_bytes();
+        for id in ids {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&h);
+            hasher.update(&id.0);
+            h = *hasher.finalize().as_bytes();
+        }
+        Hash(h)
+    }
+
+    #[test]
+    fn the_head_is_the_hash_chain_of_the_transfer_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, txs) = three(dir.path());
+        let spec = ChainSpec::test("test-central");
+        let ids: Vec<Hash> = txs.iter().map(|t| t.id()).collect();
+        assert_eq!(l.head().unwrap(), (head_of(&spec, &ids), 3));
+        for (i, id) in ids.iter().enumerate() {
+            let r = l.receipt(id).unwrap().unwrap();
+            assert_eq!((r.seq, r.head), (i as u64 + 1, head_of(&spec, &ids[..=i])));
+        }
+        assert_ne!(
+            head_of(&spec, &ids),
+            head_of(&spec, &[ids[0], ids[2], ids[1]])
+        );
+    }
+
+    /// A flipped byte anywhere in a log entry is refused by `verify()`.
+    #[test]
+    fn verify_refuses_a_log_entry_with_any_byte_flipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, _) = three(dir.path());
+        let (good, _) = tamper_pair(&l);
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x01;
+            tamper(&l, |w| put_entry(w, 2, &bad));
+            assert!(l.verify().is_err(), "byte {i} flipped passed verify");
+        }
+        tamper(&l, |w| put_entry(w, 2, &good));
+        l.verify().unwrap();
+    }
+
+    /// A dropped record is refused: in the middle (a gap), at the end (the count), and at
+    /// the end with the head and count rewritten to match (the accounts).
+    #[test]
+    fn verify_refuses_a_log_with_a_record_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, txs) = three(dir.path());
+        let spec = ChainSpec::test("test-central");
+        let (middle, _) = tamper_pair(&l);
+        tamper(&l, |w| {
+            w.open_table(LOG).unwrap().remove(2).unwrap();
+        });
+        let e = l.verify().unwrap_err();
+        assert!(e.contains("gap"), "{e}");
+        tamper(&l, |w| put_entry(w, 2, &middle));
+        l.verify().unwrap();
+        tamper(&l, |w| {
+            w.open_table(LOG).unwrap().remove(3).unwrap();
+        });
+        assert!(l.verify().is_err(), "the last record dropped");
+        let ids: Vec<Hash> = txs[..2].iter().map(|t| t.id()).collect();
+        tamper(&l, |w| set_head(w, &head_of(&spec, &ids), 2));
+        let e = l.verify().unwrap_err();
+        assert!(e.contains("accounts"), "{e}");
+    }
+
+    /// Entries 2 and 3 swapped (both still apply: their senders differ) are refused by the
+    /// head; 1 and 2 swapped by the nonces.
+    #[test]
+    fn verify_refuses_a_reordered_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, _) = three(dir.path());
+        let (e2, e3) = tamper_pair(&l);
+        tamper(&l, |w| {
+            put_entry(w, 2, &e3);
+            put_entry(w, 3, &e2);
+        });
+        let e = l.verify().unwrap_err();
+        assert!(e.contains("head"), "{e}");
+        tamper(&l, |w| {
+            put_entry(w, 3, &e3);
+            let e1 = entry(w, 1);
+            put_entry(w, 1, &e2);
+            put_entry(w, 2, &e1);
+        });
+        assert!(l.verify().is_err());
+    }
+
+    /// A transfer changed in the log with the head and the accounts rewritten to match is
+    /// still refused: its signature no longer verifies.
+    #[test]
+    fn verify_refuses_a_consistently_rewritten_log_it_cannot_sign() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, mut txs) = three(dir.path());
+        let spec = ChainSpec::test("test-central");
+        txs[2].transfer.amount += 1; // alice pays bob 11, not 10
+        let ids: Vec<Hash> = txs.iter().map(|t| t.id()).collect();
+        let (alice, bob) = (txs[2].transfer.from, txs[2].transfer.to);
+        tamper(&l, |w| {
+            put_entry(w, 3, &txs[2].encode());
+            set_head(w, &head_of(&spec, &ids), 3);
+            let mut acc = w.open_table(ACCOUNTS).unwrap();
+            let a = acc.get(&alice.0).unwrap().unwrap().value();
+            let b = acc.get(&bob.0).unwrap().unwrap().value();
+            acc.insert(&alice.0, (a.0 - 1, a.1)).unwrap();
+            acc.insert(&bob.0, (b.0 + 1, b.1)).unwrap();
+        });
+        let e = l.verify().unwrap_err();
+        assert!(e.contains("entry 3") && e.contains("signature"), "{e}");
+    }
+
+    /// Entries 2 and 3 as stored.
+    fn tamper_pair(l: &CentralLedger) -> (Vec<u8>, Vec<u8>) {
+        let db = l.store.db().unwrap();
+        let r = db.begin_read().unwrap();
+        let t = r.open_table(LOG).unwrap();
+        let get = |s: u64| t.get(s).unwrap().unwrap().value().to_vec();
+        (get(2), get(3))
     }
 }

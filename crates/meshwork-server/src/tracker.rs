@@ -1177,7 +1177,12 @@ mod tests {
         let stop = signed(&b, ID, 10, Some(Event::Stopped), T0 + 1);
         send(&mut t, &stop, "127.0.0.2", now).unwrap();
         assert_eq!(t.stats().peers, 1);
-        t.expire(now + Duration::from_secs(181));
+        // A record lives three announce intervals: still there 1 ms before, gone 1 ms after.
+        let ttl = 3 * t.cfg.interval;
+        assert_eq!(t.cfg.peer_ttl, ttl);
+        t.expire(now + ttl - Duration::from_millis(1));
+        assert_eq!(t.stats().peers, 1, "not stale before three intervals");
+        t.expire(now + ttl + Duration::from_millis(1));
         assert_eq!(
             t.stats().contents,
             0,
@@ -1255,6 +1260,50 @@ mod tests {
             now,
         );
         assert_eq!(third, Err(AnnounceError::Full(2)));
+    }
+
+    /// A full content takes a newcomer from a source holding fewer records by evicting the
+    /// stalest record of its most crowded source: the newcomer is in, that record is out, and
+    /// every other record stays.
+    #[test]
+    fn a_full_content_evicts_the_stalest_record_of_its_most_crowded_source() {
+        let mut t = Tracker::new(TrackerConfig {
+            max_peers_per_content: 4,
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let ks = keys(6);
+        let id = |k: &Keypair| k.public().to_peer_id().to_string();
+        // 127.0.0.1 holds three records, seen at 0, 1 and 2 s; 127.0.0.2 one, at 3 s.
+        for (i, k) in ks[..4].iter().enumerate() {
+            let src = if i < 3 { "127.0.0.1" } else { "127.0.0.2" };
+            let when = now + Duration::from_secs(i as u64);
+            send(&mut t, &signed(k, ID, 0, None, T0), src, when).unwrap();
+        }
+        let later = now + Duration::from_secs(10);
+        send(&mut t, &signed(&ks[4], ID, 0, None, T0), "127.0.0.3", later).unwrap();
+        let peers = |t: &Tracker| {
+            let mut v: Vec<String> = t.contents[&ContentId::from_str(ID).unwrap()]
+                .peers
+                .keys()
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        };
+        let mut want: Vec<String> = [1, 2, 3, 4].iter().map(|i| id(&ks[*i])).collect();
+        want.sort();
+        assert_eq!(
+            peers(&t),
+            want,
+            "the newcomer in, the stalest of 127.0.0.1 out"
+        );
+        // 127.0.0.1 still holds the most (two): its stalest left is the next to go.
+        send(&mut t, &signed(&ks[5], ID, 0, None, T0), "127.0.0.4", later).unwrap();
+        let mut want: Vec<String> = [2, 3, 4, 5].iter().map(|i| id(&ks[*i])).collect();
+        want.sort();
+        assert_eq!(peers(&t), want);
+        assert_eq!(t.stats().peers, 4);
     }
 
     /// The flood of the review: many IPs with 8 records each fill a content whose long-standing

@@ -169,6 +169,10 @@ struct Peer {
     up: Rate,
     strikes: u32,
     unsolicited: u32,
+    /// A request of ours went unanswered for [`REQUEST_TIMEOUT`]: it is asked for nothing
+    /// until it delivers a block (a late answer clears it), so its withdrawn blocks go to
+    /// other peers rather than straight back to it.
+    stalled: bool,
     /// Super-seeding: when it completed its current offer.
     offer_done: Option<Instant>,
 }
@@ -189,6 +193,7 @@ impl Peer {
             up: Rate::default(),
             strikes: 0,
             unsolicited: 0,
+            stalled: false,
             offer_done: None,
         }
     }
@@ -544,6 +549,10 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
             }
             return self.unsolicited(p, len);
         }
+        // A well-formed block: the peer is alive again (see `Peer::stalled`).
+        if let Some(peer) = self.peers.get_mut(&p) {
+            peer.stalled = false;
+        }
         let r = self.picker.block_received(p, b);
         if r.duplicate && !asked {
             return self.unsolicited(p, len);
@@ -688,7 +697,8 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
         } else {
             peer.depth
         };
-        if peer.choking_us || peer.wanted_from == 0 || peer.requested.len() >= depth {
+        if peer.choking_us || peer.stalled || peer.wanted_from == 0 || peer.requested.len() >= depth
+        {
             return;
         }
         let room = depth - peer.requested.len();
@@ -766,6 +776,7 @@ impl<P: Copy + Eq + Hash + Ord + std::fmt::Debug> Engine<P> {
                     // Withdraw everything asked of a stalled peer, not just the late blocks:
                     // the rest is queued behind them.
                     let all: Vec<BlockRef> = peer.requested.drain().map(|(b, _)| b).collect();
+                    peer.stalled = true;
                     self.picker.release(p, &all);
                 }
                 let peer = self.peers.get_mut(&p).expect("listed");

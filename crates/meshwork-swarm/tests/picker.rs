@@ -1,6 +1,8 @@
 //! The picker's properties under random availability and random event orders: rarest first
 //! after the random start, no block asked of two peers outside the endgame, and the endgame
-//! only once nothing is left to ask for the first time.
+//! only once nothing is left to ask for the first time. The references (availability, the
+//! endgame, what is verified) are computed from the test's own model of the peers' bitfields
+//! and of the requests, never read back from the picker.
 
 use std::collections::{HashMap, HashSet};
 
@@ -51,42 +53,66 @@ proptest! {
             p.add_peer(b);
         }
         let mut started: HashSet<u32> = HashSet::new();
+        let mut verified: HashSet<u32> = HashSet::new();
         let mut outstanding: HashMap<BlockRef, HashSet<usize>> = HashMap::new();
         let mut received: HashSet<BlockRef> = HashSet::new();
+        let blocks_in = |i: u32| if i as usize == n - 1 { 1 } else { 2 };
+        // Connected peers with piece `i`.
+        let avail = |peers: &[Option<Bitfield>], i: usize| {
+            peers.iter().flatten().filter(|b| b.get(i)).count() as u32
+        };
+        // The endgame, from the model: something is missing, every missing piece is started
+        // and each of their blocks is received or asked of someone.
+        let endgame = |started: &HashSet<u32>,
+                       verified: &HashSet<u32>,
+                       outstanding: &HashMap<BlockRef, HashSet<usize>>,
+                       received: &HashSet<BlockRef>| {
+            let missing = n - verified.len();
+            let wanted = started.iter().any(|&piece| {
+                (0..blocks_in(piece)).any(|block| {
+                    let b = BlockRef { piece, block };
+                    !received.contains(&b) && outstanding.get(&b).is_none_or(|q| q.is_empty())
+                })
+            });
+            missing > 0 && started.len() == missing && !wanted
+        };
         for op in ops {
             match op {
                 Op::Pick { peer, max } => {
                     let Some(bits) = peers[peer].clone() else { continue };
-                    let endgame_before = p.in_endgame();
                     let got = p.pick(peer, &bits, max);
                     prop_assert!(got.len() <= max);
                     let mut partial_now = started.clone();
+                    let mut duplicates = false;
                     for b in &got {
                         prop_assert!(bits.get(b.piece as usize), "asked a peer for a piece it lacks");
-                        prop_assert!(!p.have().get(b.piece as usize) || !received.contains(b));
+                        prop_assert!(!verified.contains(&b.piece), "asked for a block of verified piece {}", b.piece);
+                        prop_assert!(b.block < blocks_in(b.piece), "no such block {:?}", b);
+                        prop_assert!(!received.contains(b), "asked for a block already received");
                         if !partial_now.contains(&b.piece) {
                             // A newly started piece: rarest among the peer's candidates, once
                             // past the random start.
-                            if p.have().count() + partial_now.len() >= RANDOM_FIRST {
+                            if verified.len() + partial_now.len() >= RANDOM_FIRST {
                                 let min = (0..n)
-                                    .filter(|i| bits.get(*i) && !p.have().get(*i) && !partial_now.contains(&(*i as u32)))
-                                    .map(|i| p.availability(i))
+                                    .filter(|i| bits.get(*i) && !verified.contains(&(*i as u32)) && !partial_now.contains(&(*i as u32)))
+                                    .map(|i| avail(&peers, i))
                                     .min()
                                     .expect("the chosen piece is a candidate");
-                                prop_assert_eq!(p.availability(b.piece as usize), min, "piece {} is not the rarest", b.piece);
+                                prop_assert_eq!(avail(&peers, b.piece as usize), min, "piece {} is not the rarest", b.piece);
                             }
                             partial_now.insert(b.piece);
                         }
                         let others = outstanding.entry(*b).or_default();
-                        if !others.is_empty() || received.contains(b) {
-                            // A duplicate request: only in the endgame, which needs every
-                            // missing piece started and no block wanted.
-                            prop_assert!(endgame_before || p.in_endgame(), "duplicate outside the endgame");
-                            prop_assert!(!received.contains(b));
-                        }
+                        duplicates |= !others.is_empty();
                         prop_assert!(others.insert(peer), "the same peer asked twice");
                     }
                     started = partial_now;
+                    // A duplicate request only in the endgame (which the first-time requests
+                    // of this pick may have just reached: a pick serves those first).
+                    prop_assert!(
+                        !duplicates || endgame(&started, &verified, &outstanding, &received),
+                        "duplicate outside the endgame"
+                    );
                 }
                 Op::Receive { pick, fail } => {
                     let all: Vec<(BlockRef, usize)> = outstanding.iter()
@@ -113,6 +139,7 @@ proptest! {
                         } else {
                             p.piece_verified(b.piece as usize);
                             started.remove(&b.piece);
+                            verified.insert(b.piece);
                         }
                     }
                 }
@@ -126,6 +153,14 @@ proptest! {
                 }
             }
             prop_assert_eq!(p.check_invariants(), Ok(()));
+            prop_assert_eq!(
+                p.in_endgame(),
+                endgame(&started, &verified, &outstanding, &received),
+                "the picker's endgame differs from the model's"
+            );
+            for i in 0..n {
+                prop_assert_eq!(p.have().get(i), verified.contains(&(i as u32)));
+            }
         }
     }
 }
