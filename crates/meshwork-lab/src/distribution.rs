@@ -4,7 +4,9 @@
 //! The bounds are the textbook minimum distribution times (Kurose & Ross, §2.5):
 //! - client-server: `max(N·F/u_s, F/d_min)`: the server uploads every copy;
 //! - peer-to-peer: `max(F/u_s, F/d_min, N·F/(u_s + Σu_i))`: the origin uploads one copy,
-//!   and the peers' uploads carry the rest.
+//!   and the peers' uploads carry the rest. With every host capped alike the third term
+//!   never binds (`N·F/((N+1)·u) < F/u`); capping the downloaders' uploads below the
+//!   origin's (`peer_upload_mbps`) makes it the bound: the peers' uploads are the bottleneck.
 //!
 //! A case's time runs from the moment the downloads are asked for (the server or the nodes
 //! already up) until the last downloader holds a file whose every piece verified; each copy is
@@ -46,6 +48,9 @@ pub struct DistOptions {
     pub ns: Vec<usize>,
     pub file_mib: u64,
     pub upload_mbps: f64,
+    /// The downloaders' upload cap (peer to peer they upload to each other; client-server
+    /// their uploads carry nothing); `None`: the same as every other host's, `upload_mbps`.
+    pub peer_upload_mbps: Option<f64>,
     pub download_mbps: Option<f64>,
     /// The piece size in KiB; `None`: the swarm's default for the file's size (64 KiB for
     /// 64 MiB, see `manifest::default_piece_size`).
@@ -65,6 +70,7 @@ impl DistOptions {
             ns: vec![1, 2, 4, 8, 16],
             file_mib: 64,
             upload_mbps: 20.0,
+            peer_upload_mbps: None,
             download_mbps: None,
             piece_kib: None,
             seed: 1,
@@ -148,11 +154,22 @@ pub struct DistReport {
     pub total_secs: f64,
 }
 
-fn bounds(n: usize, f: f64, u: f64, d: Option<f64>) -> (f64, f64) {
+/// The client-server and peer-to-peer bounds, in seconds, for `n` downloaders of `f` bits:
+/// the origin (server) uploads `u` bit/s, each downloader `u_peer`, and downloads `d`.
+fn bounds(n: usize, f: f64, u: f64, u_peer: f64, d: Option<f64>) -> (f64, f64) {
     let d_term = d.map(|d| f / d).unwrap_or(0.0);
     let cs = (n as f64 * f / u).max(d_term);
-    let p2p = (f / u).max(d_term).max(n as f64 * f / (u + n as f64 * u));
+    let p2p = (f / u)
+        .max(d_term)
+        .max(n as f64 * f / (u + n as f64 * u_peer));
     (cs, p2p)
+}
+
+impl DistOptions {
+    /// The downloaders' upload cap, bit/s.
+    fn peer_upload_bps(&self) -> f64 {
+        self.peer_upload_mbps.unwrap_or(self.upload_mbps) * 1e6
+    }
 }
 
 /// Writes a seeded random file of `bytes`; returns its hash.
@@ -197,6 +214,10 @@ pub async fn run(o: DistOptions) -> Result<(DistReport, Outputs)> {
     ensure!(o.ns.iter().all(|n| *n >= 1), "every N must be at least 1");
     ensure!(o.file_mib >= 1, "the file must be at least 1 MiB");
     ensure!(o.upload_mbps > 0.0, "the upload cap must be positive");
+    ensure!(
+        o.peer_upload_mbps.is_none_or(|p| p > 0.0),
+        "the downloaders' upload cap must be positive"
+    );
     let started = Instant::now();
     let cpu0 = crate::resources::cpu_time();
     let work = o.out.join("work");
@@ -219,7 +240,7 @@ pub async fn run(o: DistOptions) -> Result<(DistReport, Outputs)> {
         o.ns.iter()
             .zip(cs.into_iter().zip(swarm))
             .map(|(&n, (c, s))| {
-                let (bcs, bp2p) = bounds(n, f * 8.0, u, d);
+                let (bcs, bp2p) = bounds(n, f * 8.0, u, o.peer_upload_bps(), d);
                 Row {
                     n,
                     bound_cs_secs: bcs,
@@ -432,7 +453,7 @@ fn case_dir(o: &DistOptions, kind: &str, n: usize) -> PathBuf {
 
 fn deadline_for(o: &DistOptions, n: usize) -> Duration {
     let f = (o.file_mib << 20) as f64 * 8.0;
-    let (cs, _) = bounds(n, f, o.upload_mbps * 1e6, None);
+    let (cs, _) = bounds(n, f, o.upload_mbps * 1e6, o.peer_upload_bps(), None);
     Duration::from_secs_f64(cs * 3.0 + 60.0)
 }
 
@@ -557,7 +578,15 @@ async fn swarm_netns(
     want: blake3::Hash,
 ) -> Result<(ArchResult, Overhead)> {
     let dir = case_dir(o, "swarm", n);
-    let mut r = NetnsRunner::new(bin, &dir, &vec![caps; n + 1])?;
+    // Host 0 is the origin; the downloaders upload at their own cap.
+    let peer = Caps {
+        up_bps: Some(o.peer_upload_bps() as u64),
+        ..caps
+    };
+    let hosts: Vec<Caps> = std::iter::once(caps)
+        .chain(std::iter::repeat_n(peer, n))
+        .collect();
+    let mut r = NetnsRunner::new(bin, &dir, &hosts)?;
     let mut ov = Overhead {
         setup_secs: r.setup_time.as_secs_f64(),
         setup_hosts: n + 1,
@@ -728,6 +757,7 @@ fn progress(o: &DistOptions, arch: Arch, n: usize, r: &ArchResult) {
         n,
         f * 8.0,
         o.upload_mbps * 1e6,
+        o.peer_upload_bps(),
         o.download_mbps.map(|d| d * 1e6),
     );
     let bound = match arch {
@@ -807,10 +837,12 @@ async fn swarm_inproc(
     let dir = case_dir(o, "swarm", n);
     std::fs::create_dir_all(&dir)?;
     let limit = (o.upload_mbps * 1e6 / 8.0) as u64;
+    let peer_limit = (o.peer_upload_bps() / 8.0) as u64;
     let h = crate::HarnessBuilder::new("test-lab-dist")?
         .topology(crate::Topology::Star)
         .first_index(first)
-        .tweak(move |_, c| c.content.upload_limit = Some(limit))
+        // Node 0 is the origin; the others are the downloaders.
+        .tweak(move |i, c| c.content.upload_limit = Some(if i == 0 { limit } else { peer_limit }))
         .spawn(n + 1)
         .await?;
     let origin = h.running(0)?.handle.clone();
@@ -928,13 +960,18 @@ mod tests {
     fn bounds_follow_the_textbook() {
         let f = 64.0 * 8.0 * 1048576.0;
         let u = 20e6;
-        let (cs, p2p) = bounds(16, f, u, None);
+        let (cs, p2p) = bounds(16, f, u, u, None);
         assert!((cs - 16.0 * f / u).abs() < 1e-9);
         assert!(
             (p2p - f / u).abs() < 1e-9,
             "the origin's one copy dominates"
         );
-        let (_, p2p) = bounds(4, f, u, Some(5e6));
+        let (_, p2p) = bounds(4, f, u, u, Some(5e6));
         assert!((p2p - f / 5e6).abs() < 1e-9, "a slow downloader dominates");
+        let (_, p2p) = bounds(4, f, u, u / 8.0, None);
+        assert!(
+            (p2p - 4.0 * f / (u + 4.0 * u / 8.0)).abs() < 1e-9,
+            "slow peer uploads dominate"
+        );
     }
 }

@@ -39,6 +39,10 @@ pub struct PropagationOptions {
     pub interval: Duration,
     /// Quiet time after connecting, before the first message.
     pub settle: Duration,
+    /// Then at most this long until the machine uses under half a core.
+    pub quiet_max: Duration,
+    /// The window the idle CPU is read over.
+    pub idle_window: Duration,
 }
 
 impl PropagationOptions {
@@ -49,6 +53,8 @@ impl PropagationOptions {
             blocks: 5,
             interval: Duration::from_millis(250),
             settle: Duration::from_secs(10),
+            quiet_max: Duration::from_secs(180),
+            idle_window: Duration::from_secs(5),
         }
     }
 }
@@ -140,14 +146,14 @@ async fn drive(o: &PropagationOptions, bed: &mut Bed) -> Result<ArchPropagation>
     // Building the hosts and starting the services, then connecting.
     let setup_secs = (bed.setup + connected.elapsed()).as_secs_f64();
     tokio::time::sleep(o.settle).await;
-    let quiet_by = Instant::now() + Duration::from_secs(180);
+    let quiet_by = Instant::now() + o.quiet_max;
     while Instant::now() < quiet_by {
         match crate::resources::machine_cores_busy_over(Duration::from_secs(2)).await {
             Some(cores) if cores > 0.5 => continue,
             _ => break,
         }
     }
-    let window = Duration::from_secs(5);
+    let window = o.idle_window;
     let (runner_cpu, machine) = tokio::join!(
         crate::resources::cpu_share_over(window),
         crate::resources::machine_cores_busy_over(window)
@@ -180,9 +186,11 @@ async fn drive(o: &PropagationOptions, bed: &mut Bed) -> Result<ArchPropagation>
         }
         tokio::time::sleep(o.interval).await;
     }
+    let mut height = 0;
     if arch == Arch::PeerToPeer && o.blocks > 0 {
         let miner = bed.node(rng.gen_range(0..n)).clone();
         let target = miner.chain().await?.height + o.blocks as u64;
+        height = target;
         miner
             .set_mining(Some((Wallet::generate().address(), o.interval * 4)))
             .await?;
@@ -195,7 +203,12 @@ async fn drive(o: &PropagationOptions, bed: &mut Bed) -> Result<ArchPropagation>
         .await?;
         miner.set_mining(None).await?;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Until every message has reached everyone, or 10 s have passed: what never arrives is
+    // a result (`reached_all`), not an error.
+    let all_in_by = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < all_in_by && !arrived_everywhere(bed, &origin, height).await? {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut r = ArchPropagation {
         arch,
@@ -258,6 +271,41 @@ async fn drive(o: &PropagationOptions, bed: &mut Bed) -> Result<ArchPropagation>
         }
     }
     Ok(r)
+}
+
+/// Whether every user has every transfer of `origin` (peer to peer: in its gossip record,
+/// and its chain at `height`; client-server: each client received it from the server's log).
+async fn arrived_everywhere(bed: &Bed, origin: &HashMap<String, u64>, height: u64) -> Result<bool> {
+    let n = bed.users();
+    match bed.arch {
+        Arch::PeerToPeer => {
+            for u in 0..n {
+                let node = bed.node(u);
+                if node.chain().await?.height < height {
+                    return Ok(false);
+                }
+                let seen: std::collections::HashSet<String> = node
+                    .gossip_recent()
+                    .await?
+                    .into_iter()
+                    .map(|a| a.id)
+                    .collect();
+                if origin.keys().any(|id| !seen.contains(id)) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        Arch::ClientServer => {
+            let mut got: HashMap<String, std::collections::HashSet<usize>> = HashMap::new();
+            for (client, id, _) in bed.watched() {
+                got.entry(id).or_default().insert(client);
+            }
+            Ok(origin
+                .keys()
+                .all(|id| got.get(id).map_or(0, |c| c.len()) >= n))
+        }
+    }
 }
 
 fn empty() -> Figures {

@@ -237,7 +237,30 @@ pub async fn eclipse(o: &SybilOptions) -> Result<Eclipse> {
         || async { Ok(sent.load(Ordering::SeqCst) >= flood) },
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The last answers are still on their way: the flood is processed once the attacker's
+    // share of the book has stopped changing for a second (ten polls in a row). Requests
+    // after the flood get empty answers, so nothing the rogues send changes it later.
+    let attacker_entries = || async {
+        Ok::<_, anyhow::Error>(
+            v.addrbook()
+                .await?
+                .iter()
+                .filter(|e| e.group == ATTACKER_GROUP)
+                .count(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut unchanged) = (usize::MAX, 0);
+    while unchanged < 10 {
+        ensure!(
+            Instant::now() < deadline,
+            "the flood was never processed: the victim's book kept changing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = attacker_entries().await?;
+        unchanged = if now == last { unchanged + 1 } else { 0 };
+        last = now;
+    }
 
     let book = v.addrbook().await?;
     let count = |table: Table, evil: bool| {
@@ -312,7 +335,7 @@ async fn outbound_full(victim: &crate::Harness) -> Result<()> {
 }
 
 /// One account's transfers, refused by the server or by a share of the nodes.
-async fn censorship(o: &SybilOptions, arch: Arch) -> Result<Censorship> {
+pub async fn censorship(o: &SybilOptions, arch: Arch) -> Result<Censorship> {
     let c = Common {
         // Past the eclipse's hosts.
         first_index: o.common.first_index + o.honest + 60,

@@ -6,6 +6,7 @@ mod common;
 use common::{info, random_file};
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
@@ -15,6 +16,50 @@ use meshwork_node::NodeHandle;
 use meshwork_swarm::ContentId;
 
 const PIECE: u32 = 64 << 10;
+
+/// The messages of the node's `info` events (`meshwork_node::node`), in order: what the node
+/// decided about its peers and why, for tests that check a penalty's target and reason.
+static NODE_EVENTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Keeps the message of every event it sees in [`NODE_EVENTS`].
+struct Capture;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        NODE_EVENTS.lock().expect("not poisoned").push(m.0);
+    }
+}
+
+/// Logs as `common::init_logs` does, and captures the node's `info` events (every test of
+/// this binary calls this one, so whichever runs first installs both layers).
+fn init_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_test_writer()
+        .with_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        );
+    let capture = Capture.with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_target("meshwork_node::node", tracing::Level::INFO),
+    );
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(capture)
+        .try_init();
+}
 
 async fn share(
     h: &NodeHandle,
@@ -66,7 +111,7 @@ async fn all_seeding(h: &Harness, who: &[usize], id: &str, timeout: Duration) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_leechers_get_byte_identical_files_and_the_super_seeder_uploads_about_one_copy(
 ) -> Result<()> {
-    common::init_logs();
+    init_logs();
     let dir = tempfile::tempdir()?;
     let size = 8 << 20;
     let origin = random_file(dir.path(), "origin.bin", size, 1)?;
@@ -95,7 +140,15 @@ async fn ten_leechers_get_byte_identical_files_and_the_super_seeder_uploads_abou
     let up = info(seeder, &shared.id).await?.uploaded;
     let ratio = up as f64 / size as f64;
     eprintln!("the super-seeder uploaded {ratio:.3} copies");
-    ensure!(ratio <= 1.2, "the super-seeder uploaded {ratio:.3} copies");
+    // The design's figure, not BEP 16's 1.2 to 1.5: the super-seeder offers only pieces that
+    // no peer has or holds an offer of, and serves only what it offered, so with no leecher
+    // leaving (none does here) a piece leaves it again only when an offer is re-made after a
+    // peer waited past `SUPERSEED_PATIENCE` or a request timed out. That measured 1.00
+    // copies on an idle machine and 1.05 on a loaded 2-core one; a tenth of a copy allows it.
+    ensure!(
+        up >= size as u64 && up <= size as u64 + size as u64 / 10,
+        "the super-seeder uploaded {up} bytes ({ratio:.3} copies) of a {size}-byte file"
+    );
     h.shutdown().await;
     Ok(())
 }
@@ -112,7 +165,7 @@ fn merged_ticket(infos: &[&ContentInfo]) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_serving_corrupt_pieces_is_banned_and_the_download_completes() -> Result<()> {
-    common::init_logs();
+    init_logs();
     let dir = tempfile::tempdir()?;
     let size = 4 << 20;
     let origin = random_file(dir.path(), "origin.bin", size, 2)?;
@@ -141,14 +194,48 @@ async fn a_peer_serving_corrupt_pieces_is_banned_and_the_download_completes() ->
     let c = info(victim, &honest.id).await?;
     eprintln!("bad pieces {}, banned {}", c.bad_pieces, c.banned);
     ensure!(c.banned == 1, "the liar is banned: {c:?}");
-    ensure!(
-        (2..=3).contains(&c.bad_pieces),
-        "banned after its second bad piece, with at most one more in flight: {} bad",
-        c.bad_pieces
-    );
-    // The liar is also penalized by the node (misbehaviour points), and no longer a peer of
-    // this content.
     ensure!(c.peers == 1, "only the honest seeder remains: {c:?}");
+    // The content session reports its ban to the node, which penalizes that peer with the
+    // session's reason: the liar, at its second bad piece (`MAX_STRIKES`), and nobody else.
+    let (liar_id, honest_id) = (h.running(1)?.peer_id(), h.running(0)?.peer_id());
+    let penalties: Vec<String> = NODE_EVENTS
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .filter(|m| m.contains("penalized: corrupt pieces"))
+        .filter(|m| m.contains(&liar_id.to_string()) || m.contains(&honest_id.to_string()))
+        .cloned()
+        .collect();
+    ensure!(
+        penalties.len() == 1,
+        "one penalty, for the liar: {penalties:?}"
+    );
+    ensure!(
+        penalties[0].starts_with(&format!("peer {liar_id} penalized"))
+            && penalties[0].contains(": 2 pieces failed their hash"),
+        "the liar is penalized at its second bad piece: {}",
+        penalties[0]
+    );
+    // The node holds the penalty against the liar: 50 points (`Offence::CorruptPieces`, less
+    // the seconds' decay of a 10-minute half-life), under the 100 that disconnect, so it is
+    // still a peer for the other protocols. None against the honest seeder.
+    let peers = victim.peers().await?;
+    let points = |id: libp2p::PeerId| {
+        peers
+            .iter()
+            .find(|p| p.peer_id == id.to_string())
+            .map(|p| p.misbehaviour)
+    };
+    ensure!(
+        points(liar_id).is_some_and(|p| p >= 45.0),
+        "the node holds {:?} points against the liar",
+        points(liar_id)
+    );
+    ensure!(
+        points(honest_id) == Some(0.0),
+        "the honest seeder is connected with no points: {:?}",
+        points(honest_id)
+    );
     h.shutdown().await;
     Ok(())
 }
@@ -156,7 +243,7 @@ async fn a_peer_serving_corrupt_pieces_is_banned_and_the_download_completes() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_half_the_leechers_killed_and_the_seeder_gone_every_survivor_completes() -> Result<()>
 {
-    common::init_logs();
+    init_logs();
     let dir = tempfile::tempdir()?;
     let size = 8 << 20;
     let origin = random_file(dir.path(), "origin.bin", size, 3)?;
@@ -220,9 +307,24 @@ async fn with_half_the_leechers_killed_and_the_seeder_gone_every_survivor_comple
         },
     )
     .await?;
-    let before = info(&h.running(5)?.handle, &shared.id).await?;
-    ensure!(before.state == State::Downloading || before.state == State::Seeding);
+    // The seeder leaves mid-download: some survivor still lacks pieces as it stops. (Read
+    // just before the stop: each survivor holds a fraction of the copy they share, far more
+    // than the seeder's capped 4 MiB/s can fill in the moment the stop takes.)
+    let mut lacking = vec![];
+    for &i in &survivors {
+        let c = info(&h.running(i)?.handle, &shared.id).await?;
+        ensure!(c.state != State::Failed, "node {i}: {:?}", c.error);
+        let total = c.pieces.unwrap_or(usize::MAX);
+        if c.pieces_have < total {
+            lacking.push((i, total - c.pieces_have));
+        }
+    }
     h.stop(0).await?;
+    ensure!(
+        !lacking.is_empty(),
+        "every survivor was complete before the seeder left: no mid-download churn"
+    );
+    eprintln!("when the seeder left, survivors lacking pieces (node, pieces missing): {lacking:?}");
     all_seeding(&h, &survivors, &shared.id, Duration::from_secs(120)).await?;
     let want = std::fs::read(&origin)?;
     for i in survivors {
@@ -239,7 +341,7 @@ async fn with_half_the_leechers_killed_and_the_seeder_gone_every_survivor_comple
 /// any provider answered with the manifest (the node persists the request itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_acknowledged_before_its_manifest_arrived_survives_a_restart() -> Result<()> {
-    common::init_logs();
+    init_logs();
     let dir = tempfile::tempdir()?;
     let origin = random_file(dir.path(), "origin.bin", 1 << 20, 5)?;
     let mut h = HarnessBuilder::new("test-content-pending")?
@@ -271,7 +373,7 @@ async fn a_fetch_acknowledged_before_its_manifest_arrived_survives_a_restart() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_stopped_half_way_resumes_and_downloads_only_the_missing_pieces() -> Result<()> {
-    common::init_logs();
+    init_logs();
     let dir = tempfile::tempdir()?;
     let size = 8 << 20;
     let origin = random_file(dir.path(), "origin.bin", size, 4)?;
@@ -298,6 +400,9 @@ async fn a_fetch_stopped_half_way_resumes_and_downloads_only_the_missing_pieces(
     )
     .await?;
     h.stop(1).await?;
+    // The seeder's upload counter, independent of the leecher's own accounting: what it
+    // sends from here on is what the resumed leecher fetched.
+    let sent_before = info(&h.running(0)?.handle, &shared.id).await?.uploaded;
     let seeder = h.dial_addr(0)?;
     h.restart(1, vec![seeder], |_| {}).await?;
     let resumed = info(&h.running(1)?.handle, &shared.id).await?;
@@ -320,6 +425,14 @@ async fn a_fetch_stopped_half_way_resumes_and_downloads_only_the_missing_pieces(
         done.downloaded,
         done.wasted
     );
+    // Held pieces are not fetched again: the seeder, the only provider, sent the missing
+    // pieces and at most a piece more (blocks of the old connection still counted as it
+    // closed). Fetching the held 40 % again would be 3 MiB more.
+    let sent = info(&h.running(0)?.handle, &shared.id).await?.uploaded - sent_before;
+    ensure!(
+        sent >= missing && sent <= missing + PIECE as u64,
+        "the seeder sent {sent} bytes after the restart for {missing} missing bytes"
+    );
     ensure!(
         std::fs::read(&out)? == std::fs::read(&origin)?,
         "the resumed file differs"
@@ -330,7 +443,7 @@ async fn a_fetch_stopped_half_way_resumes_and_downloads_only_the_missing_pieces(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leecher_with_only_the_content_id_finds_providers_in_the_dht() -> Result<()> {
-    common::init_logs();
+    init_logs();
     let dir = tempfile::tempdir()?;
     let size = 2 << 20;
     let origin = random_file(dir.path(), "origin.bin", size, 5)?;
@@ -354,7 +467,31 @@ async fn a_leecher_with_only_the_content_id_finds_providers_in_the_dht() -> Resu
     )
     .await?;
     let shared = share(&h.running(0)?.handle, &origin, false, None).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await; // the provider record spreads
+    // The provider record spreads: most of the other nodes have stored it (Kademlia's
+    // inbound ADD_PROVIDER requests), so the fetcher's first lookup finds it.
+    wait_for(
+        "the provider record stored at 3 of the other 5 nodes",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let mut holders = 0;
+            for (i, n) in h.running_nodes() {
+                let text = n.handle.encode_metrics();
+                let stored = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("libp2p_kad_inbound_requests") && l.contains("AddProvider")
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>();
+                if i != 0 && stored >= 1.0 {
+                    holders += 1;
+                }
+            }
+            Ok(holders >= 3)
+        },
+    )
+    .await?;
     let out = dir.path().join("from-dht.bin");
     // No ticket, no tracker: just the id.
     fetch(&h.running(5)?.handle, &shared.id, &out).await?;
@@ -369,7 +506,7 @@ async fn a_leecher_with_only_the_content_id_finds_providers_in_the_dht() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_strangers_meet_through_the_tracker_and_the_leecher_completes() -> Result<()> {
-    common::init_logs();
+    init_logs();
     let dir = tempfile::tempdir()?;
     let size = 2 << 20;
     let origin = random_file(dir.path(), "origin.bin", size, 6)?;

@@ -4,6 +4,8 @@
 //! loopback, as in `content.rs`.
 
 mod common;
+#[path = "../../../support/skip.rs"]
+mod skip;
 
 use common::{info, random_file};
 
@@ -536,7 +538,7 @@ impl Drop for SmallDisk {
 async fn a_download_that_fills_its_disk_says_why_and_resumes_once_space_returns() -> Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        skip::skip("mounting a small tmpfs needs root");
         return Ok(());
     }
     common::init_logs();

@@ -56,6 +56,76 @@ async fn an_address_flood_from_one_group_cannot_eclipse_a_node() -> Result<()> {
     Ok(())
 }
 
+/// A flood that reaches the tried table's bound: 8192 peers of one /16, told by 128 source
+/// groups (so the new table takes thousands of them) and then connected to (`good`), as an
+/// attacker with that many reachable hosts could arrange. The group holds at
+/// most `tried_buckets_per_group * bucket_size` (512) tried entries, nearly all of which it
+/// fills; a peer of another group, connected afterwards, still gets a tried slot.
+#[test]
+fn the_tried_table_holds_one_group_to_its_buckets() -> Result<()> {
+    use meshwork_node::addrbook::{AddrBook, AddrBookConfig, Origin, Table, Via};
+    use meshwork_proto::AddrGroup;
+    let cfg = AddrBookConfig::default();
+    let bound = (cfg.tried_buckets_per_group * cfg.bucket_size) as usize;
+    let mut book = AddrBook::new(cfg, [7; 32], PeerId::random(), true);
+    let now = meshwork_node::unix_now();
+    let addr = |a: u8, b: u8, c: u8| -> Result<Multiaddr> {
+        Ok(format!("/ip4/127.{a}.{b}.{c}/tcp/4001").parse()?)
+    };
+    let group = |a: &Multiaddr| AddrGroup::of_addr(a).expect("an IPv4 address");
+    let attacker = group(&addr(250, 0, 1)?);
+    for i in 0..8192u32 {
+        let a = addr(250, (i >> 8) as u8, i as u8)?;
+        // 128 source groups, each telling 64 peers: one bucket of the new table each.
+        let source = group(&addr(1 + (i % 128) as u8, 0, 1)?);
+        let peer = PeerId::random();
+        book.add(
+            peer,
+            std::slice::from_ref(&a),
+            now,
+            Origin::Peer(source),
+            Via::Pex,
+            now,
+        );
+        book.good(&peer, &a, now);
+    }
+    // Pending collisions time out (their incumbents were never tested): newcomers may take
+    // slots, never more of them.
+    book.resolve_collisions(now + 24 * 3600);
+    let tried_of = |book: &AddrBook, g: AddrGroup| {
+        book.entries()
+            .filter(|e| e.group == g && e.location.table == Table::Tried)
+            .count()
+    };
+    let held = tried_of(&book, attacker);
+    println!("one group holds {held} tried entries (bound {bound}) after 8192 connections");
+    ensure!(
+        held <= bound,
+        "one group holds {held} tried entries, over {bound}"
+    );
+    ensure!(
+        held >= bound * 95 / 100,
+        "the flood never came near the bound: {held} of {bound}"
+    );
+    let honest = addr(9, 0, 1)?;
+    let peer = PeerId::random();
+    let source = group(&addr(8, 0, 1)?);
+    book.add(
+        peer,
+        std::slice::from_ref(&honest),
+        now,
+        Origin::Peer(source),
+        Via::Pex,
+        now,
+    );
+    book.good(&peer, &honest, now);
+    ensure!(
+        tried_of(&book, group(&honest)) == 1,
+        "a peer of another group still gets a tried slot"
+    );
+    Ok(())
+}
+
 /// Malformed PEX answers cost the sending peer points or get it disconnected and banned; the
 /// node stays up and its address book is unchanged by them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! Shared by the lab's integration tests.
 
 /// Logs to the test's output, filtered by `RUST_LOG` (default: warnings).
+#[allow(dead_code)] // content.rs installs its own subscriber, which also captures events
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
