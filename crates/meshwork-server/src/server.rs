@@ -252,6 +252,13 @@ impl RunningServer {
         self.cookie.credentials()
     }
 
+    /// Long polls (`GET /api/v1/log` with `wait_ms`) in progress now: tests wait on this
+    /// instead of sleeping until a poll is waiting. Exact because only a long poll subscribes
+    /// to `dying` (downloads only read it), and it holds its subscription until it answers.
+    pub fn long_polls(&self) -> usize {
+        self.dying.receiver_count()
+    }
+
     /// A crash, as near as one process can stage it inside another (the lab's in-process
     /// runner): downloads and long polls in flight are cut off at once instead of finishing,
     /// and nothing new is accepted. The store is left as it is, which is what a crash leaves:
