@@ -429,8 +429,36 @@ mod tests {
             hs[16..32].iter().copied().collect()
         };
         let acts = s.on_blocks(a, &a_batch);
-        assert!(matches!(&acts[..], [SyncAction::Blocks { hashes, .. }] if hashes.len() == 16));
+        // b's batch went back to the front of the queue, in order: it is what a asks next,
+        // ahead of the 8 hashes never asked for.
+        let b_batch: Vec<Hash> = hs[..32]
+            .iter()
+            .filter(|h| !a_batch.contains(h))
+            .copied()
+            .collect();
+        assert_eq!(b_batch.len(), 16);
+        assert_eq!(
+            acts,
+            vec![SyncAction::Blocks {
+                peer: a,
+                hashes: b_batch.clone()
+            }]
+        );
         assert_eq!(s.pending(), 24);
+        // a delivers only the second half: the first half goes back to the front, in order,
+        // ahead of the 8 still queued.
+        let second: HashSet<Hash> = b_batch[8..].iter().copied().collect();
+        let acts = s.on_blocks(a, &second);
+        let mut want = b_batch[..8].to_vec();
+        want.extend(&hs[32..40]);
+        assert_eq!(
+            acts,
+            vec![SyncAction::Blocks {
+                peer: a,
+                hashes: want
+            }]
+        );
+        assert_eq!(s.pending(), 16);
     }
 
     #[test]

@@ -266,6 +266,16 @@ impl Store {
     }
 
     #[cfg(test)]
+    fn get_raw(&self, key: &str) -> Option<Vec<u8>> {
+        self.use_db(|db| {
+            let tx = db.begin_read().unwrap();
+            let t = tx.open_table(META).unwrap();
+            Ok(t.get(key).unwrap().map(|v| v.value().to_vec()))
+        })
+        .unwrap()
+    }
+
+    #[cfg(test)]
     fn put_raw(&self, key: &str, bytes: &[u8]) {
         self.use_db(|db| {
             let tx = db.begin_write().unwrap();
@@ -330,11 +340,28 @@ mod tests {
         let back = AddrBook::restore(AddrBookConfig::default(), snap, me, false, 100);
         assert_eq!(back.get(&p), book.get(&p));
         assert_eq!(store.load_anchors().unwrap().len(), 1);
-        store.put_raw(ADDRBOOK, &[0xff; 7]);
+        let damaged = [0xff, 0x01, 0xfe, 0x02, 0xfd, 0x03, 0xfc];
+        store.put_raw(ADDRBOOK, &damaged);
         assert!(store.load_addrbook().unwrap().is_none());
+        // Moved aside: the damaged bytes, unchanged, under `<key>.unreadable`, and gone from
+        // the key itself.
+        assert_eq!(
+            store.get_raw(&format!("{ADDRBOOK}.unreadable")).as_deref(),
+            Some(&damaged[..])
+        );
+        assert_eq!(store.get_raw(ADDRBOOK), None);
         assert!(
             store.load_addrbook().unwrap().is_none(),
             "moved aside, not read again"
+        );
+        // The other values are untouched.
+        assert_eq!(store.load_anchors().unwrap().len(), 1);
+        // They survive a reopen.
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.get_raw(&format!("{ADDRBOOK}.unreadable")).as_deref(),
+            Some(&damaged[..])
         );
     }
 }
