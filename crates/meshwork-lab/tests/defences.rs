@@ -109,8 +109,8 @@ fn the_tried_table_holds_one_group_to_its_buckets() -> Result<()> {
     );
     // Peers of other groups, connected afterwards, still get tried slots: the flood's group is
     // held to 8 of the 256 tried buckets. A peer whose slot is taken waits for test-before-evict
-    // instead (measured: 27 or 28 of 32 placed at once); without the per-group bound the flood
-    // would hold every bucket and place none of them.
+    // instead (measured: 27 or 28 of 32 placed at once); without the per-group bound the
+    // flood's 8192 entries would hold half of all tried slots, spread over every bucket.
     let mut placed = 0;
     for g in 0..32u8 {
         let honest = addr(9 + g, 0, 1)?;
