@@ -247,13 +247,13 @@ async fn with_half_the_leechers_killed_and_the_seeder_gone_every_survivor_comple
     let dir = tempfile::tempdir()?;
     let size = 8 << 20;
     let origin = random_file(dir.path(), "origin.bin", size, 3)?;
-    // The seeder's upload is capped so that the swarm is mid-transfer when the churn hits.
+    // Every upload is capped so that the swarm is mid-transfer when the churn hits: the
+    // seeder's at 4 MiB/s, the leechers' at 1 MiB/s, so that survivors who hold a full copy
+    // between them still need seconds to complete from each other when the seeder leaves.
     let mut h = HarnessBuilder::new("test-content-churn")?
         .topology(Topology::Star)
         .tweak(|i, cfg| {
-            if i == 0 {
-                cfg.content.upload_limit = Some(4 << 20);
-            }
+            cfg.content.upload_limit = Some(if i == 0 { 4 << 20 } else { 1 << 20 });
         })
         .spawn(9)
         .await?;
