@@ -9,15 +9,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{meshwork, Proc, NODE_START as START};
-
-fn run(dir: &Path, args: &[&str]) -> Result<Output> {
-    Ok(meshwork(dir).args(args).output()?)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{meshwork, run, stderr, stdout, Proc, NODE_START as START};
 
 #[test]
 fn init_refuses_twice_keeps_the_key_private_and_names_corrupt_files() -> Result<()> {
@@ -511,10 +503,6 @@ fn a_node_killed_during_block_import_reopens_consistent_and_catches_up() -> Resu
     }
     println!("killed at height {killed_at} of {height}; reopened consistent and caught up");
     Ok(())
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
 /// The wallet commands against a mining node: a transfer is sent, confirmed and credited; a

@@ -11,19 +11,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{meshwork, Proc};
-
-fn run(dir: &Path, args: &[&str]) -> Result<Output> {
-    Ok(meshwork(dir).args(args).output()?)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
+use common::{meshwork, run, stderr, stdout, Proc};
 
 /// Runs `args` and returns its stdout, failing with its stderr unless it succeeded.
 fn ok(dir: &Path, args: &[&str]) -> Result<String> {

@@ -45,6 +45,19 @@ pub fn meshwork(dir: &Path) -> Command {
     c
 }
 
+/// Runs the binary in `dir` with `args` to completion.
+pub fn run(dir: &Path, args: &[&str]) -> Result<std::process::Output> {
+    Ok(meshwork(dir).args(args).output()?)
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
 /// A child whose stdout lines are read on a thread (stderr goes to a log file); killed when
 /// dropped, so that a failing test leaves no process behind.
 pub struct Proc {
