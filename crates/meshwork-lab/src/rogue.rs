@@ -1,6 +1,7 @@
 //! Rogue peers: minimal libp2p nodes that speak a network's identify and PEX protocols but
-//! answer PEX with whatever a test tells them to, including bytes no honest node would send.
-//! The tests of the eclipse flood and of malformed answers use them against a real node.
+//! answer PEX with whatever a test tells them to, including bytes no honest node would send,
+//! and send PEX requests as fast as a test tells them to. The tests of the eclipse flood, of
+//! malformed answers, of PEX floods and of another network's peers use them against a real node.
 
 use std::io;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, Multiaddr, PeerId, StreamProtocol};
 use meshwork_node::pex::{read_frame, write_frame};
 use meshwork_proto::NetworkName;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// What a rogue writes as its PEX answer.
 #[derive(Clone, Debug)]
@@ -84,6 +85,25 @@ struct RogueBehaviour {
     pex: request_response::Behaviour<RawCodec>,
 }
 
+/// What a test can make a running rogue do.
+enum Command {
+    /// Sends one PEX request (`bytes`, framed) to `peer`.
+    PexRequest(PeerId, Vec<u8>),
+}
+
+/// What a rogue has seen so far, as counters a test waits on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Connections open now.
+    pub connections: usize,
+    /// Connections that closed.
+    pub closed: usize,
+    /// Answers received to the rogue's own PEX requests.
+    pub pex_answers: usize,
+    /// PEX requests of the rogue that failed (refused, reset, timed out).
+    pub pex_failures: usize,
+}
+
 /// Produces the answer to each PEX request the rogue receives.
 pub type Answerer = Arc<dyn Fn() -> RawAnswer + Send + Sync>;
 
@@ -93,6 +113,8 @@ pub struct Rogue {
     pub listen_addr: Multiaddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    commands: mpsc::Sender<Command>,
+    seen: watch::Receiver<Seen>,
 }
 
 impl Rogue {
@@ -134,17 +156,44 @@ impl Rogue {
         }
         let peer_id = *swarm.local_peer_id();
         let (stop, mut stopped) = oneshot::channel();
+        // A test sends a handful of commands at a time; 64 is room enough.
+        let (commands, mut command_rx) = mpsc::channel::<Command>(64);
+        let (seen_tx, seen) = watch::channel(Seen::default());
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
-                    ev = swarm.select_next_some() => {
-                        if let SwarmEvent::Behaviour(RogueBehaviourEvent::Pex(request_response::Event::Message {
-                            message: request_response::Message::Request { channel, .. }, ..
-                        })) = ev {
-                            let _ = swarm.behaviour_mut().pex.send_response(channel, answer());
+                    Some(c) = command_rx.recv() => match c {
+                        Command::PexRequest(peer, bytes) => {
+                            swarm.behaviour_mut().pex.send_request(&peer, bytes);
                         }
-                    }
+                    },
+                    ev = swarm.select_next_some() => match ev {
+                        SwarmEvent::Behaviour(RogueBehaviourEvent::Pex(ev)) => match ev {
+                            request_response::Event::Message {
+                                message: request_response::Message::Request { channel, .. },
+                                ..
+                            } => {
+                                let _ = swarm.behaviour_mut().pex.send_response(channel, answer());
+                            }
+                            request_response::Event::Message {
+                                message: request_response::Message::Response { .. },
+                                ..
+                            } => seen_tx.send_modify(|s| s.pex_answers += 1),
+                            request_response::Event::OutboundFailure { .. } => {
+                                seen_tx.send_modify(|s| s.pex_failures += 1)
+                            }
+                            _ => {}
+                        },
+                        SwarmEvent::ConnectionEstablished { .. } => {
+                            seen_tx.send_modify(|s| s.connections += 1)
+                        }
+                        SwarmEvent::ConnectionClosed { .. } => seen_tx.send_modify(|s| {
+                            s.connections = s.connections.saturating_sub(1);
+                            s.closed += 1;
+                        }),
+                        _ => {}
+                    },
                 }
             }
         });
@@ -153,7 +202,45 @@ impl Rogue {
             listen_addr,
             stop: Some(stop),
             task,
+            commands,
+            seen,
         })
+    }
+
+    /// What the rogue has seen so far.
+    pub fn seen(&self) -> Seen {
+        *self.seen.borrow()
+    }
+
+    /// Waits until `what` holds of what the rogue has seen, for at most `timeout`.
+    ///
+    /// # Errors
+    /// When `timeout` passes first, with the last counters in the message.
+    pub async fn wait_until(
+        &mut self,
+        timeout: Duration,
+        what: impl Fn(&Seen) -> bool,
+    ) -> Result<Seen> {
+        let r = tokio::time::timeout(timeout, self.seen.wait_for(|s| what(s)))
+            .await
+            .map(|r| r.map(|s| *s));
+        match r {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(_)) => anyhow::bail!("the rogue stopped"),
+            Err(_) => anyhow::bail!("timed out; the rogue saw {:?}", self.seen()),
+        }
+    }
+
+    /// Sends a PEX request asking `peer` for `max` records.
+    ///
+    /// # Errors
+    /// When the rogue has stopped.
+    pub async fn request_pex(&self, peer: PeerId, max: u8) -> Result<()> {
+        let bytes = meshwork_proto::pex::PexRequest { max }.encode();
+        self.commands
+            .send(Command::PexRequest(peer, bytes))
+            .await
+            .map_err(|_| anyhow::anyhow!("the rogue stopped"))
     }
 
     pub fn dial_addr(&self) -> Multiaddr {

@@ -216,7 +216,7 @@ async fn a_peer_serving_corrupt_pieces_is_banned_and_the_download_completes() ->
         "the liar is penalized at its second bad piece: {}",
         penalties[0]
     );
-    // The node holds the penalty against the liar: 50 points (`Offence::CorruptPieces`, less
+    // The node holds the penalty against the liar: 60 points (`Offence::CorruptPieces`, less
     // the seconds' decay of a 10-minute half-life), under the 100 that disconnect, so it is
     // still a peer for the other protocols. None against the honest seeder.
     let peers = victim.peers().await?;

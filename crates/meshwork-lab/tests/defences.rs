@@ -35,6 +35,14 @@ async fn an_address_flood_from_one_group_cannot_eclipse_a_node() -> Result<()> {
     o.restarts = 2;
     let e = meshwork_lab::sybil::eclipse(&o).await?;
     println!("{e:?}");
+    // The flood did reach the book (else the bounds below say nothing): it fills at least
+    // half of the one bucket it may hold.
+    ensure!(
+        e.new_attacker >= e.new_bound / 2,
+        "only {} of the flood's addresses entered the new table (bucket: {})",
+        e.new_attacker,
+        e.new_bound
+    );
     ensure!(
         e.new_attacker <= e.new_bound,
         "attacker holds {} new entries, more than one bucket ({})",

@@ -12,9 +12,10 @@ use meshwork_lab::harness::{wait_for, HarnessBuilder, Topology};
 use meshwork_node::node::Class;
 use rand::seq::SliceRandom;
 
-/// 50 nodes, node i bootstrapped from node i-1 only: within 30 s every node has at least 6
-/// connections and 30 known addresses, and a Kademlia lookup of every node's id from a random
-/// node finds it.
+/// 50 nodes, node i bootstrapped from node i-1 only: every node reaches its 8 outbound
+/// connections and knows all 49 other addresses (measured: 22 to 27 s on the 2-core machine
+/// under load; the wait gives up at 60 s), and a Kademlia lookup of every node's id from a
+/// random node finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_of_50_converges_and_the_dht_finds_every_node() -> Result<()> {
     common::init_logs();
@@ -23,15 +24,17 @@ async fn chain_of_50_converges_and_the_dht_finds_every_node() -> Result<()> {
         .topology(Topology::Chain)
         .spawn(n)
         .await?;
+    // Converged: every node holds its 8 outbound connections (the ones it chose and keeps;
+    // transient DHT dials, feelers and content connections do not count) and knows the
+    // addresses of all 49 others, although each was told only one at start.
     let took = wait_for(
-        "50 nodes: >= 6 connections and >= 30 known addresses each",
-        Duration::from_secs(30),
+        "50 nodes: 8 outbound connections and all 49 other addresses known each",
+        Duration::from_secs(60),
         Duration::from_millis(200),
         || async {
             for (_, node) in h.running_nodes() {
                 let s = node.handle.status().await?;
-                let c = s.connections.inbound + s.connections.outbound + s.connections.other;
-                if c < 6 || s.address_book.new + s.address_book.tried < 30 {
+                if s.connections.outbound < 8 || s.address_book.new + s.address_book.tried < 49 {
                     return Ok(false);
                 }
             }
@@ -39,7 +42,18 @@ async fn chain_of_50_converges_and_the_dht_finds_every_node() -> Result<()> {
         },
     )
     .await?;
-    println!("chain of {n}: converged in {:.2} s", took.as_secs_f64());
+    let mut least = (usize::MAX, usize::MAX);
+    for (_, node) in h.running_nodes() {
+        let s = node.handle.status().await?;
+        least.0 = least.0.min(s.connections.outbound);
+        least.1 = least.1.min(s.address_book.new + s.address_book.tried);
+    }
+    println!(
+        "chain of {n}: converged in {:.2} s (then at least {} outbound connections and {} addresses on every node)",
+        took.as_secs_f64(),
+        least.0,
+        least.1
+    );
 
     let ids: Vec<PeerId> = h.running_nodes().map(|(_, node)| node.peer_id()).collect();
     let from = *(0..n)

@@ -28,6 +28,13 @@ use rand::Rng;
 use crate::addrbook::{AddrBook, Entry};
 
 pub const DISCONNECT_POINTS: f64 = 100.0;
+/// The points of an offence that the second of bans ("two strikes"): more than half of
+/// [`DISCONNECT_POINTS`], so that the first has not decayed below the rest when the second
+/// comes. Two strikes within 350 s ban (`60 + 60 · 2^(-t/600) >= 100` for `t <= 350`); at
+/// exactly half, two strikes a second apart would fall short (99.9), and gossipsub, which
+/// stops listening to a peer for about 11 s after an invalid message, makes the second come
+/// seconds after the first.
+pub const STRIKE_POINTS: f64 = 60.0;
 pub const SCORE_HALF_LIFE_S: u64 = 600;
 pub const FIRST_BAN_S: u64 = 60;
 pub const REPEAT_BAN_S: u64 = 600;
@@ -61,7 +68,9 @@ impl Offence {
             Offence::BadPex(e) if !e.is_severe() => 20.0,
             Offence::BadPex(_) | Offence::PexFraming | Offence::WrongNetwork => DISCONNECT_POINTS,
             Offence::PexFlood => 10.0,
-            Offence::InvalidGossip(_) | Offence::BadSync(_) | Offence::CorruptPieces(_) => 50.0,
+            Offence::InvalidGossip(_) | Offence::BadSync(_) | Offence::CorruptPieces(_) => {
+                STRIKE_POINTS
+            }
         }
     }
 }

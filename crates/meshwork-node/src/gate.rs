@@ -451,6 +451,222 @@ mod tests {
         format!("/ip4/{ip}/tcp/40000").parse().unwrap()
     }
 
+    fn local() -> Multiaddr {
+        "/ip4/127.0.0.1/tcp/4001".parse().unwrap()
+    }
+
+    /// Connection ids as the swarm hands them out: fresh for every call.
+    fn ids() -> impl FnMut() -> ConnectionId {
+        let mut next = 0;
+        move || {
+            next += 1;
+            ConnectionId::new_unchecked(next)
+        }
+    }
+
+    /// What the gate refused with, if it refused.
+    fn denied<T>(r: Result<T, ConnectionDenied>) -> Option<String> {
+        r.err().map(|e| {
+            e.downcast_ref::<GateError>()
+                .map_or_else(|| "not the gate's".into(), ToString::to_string)
+        })
+    }
+
+    /// An inbound connection through both stages, as the swarm drives them.
+    fn accept(g: &mut Gate, id: ConnectionId, ip: &str) -> Result<(), String> {
+        let remote = from(ip);
+        g.handle_pending_inbound_connection(id, &local(), &remote)
+            .map_err(|e| denied::<()>(Err(e)).unwrap_or_default())?;
+        g.handle_established_inbound_connection(id, PeerId::random(), &local(), &remote)
+            .map(|_| ())
+            .map_err(|e| denied::<()>(Err(e)).unwrap_or_default())
+    }
+
+    fn close(g: &mut Gate, id: ConnectionId, ip: &str) {
+        let endpoint = libp2p::core::ConnectedPoint::Listener {
+            local_addr: local(),
+            send_back_addr: from(ip),
+        };
+        g.on_swarm_event(FromSwarm::ConnectionClosed(
+            libp2p::swarm::behaviour::ConnectionClosed {
+                peer_id: PeerId::random(),
+                connection_id: id,
+                endpoint: &endpoint,
+                cause: None,
+                remaining_established: 0,
+            },
+        ));
+    }
+
+    /// With the configuration's defaults (64 inbound, 8 from one IP): the 9th connection from
+    /// one IP and the 65th in all are refused, and a closed connection frees its slot, in all
+    /// and for its IP.
+    #[test]
+    fn established_inbound_connections_are_capped_in_all_and_per_ip() {
+        let d = crate::config::ConnectionsSection::default();
+        assert_eq!((d.max_inbound, d.max_inbound_per_ip), (64, 8));
+        let mut g = Gate::new(GateLimits {
+            max_inbound: d.max_inbound,
+            max_inbound_per_ip: d.max_inbound_per_ip,
+            max_transient: d.max_transient,
+        });
+        let mut id = ids();
+        let mut from_one = vec![];
+        for _ in 0..8 {
+            let c = id();
+            from_one.push(c);
+            accept(&mut g, c, "127.0.0.9").expect("within the per-IP limit");
+        }
+        assert_eq!(
+            accept(&mut g, id(), "127.0.0.9"),
+            Err("limit of 8 inbound connections from IP 127.0.0.9 reached".into())
+        );
+        // Seven more IPs of eight each fill the node: 64 in all.
+        let mut last = None;
+        for ip in 10..17 {
+            for _ in 0..8 {
+                let c = id();
+                accept(&mut g, c, &format!("127.0.0.{ip}")).expect("within both limits");
+                last = Some((c, ip));
+            }
+        }
+        assert_eq!(g.inbound.len(), 64);
+        assert_eq!(
+            accept(&mut g, id(), "127.0.1.1"),
+            Err("inbound connection limit of 64 reached".into())
+        );
+        // A connection that closes frees a slot for anyone...
+        let (c, ip) = last.expect("connections were made");
+        close(&mut g, c, &format!("127.0.0.{ip}"));
+        accept(&mut g, id(), "127.0.1.1").expect("a slot was freed");
+        // ...and one of the full IP's frees a slot for that IP, once the node has room.
+        close(&mut g, from_one[0], "127.0.0.9");
+        close(&mut g, id(), "127.0.0.200"); // an id the gate never saw changes nothing
+        accept(&mut g, id(), "127.0.0.9").expect("the IP's slot was freed");
+        assert_eq!(g.inbound.len(), 64);
+        assert_eq!(g.inbound_per_ip.values().sum::<usize>(), 64);
+    }
+
+    /// A banned IP is refused before the handshake (the pending connection has no peer id yet,
+    /// and costs no Noise work); a banned peer id from any IP after it, once the handshake
+    /// names it; dials to a banned peer are not made. A ban ends at its end time.
+    #[test]
+    fn bans_refuse_the_ip_before_the_handshake_and_the_peer_after_it() {
+        let mut g = gate();
+        let mut id = ids();
+        let now = unix_now();
+        let peer = PeerId::random();
+        g.ban(peer, Some("127.0.0.66".parse().unwrap()), now + 60);
+        assert_eq!(
+            denied(g.handle_pending_inbound_connection(id(), &local(), &from("127.0.0.66"))),
+            Some("IP 127.0.0.66 is banned".into())
+        );
+        assert_eq!(
+            g.pending_inbound(),
+            0,
+            "nothing was counted for the refused one"
+        );
+        // The same peer from another IP passes the first stage and is refused at the second.
+        let c = id();
+        assert!(g
+            .handle_pending_inbound_connection(c, &local(), &from("127.0.0.67"))
+            .is_ok());
+        assert_eq!(
+            denied(g.handle_established_inbound_connection(c, peer, &local(), &from("127.0.0.67"))),
+            Some(format!("peer {peer} is banned"))
+        );
+        assert_eq!(
+            g.pending_inbound(),
+            0,
+            "the refused handshake's slot is free"
+        );
+        assert!(g.inbound.is_empty());
+        assert_eq!(
+            denied(g.handle_pending_outbound_connection(id(), Some(peer), &[], Endpoint::Dialer)),
+            Some(format!("peer {peer} is banned"))
+        );
+        // Another peer on the clean IP is welcome.
+        accept(&mut g, id(), "127.0.0.67").expect("not banned");
+        // Once the ban has ended, both the IP and the peer are welcome again.
+        g.expire_bans(now + 61);
+        assert!(g
+            .handle_pending_inbound_connection(id(), &local(), &from("127.0.0.66"))
+            .is_ok());
+        assert!(g
+            .handle_pending_outbound_connection(id(), Some(peer), &[], Endpoint::Dialer)
+            .is_ok());
+    }
+
+    /// Outbound connections nobody registered (Kademlia's query dials) are capped at
+    /// `max_transient`, pending and established together. At the cap a new one evicts the
+    /// oldest established one (the swarm is told to close it); with none established it is
+    /// refused. Managed, feeler and content dials are outside the cap.
+    #[test]
+    fn transient_dials_are_capped_and_evict_the_oldest_established() {
+        let mut g = Gate::new(GateLimits {
+            max_inbound: 1000,
+            max_inbound_per_ip: 1000,
+            max_transient: 4,
+        });
+        let mut id = ids();
+        let dial = |g: &mut Gate, c: ConnectionId| {
+            denied(g.handle_pending_outbound_connection(c, None, &[], Endpoint::Dialer))
+        };
+        let pending: Vec<ConnectionId> = (0..4).map(|_| id()).collect();
+        for c in &pending {
+            assert_eq!(dial(&mut g, *c), None);
+        }
+        assert_eq!(
+            dial(&mut g, id()),
+            Some("limit of 4 transient outbound connections reached".into()),
+            "four pending and none to evict"
+        );
+        // Registered dials do not count, even at the cap.
+        let registered: [fn(&mut Gate, ConnectionId); 3] = [
+            Gate::expect_managed,
+            Gate::expect_feeler,
+            Gate::expect_content,
+        ];
+        for expect in registered {
+            let c = id();
+            expect(&mut g, c);
+            assert_eq!(dial(&mut g, c), None);
+        }
+        // Two of the four get established, oldest first.
+        let (p0, p1) = (PeerId::random(), PeerId::random());
+        for (p, c) in [(p0, pending[0]), (p1, pending[1])] {
+            assert!(g
+                .handle_established_outbound_connection(
+                    c,
+                    p,
+                    &local(),
+                    Endpoint::Dialer,
+                    PortUse::New
+                )
+                .is_ok());
+        }
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(g.poll(&mut cx).is_pending(), "nothing to close yet");
+        // A fifth transient dial evicts the oldest established one, then the next.
+        for (p, c) in [(p0, pending[0]), (p1, pending[1])] {
+            assert_eq!(dial(&mut g, id()), None);
+            match g.poll(&mut cx) {
+                Poll::Ready(ToSwarm::CloseConnection {
+                    peer_id,
+                    connection: CloseConnection::One(closed),
+                }) => assert_eq!((peer_id, closed), (p, c)),
+                _ => panic!("the oldest established transient connection is not closed"),
+            }
+        }
+        assert_eq!(g.transient.len(), 4);
+        assert_eq!(
+            dial(&mut g, id()),
+            Some("limit of 4 transient outbound connections reached".into()),
+            "the rest are pending: nothing left to evict"
+        );
+    }
+
     /// Handshakes in progress are capped per IP and in all, and a slot is free again once the
     /// handshake ends: a flood of sockets that never finish one cannot hold the node's files.
     #[test]

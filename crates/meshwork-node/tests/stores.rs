@@ -1,6 +1,9 @@
 //! The node's stores under bad disks, in process: a full disk under the chain store (through
 //! the ledger's fault-injection backend, no root needed) and damaged files at start.
 
+#[path = "../../../support/skip.rs"]
+mod skip;
+
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -364,7 +367,7 @@ async fn on_a_real_full_tmpfs_the_node_stops_and_recovers() {
     let _turn = FAILING_DISKS.lock().await;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: mounting a tmpfs needs root");
+        skip::skip("mounting a tmpfs needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -375,7 +378,7 @@ async fn on_a_real_full_tmpfs_the_node_stops_and_recovers() {
         .arg(&mnt)
         .status();
     if !mounted.is_ok_and(|s| s.success()) {
-        println!("skipped: cannot mount a tmpfs here");
+        skip::skip("cannot mount a tmpfs here");
         return;
     }
     let _unmount = Unmount(mnt.clone());

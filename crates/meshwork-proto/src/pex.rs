@@ -324,6 +324,26 @@ mod tests {
         let msg = PexResponse::from_records(recs, 32);
         assert_eq!(msg.records.len(), 23);
         assert!(msg.encode().len() <= MAX_MESSAGE_BYTES);
+
+        // Every address counts 5 bytes over its length: records of four addresses bounded at
+        // 513 bytes in all fit 31 times (8 + 31 × 513 = 15 911) and the 32nd is left out,
+        // although all 32 would fit encoded (the bound is 19 bytes over each record).
+        let len = (513 - 15 - peer.to_bytes().len() - 4 * 5) / 4;
+        let addr: Multiaddr = format!("/dns/{}/tcp/1", "a".repeat(len - 5))
+            .parse()
+            .unwrap();
+        assert_eq!(
+            15 + peer.to_bytes().len() + 4 * (addr.to_vec().len() + 5),
+            513
+        );
+        let recs = (0..32).map(|_| PeerRecord {
+            peer,
+            addrs: vec![addr.clone(); 4],
+            last_seen: u64::MAX,
+        });
+        let msg = PexResponse::from_records(recs, 32);
+        assert_eq!(msg.records.len(), 31);
+        assert!(msg.encode().len() <= MAX_MESSAGE_BYTES);
     }
 
     /// An address field over 128 bytes is refused as such, before it is parsed; one of exactly

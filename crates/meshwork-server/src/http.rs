@@ -73,7 +73,14 @@ async fn announce(
             t.lock()
                 .expect("tracker lock")
                 .note_rejected(peer.ip(), Instant::now());
-            return error(StatusCode::BAD_REQUEST, e.body_text());
+            // 413 for a body over `MAX_BODY` (the client should send less, not differently);
+            // everything else that is not an announce is a 400, as the protocol documents
+            // (axum would answer 422 or 415 for some).
+            let code = match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return error(code, e.body_text());
         }
     };
     let r = t.lock().expect("tracker lock").announce(

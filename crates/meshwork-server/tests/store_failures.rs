@@ -2,6 +2,9 @@
 //! the server report itself unhealthy and refuse what it cannot make durable, then recover by
 //! itself; damaged or emptied databases are start-up errors that delete nothing.
 
+#[path = "../../../support/skip.rs"]
+mod skip;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -339,7 +342,7 @@ fn is_root() -> bool {
 #[tokio::test]
 async fn a_real_full_tmpfs_makes_the_server_unhealthy_until_space_returns() -> Result<()> {
     if !is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root (the Faults seam covers this without)");
+        skip::skip("mounting a tmpfs needs root (the Faults seam covers this without)");
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
@@ -351,7 +354,7 @@ async fn a_real_full_tmpfs_makes_the_server_unhealthy_until_space_returns() -> R
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("skipped: cannot mount a tmpfs here");
+        skip::skip("cannot mount a tmpfs here");
         return Ok(());
     }
     let _mount = Mount(mnt.clone());

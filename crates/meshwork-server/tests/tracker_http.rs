@@ -1,5 +1,5 @@
 //! The tracker over real HTTP: announces answer with peers at the address they came from,
-//! malformed ones get a 400 and change nothing, forged ones a 403.
+//! malformed ones get a 400 (a body over 16 KiB a 413) and change nothing, forged ones a 403.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -122,9 +122,25 @@ async fn announce_over_http_and_refuse_garbage() -> Result<()> {
         .send()
         .await?;
     ensure!(r.status() == 400);
+    // A body over the 16 KiB limit is refused as too large, one at the limit is read (and
+    // refused for what it says, not for its size).
+    for (size, code) in [(16 << 10, 400), ((16 << 10) + 1, 413)] {
+        let mut body =
+            json!({"content": ID, "peer": "X", "addrs": [], "left": 0, "pad": ""}).to_string();
+        let pad = size - body.len();
+        body = body.replace("\"pad\":\"\"", &format!("\"pad\":\"{}\"", "x".repeat(pad)));
+        ensure!(body.len() == size);
+        let r = c
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        ensure!(r.status() == code, "a {size}-byte announce: {}", r.status());
+    }
     let after: Stats = c.get(&stats_url).send().await?.json().await?;
     ensure!(after.peers == before.peers && after.announces == before.announces);
-    ensure!(after.rejected == before.rejected + 8, "{after:?}");
+    ensure!(after.rejected == before.rejected + 10, "{after:?}");
     t.stop();
     Ok(())
 }

@@ -33,6 +33,7 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
         quota,
         max_upload,
     } = o;
+    let stop = crate::StopSignals::install()?;
     let dir = server_dir(data_dir)?;
     let spec = match spec {
         Some(p) => config::load_spec(p)?,
@@ -62,7 +63,7 @@ pub async fn server_start(data_dir: Option<&Path>, o: ServerOptions<'_>) -> Resu
         dir.join(meshwork_http::auth::COOKIE_FILE).display()
     );
     println!("server is ready");
-    crate::wait_for_signal().await?;
+    stop.wait().await?;
     srv.stop().await;
     let _ = std::fs::remove_file(&api_file);
     println!("server stopped");

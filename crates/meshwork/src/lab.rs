@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use meshwork_lab::scenario::{Common, Outputs, RunnerKind};
 
-use crate::wait_for_signal;
+use crate::StopSignals;
 
 /// The scenarios `lab run` knows.
 const SCENARIOS: &str = "distribution, propagation, failure, churn, partition, sybil";
@@ -308,9 +308,10 @@ async fn lab_run(mut a: LabRunArgs) -> Result<()> {
     }
     // Dropping the scenario on a signal drops its runners, whose teardown removes every
     // namespace, link and process.
+    let stop = StopSignals::install()?;
     let outputs = tokio::select! {
         r = scenario(&a) => r?,
-        r = wait_for_signal() => {
+        r = stop.wait() => {
             r?;
             bail!("interrupted; the runner's namespaces, links and processes are removed");
         }

@@ -492,6 +492,7 @@ async fn run(mut cli: Cli) -> Result<()> {
                 bail!("--interval-secs, --peer-ttl-secs and --max-contents must be at least 1");
             }
             let interval = Duration::from_secs(interval_secs);
+            let stop = StopSignals::install()?;
             let t = meshwork_server::http::start(
                 listen,
                 meshwork_server::tracker::TrackerConfig {
@@ -506,7 +507,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             println!("announce    http://{}/api/v1/announce", t.addr);
             println!("stats       http://{}/api/v1/stats", t.addr);
             println!("tracker is ready");
-            wait_for_signal().await?;
+            stop.wait().await?;
             t.stop();
             Ok(())
         }
@@ -615,6 +616,7 @@ fn init(data_dir: Option<&Path>, network: &str) -> Result<()> {
 }
 
 async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
+    let stop = StopSignals::install()?;
     let dir = config::data_dir(data_dir)?;
     let key = config::load_identity(&dir)?;
     let file = config::load_file_config(&dir)?;
@@ -674,25 +676,57 @@ async fn node_start(data_dir: Option<&Path>, args: StartArgs) -> Result<()> {
     }
     println!("node is ready");
 
-    wait_for_signal().await?;
+    stop.wait().await?;
     eprintln!("stopping: flushing the address book");
     node.shutdown().await;
     println!("node stopped");
     Ok(())
 }
 
-pub(crate) async fn wait_for_signal() -> Result<()> {
+/// Ctrl-C (SIGINT) and SIGTERM, listened for from the moment [`StopSignals::install`] returns.
+///
+/// Install it before saying "ready": a signal sent by a supervisor or a test right after the
+/// ready line, before the wait begins, is then held for [`StopSignals::wait`] instead of
+/// killing the process by the default action (no flush of the address book, exit by signal).
+pub(crate) struct StopSignals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Replaces the default action of SIGINT and SIGTERM with a wake-up of [`Self::wait`].
+    ///
+    /// # Errors
+    /// When the signal handlers cannot be installed (no Tokio runtime with signals).
+    pub(crate) fn install() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
-    Ok(())
+
+    /// Returns once either signal has arrived since [`Self::install`].
+    ///
+    /// # Errors
+    /// Off Unix, when Ctrl-C cannot be listened for.
+    pub(crate) async fn wait(mut self) -> Result<()> {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    }
 }
 
 /// A node's API (or a server's) as the CLI calls it: the base URL and the credentials.

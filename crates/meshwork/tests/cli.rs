@@ -1,5 +1,8 @@
 //! The command-line program end to end, from the built binary.
 
+#[path = "../../../support/skip.rs"]
+mod skip;
+
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -306,7 +309,7 @@ fn the_cli_sends_the_cookie_and_a_refusal_says_what_to_do() -> Result<()> {
     // Another local user.
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping the other-user part: it needs root to run the CLI as nobody");
+        skip::skip("the other-user part needs root to run the CLI as nobody");
         return Ok(());
     }
     use std::os::unix::fs::PermissionsExt;

@@ -1,5 +1,8 @@
 //! `meshwork lab run`, `lab report` and the client-server commands, from the built binary.
 
+#[path = "../../../support/skip.rs"]
+mod skip;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -151,7 +154,7 @@ fn leftovers(pid: u32, marker: &str) -> Vec<String> {
 #[test]
 fn the_netns_runner_leaves_nothing_after_a_run_or_an_interrupt() -> Result<()> {
     if let Some(why) = meshwork_lab::netns::unavailable() {
-        eprintln!("skipped: {why}");
+        skip::skip(&why);
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
@@ -181,43 +184,68 @@ fn the_netns_runner_leaves_nothing_after_a_run_or_an_interrupt() -> Result<()> {
     let left = leftovers(pid, &marker);
     ensure!(left.is_empty(), "left after a normal run: {left:?}");
 
-    // Interrupted (Ctrl-C) while its processes run.
-    let out = dir.path().join("interrupted");
-    let mut child = meshwork()
-        .args(["lab", "run", "distribution", "--runner", "netns"])
-        .args([
-            "--ns",
-            "4",
-            "--file-mib",
-            "64",
-            "--upload-mbps",
-            "5",
-            "--out",
-        ])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // Wait until the runner has hosts with processes in them.
-    loop {
-        let left = leftovers(pid, &marker);
-        if left.iter().filter(|l| l.starts_with("process")).count() >= 3 {
-            break;
+    // A long run, started to be stopped while its processes run.
+    let long_run = |name: &str| -> Result<(std::process::Child, u32)> {
+        let child = meshwork()
+            .args(["lab", "run", "distribution", "--runner", "netns"])
+            .args([
+                "--ns",
+                "4",
+                "--file-mib",
+                "64",
+                "--upload-mbps",
+                "5",
+                "--out",
+            ])
+            .arg(dir.path().join(name))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Wait until the runner has hosts with processes in them.
+        loop {
+            let left = leftovers(pid, &marker);
+            if left.iter().filter(|l| l.starts_with("process")).count() >= 3 {
+                return Ok((child, pid));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the runner never started: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        ensure!(
-            Instant::now() < deadline,
-            "the runner never started: {left:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    };
+
+    // Interrupted (Ctrl-C): the runner cleans up after itself.
+    let (mut child, pid) = long_run("interrupted")?;
     // SAFETY: kill(2) of our own child.
     unsafe { libc::kill(pid as i32, libc::SIGINT) };
     let st = child.wait()?;
     ensure!(!st.success(), "an interrupted run must not report success");
     let left = leftovers(pid, &marker);
     ensure!(left.is_empty(), "left after an interrupt: {left:?}");
+
+    // Killed (SIGKILL: no chance to clean up): `lab clean` removes what it left, processes
+    // inside its namespaces included, and names the runner it cleaned up after.
+    let (mut child, pid) = long_run("killed")?;
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    child.wait()?;
+    let left = leftovers(pid, &marker);
+    ensure!(
+        left.iter().any(|l| l.starts_with("namespace")),
+        "a SIGKILLed runner left no namespace, so this case tests nothing: {left:?}"
+    );
+    let o = meshwork().args(["lab", "clean"]).output()?;
+    let said = ok(&o)?;
+    let prefix = format!("mwl{:04x}", pid & 0xffff);
+    ensure!(
+        said.contains(&prefix),
+        "`lab clean` did not name runner {prefix}: {said}"
+    );
+    let left = leftovers(pid, &marker);
+    ensure!(left.is_empty(), "left after `lab clean`: {left:?}");
     Ok(())
 }
 
@@ -337,7 +365,7 @@ fn partition_in_process_forks_heals_and_loses_nothing() -> Result<()> {
 #[test]
 fn partition_in_namespaces_forks_heals_and_loses_nothing() -> Result<()> {
     if let Some(why) = meshwork_lab::netns::unavailable() {
-        eprintln!("skipped: {why}");
+        skip::skip(&why);
         return Ok(());
     }
     partition_run("netns")
