@@ -55,9 +55,9 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
     let chain = get(&format!("{base}/api/v1/chain")).await?;
     assert_eq!(chain["chain_id"], chain_id.to_string());
 
-    // A subscriber waiting for the first entry.
+    // A subscriber waiting for the first entry, for as long as the server allows (30 s).
     let waiter = {
-        let url = format!("{base}/api/v1/log?after=0&wait_ms=10000");
+        let url = format!("{base}/api/v1/log?after=0&wait_ms=30000");
         tokio::spawn(async move { get(&url).await })
     };
     until("the long poll waiting", || async {
@@ -71,7 +71,11 @@ async fn ledger_and_content_over_http_survive_a_restart() -> Result<()> {
     let (code, body) = post_tx(&base, &t0).await?;
     assert_eq!(code, 201, "{body}");
     assert_eq!(body["seq"], 1);
-    let page = waiter.await??;
+    // The submit wakes the poll: it answers with the entry long before its own 30 s are up
+    // (20 s here only tells a wake-up from the poll's timeout, which would also carry it).
+    let page = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .map_err(|_| anyhow::anyhow!("the submit did not wake the long poll"))???;
     assert_eq!(page["entries"][0]["id"], t0.id().to_string());
 
     // Refusals carry the reason.
