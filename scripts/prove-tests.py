@@ -23,6 +23,7 @@ Usage:
     scripts/prove-tests.py --check            verify every `old` occurs once and differs from `new`
     scripts/prove-tests.py                    run every entry
     scripts/prove-tests.py --only picker.rs   only entries whose `test` contains the text
+    scripts/prove-tests.py --ids 30-35,43     only these entries (numbers as --list shows them)
     scripts/prove-tests.py --timeout 1800 --dirty-ok
 """
 
@@ -175,6 +176,9 @@ def main() -> int:
     )
     ap.add_argument("--check", action="store_true", help="only check the mutations apply (no build)")
     ap.add_argument("--only", metavar="SUBSTR", help="only entries whose `test` contains SUBSTR")
+    ap.add_argument("--ids", metavar="LIST", help="only entries by number, e.g. 1-3,7 (as --check --list shows)")
+    ap.add_argument("--list", action="store_true", help="list the entries with their numbers")
+    ap.add_argument("--out", type=Path, default=None, help="write the table here (default target/prove-tests/table.md)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per test run (default 900)")
     ap.add_argument("--dirty-ok", action="store_true", help="mutate files with uncommitted changes")
     ap.add_argument("--spec", type=Path, default=SPEC, help=argparse.SUPPRESS)
@@ -186,6 +190,17 @@ def main() -> int:
         if not entries:
             print(f"no entry's test contains {args.only!r}", file=sys.stderr)
             return 1
+
+    if args.ids:
+        wanted: set[int] = set()
+        for part in args.ids.split(","):
+            lo, _, hi = part.partition("-")
+            wanted.update(range(int(lo), int(hi or lo) + 1))
+        entries = [(n, e) for n, e in entries if n in wanted]
+    if args.list:
+        for n, e in entries:
+            print(f"{n:3} {e['test']}: {e['breaks']}")
+        return 0
 
     problems = [p for n, e in entries for p in problems_of(n, e)]
     if problems:
@@ -207,7 +222,7 @@ def main() -> int:
 
     OUT.mkdir(parents=True, exist_ok=True)
     lines = ["| test | mutation (breaks) | failed |", "|---|---|---|"]
-    table = OUT / "table.md"
+    table = args.out or OUT / "table.md"
     for line in lines:
         print(line, flush=True)
     missed = []
