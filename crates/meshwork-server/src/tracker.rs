@@ -1557,4 +1557,564 @@ mod tests {
         assert_eq!(t.take_freed(), 1000);
         assert!(t.ips[&ip("127.0.0.1")].records.is_empty());
     }
+
+    // ---- Tests for the mutants cargo-mutants left alive (docs/mutation-testing.md). ----
+
+    /// `q` from `src` at `now`, with the tracker's wall clock at `unix_ms`.
+    fn send_at(
+        t: &mut Tracker,
+        q: &AnnounceRequest,
+        src: &str,
+        now: Instant,
+        unix_ms: u64,
+    ) -> Result<AnnounceResponse, AnnounceError> {
+        t.announce(q, ip(src), now, unix_ms, &mut rand::thread_rng())
+    }
+
+    /// `q` with `change` applied, signed again by `key`.
+    fn resigned(
+        key: &Keypair,
+        mut q: AnnounceRequest,
+        change: impl FnOnce(&mut AnnounceRequest),
+    ) -> AnnounceRequest {
+        change(&mut q);
+        q.sign(key).unwrap();
+        q
+    }
+
+    /// The fair share of a full record total divides it among the sources holding records
+    /// now: a source whose records all left no longer counts (nor lowers the share).
+    #[test]
+    fn a_source_whose_records_all_left_does_not_count_toward_the_fair_share() {
+        let mut t = Tracker::new(TrackerConfig {
+            max_peers: 4,
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let ks = keys(6);
+        send(&mut t, &signed(&ks[0], ID, 0, None, T0), "127.0.0.4", now).unwrap();
+        let stop = signed(&ks[0], ID, 0, Some(Event::Stopped), T0 + 1);
+        send(&mut t, &stop, "127.0.0.4", now).unwrap();
+        // 127.0.0.1 holds three records, 127.0.0.3 one: the total is full.
+        for k in &ks[1..4] {
+            send(&mut t, &signed(k, ID, 0, None, T0), "127.0.0.1", now).unwrap();
+        }
+        send(&mut t, &signed(&ks[4], ID, 0, None, T0), "127.0.0.3", now).unwrap();
+        assert_eq!(t.stats().peers, 4);
+        // Two sources hold records: a share of 2 each, and 127.0.0.3 holds 1 (below it).
+        let r = send(&mut t, &signed(&ks[5], ID, 0, None, T0), "127.0.0.3", now);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(t.stats().peers, 4);
+        assert_eq!(t.crowd_records.len(), 2, "only the sources holding records");
+    }
+
+    /// An address of exactly [`MAX_ADDR_LEN`] characters is taken, one character more is
+    /// refused as malformed.
+    #[test]
+    fn an_address_of_256_characters_is_accepted_and_of_257_refused() {
+        let mut t = open();
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        let addr = |len: usize| format!("/dns4/{}/tcp/80", "a".repeat(len - 13));
+        assert_eq!(addr(MAX_ADDR_LEN).len(), MAX_ADDR_LEN);
+        let q = resigned(&k, signed(&k, ID, 0, None, T0), |q| {
+            q.addrs = vec![addr(MAX_ADDR_LEN)]
+        });
+        send(&mut t, &q, "127.0.0.1", now).unwrap();
+        let q = resigned(&k, signed(&k, ID, 0, None, T0 + 1), |q| {
+            q.addrs = vec![addr(MAX_ADDR_LEN + 1)]
+        });
+        let r = send(&mut t, &q, "127.0.0.1", now);
+        assert!(matches!(r, Err(AnnounceError::Addr(_))), "{r:?}");
+    }
+
+    /// A peer id is 1 to [`MAX_PEER_ID_LEN`] base58 characters (no `0`, `O`, `I`, `l`, no
+    /// punctuation); anything else is refused as a bad peer id before the signature is read.
+    #[test]
+    fn a_peer_id_must_be_1_to_128_base58_characters() {
+        let mut t = open();
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        let too_long = "1".repeat(MAX_PEER_ID_LEN + 1);
+        for bad in [
+            "", "12a0", "12aO", "12aI", "12al", "12a-", "12 a", &too_long,
+        ] {
+            let mut q = signed(&k, ID, 0, None, T0);
+            q.peer = bad.into();
+            let r = send(&mut t, &q, "127.0.0.1", now);
+            assert!(matches!(r, Err(AnnounceError::Peer(_))), "{bad:?}: {r:?}");
+        }
+        // 128 base58 characters pass the shape check: only the signature refuses them.
+        let mut q = signed(&k, ID, 0, None, T0);
+        q.peer = "1".repeat(MAX_PEER_ID_LEN);
+        let r = send(&mut t, &q, "127.0.0.1", now);
+        assert!(matches!(r, Err(AnnounceError::Signature(_))), "{r:?}");
+        assert_eq!(t.stats().peers, 0);
+    }
+
+    /// An announce may claim [`MAX_ADDRS`] addresses; one more is refused.
+    #[test]
+    fn eight_addresses_are_accepted_and_nine_refused() {
+        let mut t = open();
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        let addrs = |n: u16| (0..n).map(|i| format!("/ip4/10.0.0.1/tcp/{}", 4001 + i));
+        let q = resigned(&k, signed(&k, ID, 0, None, T0), |q| {
+            q.addrs = addrs(MAX_ADDRS as u16).collect()
+        });
+        send(&mut t, &q, "127.0.0.1", now).unwrap();
+        let q = resigned(&k, signed(&k, ID, 0, None, T0 + 1), |q| {
+            q.addrs = addrs(MAX_ADDRS as u16 + 1).collect()
+        });
+        let r = send(&mut t, &q, "127.0.0.1", now);
+        assert_eq!(r.unwrap_err(), AnnounceError::TooManyAddrs(MAX_ADDRS + 1));
+    }
+
+    /// An announce may ask for [`MAX_NUMWANT`] peers; one more is refused.
+    #[test]
+    fn a_numwant_of_50_is_accepted_and_51_refused() {
+        let mut t = open();
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        let q = resigned(&k, signed(&k, ID, 0, None, T0), |q| {
+            q.numwant = Some(MAX_NUMWANT)
+        });
+        send(&mut t, &q, "127.0.0.1", now).unwrap();
+        let q = resigned(&k, signed(&k, ID, 0, None, T0 + 1), |q| {
+            q.numwant = Some(MAX_NUMWANT + 1)
+        });
+        let r = send(&mut t, &q, "127.0.0.1", now);
+        assert_eq!(r.unwrap_err(), AnnounceError::NumWant(MAX_NUMWANT + 1));
+    }
+
+    /// A map gives back its room only when it has more than 64 slots and fewer than a
+    /// quarter of them are used: at exactly a quarter, or with 64 slots or fewer, it keeps it.
+    #[test]
+    fn a_map_is_shrunk_only_above_64_slots_and_below_a_quarter_full() {
+        let filled = |cap: usize, len: u32| {
+            let mut m: HashMap<u32, ()> = HashMap::with_capacity(cap);
+            m.extend((0..len).map(|i| (i, ())));
+            m
+        };
+        let big = filled(100, 0).capacity();
+        assert!(big > 64 && big % 4 == 0, "{big}");
+        let quarter = (big / 4) as u32;
+        let mut m = filled(100, quarter);
+        shrink(&mut m);
+        assert_eq!(m.capacity(), big, "a quarter full: kept");
+        let mut m = filled(100, quarter - 1);
+        shrink(&mut m);
+        assert!(m.capacity() < big, "below a quarter: shrunk");
+        let small = filled(50, 0).capacity();
+        assert!(small <= 64, "{small}");
+        let mut m = filled(50, 1);
+        shrink(&mut m);
+        assert_eq!(m.capacity(), small, "64 slots or fewer: kept");
+    }
+
+    /// `announces` counts the accepted announces and `rejected` the refused ones.
+    #[test]
+    fn stats_count_each_accepted_and_each_refused_announce() {
+        let mut t = open();
+        let now = Instant::now();
+        let ks = keys(3);
+        for k in &ks {
+            send(&mut t, &signed(k, ID, 0, None, T0), "127.0.0.1", now).unwrap();
+        }
+        let replay = send(&mut t, &signed(&ks[0], ID, 0, None, T0), "127.0.0.1", now);
+        assert_eq!(replay.unwrap_err(), AnnounceError::Replay);
+        let s = t.stats();
+        assert_eq!((s.announces, s.rejected), (3, 1));
+    }
+
+    /// An announce whose time is exactly `max_skew` from the tracker's clock, either way, is
+    /// accepted; 1 ms further is refused.
+    #[test]
+    fn an_announce_exactly_max_skew_away_is_accepted_and_1_ms_more_refused() {
+        let mut t = open();
+        let now = Instant::now();
+        let skew = t.cfg.max_skew.as_millis() as u64;
+        let ks = keys(4);
+        let wall = T0 + 10 * skew;
+        for (k, time) in [(0, wall + skew), (1, wall - skew)] {
+            let q = signed(&ks[k], ID, 0, None, time);
+            send_at(&mut t, &q, "127.0.0.1", now, wall).unwrap();
+        }
+        for (k, time) in [(2, wall + skew + 1), (3, wall - skew - 1)] {
+            let q = signed(&ks[k], ID, 0, None, time);
+            let r = send_at(&mut t, &q, "127.0.0.1", now, wall);
+            assert_eq!(r.unwrap_err(), AnnounceError::Clock(skew + 1, skew / 1000));
+        }
+        assert_eq!(t.stats().peers, 2);
+    }
+
+    /// The answer to a `stopped` counts the seeders and the leechers still in the content.
+    #[test]
+    fn a_stop_answers_the_seeders_and_leechers_still_there() {
+        let mut t = open();
+        let now = Instant::now();
+        let ks = keys(6);
+        for (i, k) in ks.iter().enumerate() {
+            let left = if i < 2 { 0 } else { 5 };
+            send(&mut t, &signed(k, ID, left, None, T0), "127.0.0.1", now).unwrap();
+        }
+        let stop = signed(&ks[5], ID, 5, Some(Event::Stopped), T0 + 1);
+        let a = send(&mut t, &stop, "127.0.0.1", now).unwrap();
+        assert_eq!((a.seeders, a.leechers), (2, 3));
+        assert!(a.peers.is_empty());
+    }
+
+    /// At 2 announces per second a spent bucket has its token back after exactly 500 ms, not
+    /// 1 ms before.
+    #[test]
+    fn a_spent_bucket_at_2_per_second_gives_a_token_back_after_500_ms_not_499() {
+        let mut t = Tracker::new(TrackerConfig {
+            ip: IpLimits {
+                burst: 1,
+                per_second: 2,
+                ..open().cfg.ip
+            },
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let ks = keys(2);
+        // Each source holds a record, so that neither is forgotten (and refilled) meanwhile.
+        for (k, src) in [(0, "127.0.0.1"), (1, "127.0.0.2")] {
+            send(&mut t, &signed(&ks[k], ID, 0, None, T0), src, now).unwrap();
+        }
+        let again = |k: usize| signed(&ks[k], ID, 0, None, T0 + 1);
+        let early = send(
+            &mut t,
+            &again(0),
+            "127.0.0.1",
+            now + Duration::from_millis(499),
+        );
+        assert_eq!(
+            early.unwrap_err(),
+            AnnounceError::RateLimited(ip("127.0.0.1"))
+        );
+        let on_time = send(
+            &mut t,
+            &again(1),
+            "127.0.0.2",
+            now + Duration::from_millis(500),
+        );
+        assert!(on_time.is_ok(), "{on_time:?}");
+    }
+
+    /// An IP that holds no record is forgotten (making room under `max_ips`) once its bucket
+    /// has refilled (`burst / per_second`: 2 s here), not 1 ms before, and long after too.
+    #[test]
+    fn an_idle_ip_is_forgotten_once_its_bucket_has_refilled_and_not_a_ms_before() {
+        let probe = |after: Duration| {
+            let mut t = Tracker::new(TrackerConfig {
+                ip: IpLimits {
+                    burst: 4,
+                    per_second: 2,
+                    max_ips: 1,
+                    ..open().cfg.ip
+                },
+                ..open().cfg
+            });
+            let now = Instant::now();
+            t.note_rejected(ip("127.0.0.1"), now);
+            let k = Keypair::generate_ed25519();
+            send(
+                &mut t,
+                &signed(&k, ID, 0, None, T0),
+                "127.0.0.2",
+                now + after,
+            )
+        };
+        let early = probe(Duration::from_millis(1999));
+        assert_eq!(early.unwrap_err(), AnnounceError::TooManyClients);
+        for after in [Duration::from_secs(2), Duration::from_secs(60)] {
+            let r = probe(after);
+            assert!(r.is_ok(), "{after:?}: {r:?}");
+        }
+    }
+
+    /// A tombstone is kept while it is at most `max_skew` old and dropped (from both tables)
+    /// when a newer one is made later than that.
+    #[test]
+    fn a_tombstone_is_kept_for_max_skew_and_dropped_1_ms_later() {
+        let id = ContentId::from_str(ID).unwrap();
+        let tombs = |later: Duration| {
+            let mut t = open();
+            let now = Instant::now();
+            t.tombstone((id, "a".into()), 1, now);
+            t.tombstone((id, "b".into()), 2, now + later);
+            (t.tombstones, t.tomb_order.len())
+        };
+        let skew = open().cfg.max_skew;
+        let (kept, order) = tombs(skew);
+        assert_eq!((kept.len(), order), (2, 2), "max_skew old: kept");
+        let (kept, order) = tombs(skew + Duration::from_millis(1));
+        assert_eq!((kept.len(), order), (1, 1), "1 ms older: dropped");
+        assert!(kept.contains_key(&tomb_key(&id, "b")));
+    }
+
+    /// At most [`MAX_TOMBSTONES`] tombstones are kept, however fresh: one more drops the
+    /// oldest.
+    #[test]
+    fn tombstones_are_capped_at_max_tombstones_and_the_oldest_goes_first() {
+        let id = ContentId::from_str(ID).unwrap();
+        let mut t = open();
+        let now = Instant::now();
+        for i in 0..MAX_TOMBSTONES {
+            t.tombstone((id, format!("p{i}")), 1, now);
+        }
+        assert_eq!(t.tombstones.len(), MAX_TOMBSTONES);
+        t.tombstone((id, "last".into()), 1, now);
+        assert_eq!(t.tombstones.len(), MAX_TOMBSTONES);
+        assert_eq!(t.tomb_order.len(), MAX_TOMBSTONES);
+        assert!(!t.tombstones.contains_key(&tomb_key(&id, "p0")));
+        assert!(t.tombstones.contains_key(&tomb_key(&id, "p1")));
+        assert!(t.tombstones.contains_key(&tomb_key(&id, "last")));
+    }
+
+    /// A record that left twice keeps the tombstone of its newest leaving when the older one
+    /// ages out of the order.
+    #[test]
+    fn a_record_that_left_twice_keeps_its_newest_tombstone_when_the_first_ages_out() {
+        let id = ContentId::from_str(ID).unwrap();
+        let mut t = open();
+        let now = Instant::now();
+        let second = now + Duration::from_secs(1);
+        t.tombstone((id, "x".into()), 10, now);
+        t.tombstone((id, "x".into()), 20, second);
+        let aged = now + t.cfg.max_skew + Duration::from_millis(1);
+        t.tombstone((id, "y".into()), 5, aged);
+        assert_eq!(t.tombstones.get(&tomb_key(&id, "x")), Some(&(20, second)));
+        assert_eq!(t.tombstones.len(), 2);
+    }
+
+    /// A full tracker refuses a new content to a source holding its fair share of contents
+    /// (the limit over the sources), even when it holds fewer than the most crowded; one
+    /// below its share gets in.
+    #[test]
+    fn a_source_at_its_fair_share_of_contents_is_refused_a_new_one_and_one_below_is_not() {
+        let mut t = Tracker::new(TrackerConfig {
+            max_contents: 9,
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        let content = |i: u32| format!("{i:064x}");
+        // 127.0.0.1 holds 5 contents, 127.0.0.2 one, 127.0.0.3 three: a share of 3 each.
+        for i in 0..9u32 {
+            let src = match i {
+                0..=4 => "127.0.0.1",
+                5 => "127.0.0.2",
+                _ => "127.0.0.3",
+            };
+            let when = now + Duration::from_millis(u64::from(i));
+            send(&mut t, &signed(&k, &content(i), 0, None, T0), src, when).unwrap();
+        }
+        let later = now + Duration::from_secs(1);
+        let q = signed(&k, &content(100), 0, None, T0);
+        let at_share = send(&mut t, &q, "127.0.0.3", later);
+        assert_eq!(at_share.unwrap_err(), AnnounceError::Full(9));
+        let q = signed(&k, &content(101), 0, None, T0);
+        send(&mut t, &q, "127.0.0.2", later).unwrap();
+        assert_eq!(t.stats().contents, 9);
+        assert_eq!(t.ips[&ip("127.0.0.1")].contents, 4);
+    }
+
+    /// A full content takes a newcomer only if its source, with it, still holds fewer records
+    /// there than the most crowded: equal is refused, one fewer gets in.
+    #[test]
+    fn a_full_content_refuses_a_newcomer_whose_source_would_equal_the_most_crowded() {
+        let mut t = Tracker::new(TrackerConfig {
+            max_peers_per_content: 3,
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let ks = keys(5);
+        for (k, src) in [(0, "127.0.0.1"), (1, "127.0.0.1"), (2, "127.0.0.2")] {
+            send(&mut t, &signed(&ks[k], ID, 0, None, T0), src, now).unwrap();
+        }
+        let equal = send(&mut t, &signed(&ks[3], ID, 0, None, T0), "127.0.0.2", now);
+        assert_eq!(
+            equal.unwrap_err(),
+            AnnounceError::IpLimit(ip("127.0.0.2"), "records in this full content")
+        );
+        send(&mut t, &signed(&ks[4], ID, 0, None, T0), "127.0.0.3", now).unwrap();
+        assert_eq!(t.stats().peers, 3);
+    }
+
+    /// A full record total refuses a new record to a source holding its fair share of
+    /// records, even when it holds fewer than the most crowded; one below its share gets in.
+    #[test]
+    fn a_source_at_its_fair_share_of_records_is_refused_a_new_one_and_one_below_is_not() {
+        let mut t = Tracker::new(TrackerConfig {
+            max_peers: 9,
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let ks = keys(11);
+        // 127.0.0.1 holds 5 records, 127.0.0.2 one, 127.0.0.3 three: a share of 3 each.
+        for (i, k) in ks[..9].iter().enumerate() {
+            let src = match i {
+                0..=4 => "127.0.0.1",
+                5 => "127.0.0.2",
+                _ => "127.0.0.3",
+            };
+            send(&mut t, &signed(k, ID, 0, None, T0), src, now).unwrap();
+        }
+        let at_share = send(&mut t, &signed(&ks[9], ID, 0, None, T0), "127.0.0.3", now);
+        assert_eq!(at_share.unwrap_err(), AnnounceError::FullPeers(9));
+        send(&mut t, &signed(&ks[10], ID, 0, None, T0), "127.0.0.2", now).unwrap();
+        assert_eq!(t.stats().peers, 9);
+        assert_eq!(t.ips[&ip("127.0.0.1")].records.len(), 4);
+    }
+
+    /// A full record total takes a new source only if it would then hold fewer records than
+    /// the most crowded: with one record per source it is refused, with a source of two not.
+    #[test]
+    fn a_full_record_total_refuses_a_new_source_when_every_source_holds_one_record() {
+        let ks = keys(4);
+        let newcomer = |held: &[&str]| {
+            let mut t = Tracker::new(TrackerConfig {
+                max_peers: held.len(),
+                ..open().cfg
+            });
+            let now = Instant::now();
+            for (k, src) in ks.iter().zip(held) {
+                send(&mut t, &signed(k, ID, 0, None, T0), src, now).unwrap();
+            }
+            send(&mut t, &signed(&ks[3], ID, 0, None, T0), "127.0.0.9", now)
+        };
+        let one_each = newcomer(&["127.0.0.1", "127.0.0.2"]);
+        assert_eq!(one_each.unwrap_err(), AnnounceError::FullPeers(2));
+        let two = newcomer(&["127.0.0.1", "127.0.0.1", "127.0.0.2"]);
+        assert!(two.is_ok(), "{two:?}");
+    }
+
+    /// A leecher that completes counts as a seeder, in its content and in the tracker, and a
+    /// seeder that lacks bytes again counts as a leecher again.
+    #[test]
+    fn a_record_that_completes_or_lacks_bytes_again_moves_between_seeders_and_leechers() {
+        let mut t = open();
+        let now = Instant::now();
+        let ks = keys(2);
+        send(&mut t, &signed(&ks[0], ID, 0, None, T0), "127.0.0.1", now).unwrap();
+        send(&mut t, &signed(&ks[1], ID, 5, None, T0), "127.0.0.2", now).unwrap();
+        let counts = |t: &Tracker, a: &AnnounceResponse| {
+            let s = t.stats();
+            ((a.seeders, a.leechers), (s.seeders, s.leechers))
+        };
+        let done = signed(&ks[1], ID, 0, Some(Event::Completed), T0 + 1);
+        let a = send(&mut t, &done, "127.0.0.2", now).unwrap();
+        assert_eq!(counts(&t, &a), ((2, 0), (2, 0)), "completed: a seeder");
+        let lacking = signed(&ks[1], ID, 7, None, T0 + 2);
+        let a = send(&mut t, &lacking, "127.0.0.2", now).unwrap();
+        assert_eq!(counts(&t, &a), ((1, 1), (1, 1)), "lacking bytes: a leecher");
+    }
+
+    /// When a source's records leave, its rank among the sources (by records, by contents)
+    /// goes down with them: a full tracker counts the sources and the shares by what they hold.
+    #[test]
+    fn a_sources_rank_goes_down_as_its_records_leave() {
+        let k = Keypair::generate_ed25519();
+        let content = |i: u32| format!("{i:064x}");
+        let (a, b, c) = ("127.0.0.1", "127.0.0.2", "127.0.0.3");
+        let filled = |cfg: TrackerConfig| {
+            let mut t = Tracker::new(cfg);
+            let now = Instant::now();
+            // 127.0.0.1 held three records (a content each) and stopped two; .2 holds two.
+            for i in 0..3 {
+                send(&mut t, &signed(&k, &content(i), 0, None, T0), a, now).unwrap();
+            }
+            for i in 0..2 {
+                let stop = signed(&k, &content(i), 0, Some(Event::Stopped), T0 + 1);
+                send(&mut t, &stop, a, now).unwrap();
+            }
+            for i in 3..5 {
+                send(&mut t, &signed(&k, &content(i), 0, None, T0), b, now).unwrap();
+            }
+            (t, now)
+        };
+        // Full in contents: a newcomer content takes the room of one of 127.0.0.2's.
+        let (mut t, now) = filled(TrackerConfig {
+            max_contents: 3,
+            ..open().cfg
+        });
+        assert_eq!(t.crowd_contents.len(), 2);
+        send(&mut t, &signed(&k, &content(9), 0, None, T0), c, now).unwrap();
+        assert_eq!((t.ips[&ip(a)].contents, t.ips[&ip(b)].contents), (1, 1));
+        // Full in records: a newcomer record takes the room of one of 127.0.0.2's.
+        let (mut t, now) = filled(TrackerConfig {
+            max_peers: 3,
+            ..open().cfg
+        });
+        assert_eq!(t.crowd_records.len(), 2);
+        let other = Keypair::generate_ed25519();
+        send(&mut t, &signed(&other, &content(3), 0, None, T0), c, now).unwrap();
+        let held = |s: &str| t.ips[&ip(s)].records.len();
+        assert_eq!((held(a), held(b)), (1, 1));
+    }
+
+    /// An IP is queued to be forgotten only when its last record leaves: one of several
+    /// leaving queues nothing, so nothing holds up forgetting the idle IPs queued behind.
+    #[test]
+    fn an_ip_is_queued_to_be_forgotten_only_when_its_last_record_leaves() {
+        let mut t = Tracker::new(TrackerConfig {
+            peer_ttl: Duration::from_secs(10),
+            ip: IpLimits {
+                burst: 10,
+                per_second: 2,
+                max_ips: 2,
+                ..open().cfg.ip
+            },
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let ks = keys(4);
+        let (a, c) = ("127.0.0.1", "127.0.0.3");
+        send(&mut t, &signed(&ks[0], ID, 0, None, T0), c, now).unwrap();
+        send(&mut t, &signed(&ks[1], ID, 0, None, T0), a, now).unwrap();
+        send(&mut t, &signed(&ks[2], ID, 0, None, T0), a, now).unwrap();
+        // At 5 s both buckets have refilled: both IPs leave the queue, as they hold records.
+        send(&mut t, &signed(&ks[2], ID, 0, None, T0 + 1), a, now + s(5)).unwrap();
+        assert!(t.idle.is_empty());
+        // At 9 s one of 127.0.0.1's two records leaves: it still holds one, nothing is queued.
+        send(&mut t, &signed(&ks[1], ID, 0, None, T0 + 2), a, now + s(9)).unwrap();
+        let stop = signed(&ks[1], ID, 0, Some(Event::Stopped), T0 + 3);
+        send(&mut t, &stop, a, now + s(9)).unwrap();
+        assert!(t.idle.is_empty(), "{:?}", t.idle);
+        // At 10 s 127.0.0.3's only record expires: it is queued, and forgotten at once (its
+        // bucket is full), which makes room for a third IP.
+        let r = send(
+            &mut t,
+            &signed(&ks[3], ID, 0, None, T0),
+            "127.0.0.4",
+            now + s(10),
+        );
+        assert!(r.is_ok(), "{r:?}");
+        assert!(!t.ips.contains_key(&ip(c)));
+    }
+
+    /// A request refused before it could be parsed counts as rejected and spends one of its
+    /// IP's tokens, like any announce.
+    #[test]
+    fn a_request_refused_before_parsing_counts_as_rejected_and_spends_a_token() {
+        let mut t = Tracker::new(TrackerConfig {
+            ip: IpLimits {
+                burst: 2,
+                per_second: 1,
+                ..open().cfg.ip
+            },
+            ..open().cfg
+        });
+        let now = Instant::now();
+        let k = Keypair::generate_ed25519();
+        t.note_rejected(ip("127.0.0.1"), now);
+        t.note_rejected(ip("127.0.0.1"), now);
+        assert_eq!(t.stats().rejected, 2);
+        let r = send(&mut t, &signed(&k, ID, 0, None, T0), "127.0.0.1", now);
+        assert_eq!(r.unwrap_err(), AnnounceError::RateLimited(ip("127.0.0.1")));
+        send(&mut t, &signed(&k, ID, 0, None, T0), "127.0.0.2", now).unwrap();
+    }
 }
