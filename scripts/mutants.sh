@@ -37,12 +37,14 @@ while [ $# -gt 0 ]; do
 done
 [ ${#cores[@]} -gt 0 ] || cores=(proto ledger swarm node tracker)
 
-# What each core is: the crate whose tests judge it, and the files mutated.
+# What each core is: the crate whose tests judge it, and the files mutated. `--lib --tests`:
+# the unit and integration tests, not the benchmarks (the ledger's is a timing run, not a test)
+# nor doctests.
 args_of() {
   case "$1" in
-    proto) echo "-p meshwork-proto -- --all-targets" ;;
-    ledger) echo "-p meshwork-ledger -- --all-targets" ;;
-    swarm) echo "-p meshwork-swarm -- --all-targets" ;;
+    proto) echo "-p meshwork-proto -- --lib --tests" ;;
+    ledger) echo "-p meshwork-ledger -- --lib --tests" ;;
+    swarm) echo "-p meshwork-swarm -- --lib --tests" ;;
     # The node's and the server's cores are single files in crates with network tests; their
     # unit tests are what pins them down (`--lib`), the rest would add minutes per mutant.
     node) echo "-p meshwork-node --file crates/meshwork-node/src/addrbook.rs --file crates/meshwork-node/src/connmgr.rs --file crates/meshwork-node/src/chainsync.rs -- --lib" ;;

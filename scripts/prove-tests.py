@@ -122,6 +122,7 @@ def run_one(n: int, entry: dict, timeout: float) -> tuple[bool | None, str]:
         if path not in originals:
             originals[path] = path.read_bytes()
     log = OUT / f"{n}.log"
+    regressions_before = set(ROOT.glob("crates/*/tests/*.proptest-regressions"))
     try:
         # Apply every edit to the in-memory text of its file, then write each file once.
         texts = {p: b.decode("utf-8") for p, b in originals.items()}
@@ -167,6 +168,11 @@ def run_one(n: int, entry: dict, timeout: float) -> tuple[bool | None, str]:
     finally:
         for path, original in originals.items():
             path.write_bytes(original)
+        # A property test that fails under the mutation saves its case in a
+        # `*.proptest-regressions` file next to the test: a failure of mutated code, not a
+        # regression of the real one. Those the run created go.
+        for stale in set(ROOT.glob("crates/*/tests/*.proptest-regressions")) - regressions_before:
+            stale.unlink(missing_ok=True)
 
 
 def main() -> int:
