@@ -12,7 +12,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{meshwork, run, stderr, stdout, Proc, NODE_START as START};
+use common::{http_get, meshwork, run, spawn, stderr, stdout, Proc, NODE_START as START};
 
 #[test]
 fn init_refuses_twice_keeps_the_key_private_and_names_corrupt_files() -> Result<()> {
@@ -84,13 +84,6 @@ fn node(dir: &Path, extra: &[&str]) -> Result<Proc> {
     spawn(dir, &[&START[..], extra].concat(), "node is ready")
 }
 
-/// Any long-running command, once it printed `ready` (its stderr in `<dir>/node.log`).
-fn spawn(dir: &Path, args: &[&str], ready: &str) -> Result<Proc> {
-    let mut c = meshwork(dir);
-    c.args(args).env("RUST_LOG", "info");
-    Proc::start(c, &dir.join("node.log"), ready)
-}
-
 fn json(dir: &Path, args: &[&str]) -> Result<Value> {
     let o = run(dir, args)?;
     ensure!(o.status.success(), "{args:?} failed: {}", stderr(&o));
@@ -150,7 +143,7 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
     let b_id = json(&b_dir, &["status", "--json"])?["peer_id"].clone();
     let list = peers.as_array().context("peers is a list")?;
     let logs = || {
-        let read = |d: &Path| std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
+        let read = |d: &Path| std::fs::read_to_string(d.join("proc.log")).unwrap_or_default();
         format!("A's log:\n{}\nB's log:\n{}", read(&a_dir), read(&b_dir))
     };
     ensure!(
@@ -212,19 +205,6 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
 
 /// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate; `cookie` is the cookie
 /// file's text (`__cookie__:SECRET`), sent as a bearer token.
-fn http_get(addr: &str, path: &str, cookie: Option<&str>) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let auth = match cookie.and_then(|c| c.trim().split_once(':')) {
-        Some((_, secret)) => format!("Authorization: Bearer {secret}\r\n"),
-        None => String::new(),
-    };
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
-}
 
 /// Issue 14, case 1: the CLI finds the node's cookie in the data directory, `--api-cookie`
 /// or `MESHWORK_API_COOKIE`; without it, a refusal says what to do. As root, a process of

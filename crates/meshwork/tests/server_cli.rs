@@ -11,21 +11,13 @@ use serde_json::Value;
 
 mod common;
 
-use common::{meshwork, run, stderr, stdout, Proc};
+use common::{http_get, meshwork, run, spawn, stderr, stdout, Proc};
 
 /// Runs `args` and returns its stdout, failing with its stderr unless it succeeded.
 fn ok(dir: &Path, args: &[&str]) -> Result<String> {
     let o = run(dir, args)?;
     ensure!(o.status.success(), "{args:?} failed: {}", stderr(&o));
     Ok(stdout(&o))
-}
-
-/// A long-running command, once it printed `ready` (its stderr in `<dir>/proc.log`).
-fn spawn(dir: &Path, args: &[&str], ready: &str) -> Result<Proc> {
-    std::fs::create_dir_all(dir)?;
-    let mut c = meshwork(dir);
-    c.args(args).env("RUST_LOG", "info");
-    Proc::start(c, &dir.join("proc.log"), ready)
 }
 
 fn path(p: &Path) -> Result<&str> {
@@ -202,7 +194,7 @@ fn tracker_start_and_share_with_tracker_and_super_seed() -> Result<()> {
     // The tracker hears the announce (generous deadline, only so as not to hang).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let stats = http_get(&taddr.to_string(), "/api/v1/stats")?;
+        let stats = http_get(&taddr.to_string(), "/api/v1/stats", None)?;
         let body = stats.split("\r\n\r\n").nth(1).unwrap_or_default();
         let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
         if v["contents"] == 1 && v["seeders"] == 1 {
@@ -214,17 +206,6 @@ fn tracker_start_and_share_with_tracker_and_super_seed() -> Result<()> {
     ensure!(n.terminate()?.success());
     ensure!(tracker.terminate()?.success());
     Ok(())
-}
-
-/// A minimal HTTP/1.0 GET.
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 /// The IPs a node printed it listens on.

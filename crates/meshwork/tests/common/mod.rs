@@ -58,6 +58,31 @@ pub fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
+/// Any long-running command run in `dir` with `args`, once it printed `ready` (its stderr, at
+/// `RUST_LOG=info`, in `<dir>/proc.log`).
+pub fn spawn(dir: &Path, args: &[&str], ready: &str) -> Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let mut c = meshwork(dir);
+    c.args(args).env("RUST_LOG", "info");
+    Proc::start(c, &dir.join("proc.log"), ready)
+}
+
+/// A minimal HTTP/1.0 GET of `path` at `addr`: the whole answer, head and body. With `cookie`
+/// (the API cookie file's `user:secret`), the secret is sent as a bearer token.
+pub fn http_get(addr: &str, path: &str, cookie: Option<&str>) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = match cookie.and_then(|c| c.trim().split_once(':')) {
+        Some((_, secret)) => format!("Authorization: Bearer {secret}\r\n"),
+        None => String::new(),
+    };
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
 /// A child whose stdout lines are read on a thread (stderr goes to a log file); killed when
 /// dropped, so that a failing test leaves no process behind.
 pub struct Proc {
