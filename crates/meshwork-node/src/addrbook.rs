@@ -861,6 +861,95 @@ mod tests {
         )
     }
 
+    /// An entry last seen at `NOW`, never tried.
+    fn entry() -> Entry {
+        Entry {
+            peer: PeerId::random(),
+            addrs: vec![addr(6, 6, 0, 1)],
+            group: AddrGroup::V4([6, 6]),
+            origin: Origin::Dht,
+            via: Via::Dht,
+            last_seen: NOW,
+            last_try: None,
+            last_success: None,
+            failures: 0,
+            location: Location {
+                table: Table::New,
+                bucket: 0,
+                slot: 0,
+            },
+        }
+    }
+
+    /// Bitcoin Core's `IsTerrible`, at each of its edges: tried within the last minute is never
+    /// terrible; from more than 10 minutes in the future, unheard of for more than 30 days, 3
+    /// failures without a success, or 10 failures and no success for more than 7 days are.
+    #[test]
+    fn terrible_entries_at_each_edge() {
+        let day = 24 * 3600;
+        let e = entry();
+        assert!(!e.is_terrible(NOW));
+        // From the future: 10 minutes ahead is fine, one second more is not.
+        let ahead = |s: u64| Entry {
+            last_seen: NOW + s,
+            ..entry()
+        };
+        assert!(!ahead(600).is_terrible(NOW));
+        assert!(ahead(601).is_terrible(NOW));
+        // The 30-day horizon.
+        let seen = |ago: u64| Entry {
+            last_seen: NOW - ago,
+            ..entry()
+        };
+        assert!(!seen(30 * day).is_terrible(NOW));
+        assert!(seen(30 * day + 1).is_terrible(NOW));
+        // A try in the last minute protects even a terrible entry; at 60 s it no longer does.
+        let tried = |ago: u64| Entry {
+            last_try: Some(NOW - ago),
+            ..seen(30 * day + 1)
+        };
+        assert!(!tried(59).is_terrible(NOW));
+        assert!(tried(60).is_terrible(NOW));
+        // Never connected: 2 failures are fine, 3 are terrible.
+        let failed = |n: u32| Entry {
+            failures: n,
+            ..entry()
+        };
+        assert!(!failed(2).is_terrible(NOW));
+        assert!(failed(3).is_terrible(NOW));
+        // Connected once: 10 failures in a row, and the success more than 7 days ago.
+        let lapsed = |n: u32, ago: u64| Entry {
+            failures: n,
+            last_success: Some(NOW - ago),
+            ..entry()
+        };
+        assert!(!lapsed(9, 8 * day).is_terrible(NOW));
+        assert!(!lapsed(10, 7 * day).is_terrible(NOW));
+        assert!(lapsed(10, 7 * day + 1).is_terrible(NOW));
+        assert!(!lapsed(10, day).is_terrible(NOW));
+    }
+
+    /// Bitcoin Core's `GetChance`: 1 for a fresh entry, times 0.01 when tried in the last 10
+    /// minutes, times 0.66 per failure up to 8.
+    #[test]
+    fn the_chance_of_an_entry_falls_with_a_recent_try_and_each_failure() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(entry().chance(NOW), 1.0));
+        let tried = |ago: u64| Entry {
+            last_try: Some(NOW - ago),
+            ..entry()
+        };
+        assert!(close(tried(599).chance(NOW), 0.01));
+        assert!(close(tried(600).chance(NOW), 1.0));
+        let failed = |n: u32| Entry {
+            failures: n,
+            ..entry()
+        };
+        assert!(close(failed(1).chance(NOW), 0.66));
+        assert!(close(failed(8).chance(NOW), 0.66f64.powi(8)));
+        assert!(close(failed(20).chance(NOW), 0.66f64.powi(8)));
+    }
+
     #[test]
     fn flood_from_one_group_fills_one_bucket() {
         let mut b = book(false);
