@@ -175,6 +175,17 @@ mod tests {
         assert!(meets_difficulty(&Hash::ZERO, u64::MAX));
     }
 
+    /// The carry between limbs counts: for difficulty 3 the largest hash that meets it is
+    /// ⌊(2²⁵⁶−1)/3⌋ (all bytes 0x55), and one more overflows only through the carries.
+    #[test]
+    fn the_largest_hash_meeting_difficulty_3_is_a_third_of_2_256_and_one_more_fails() {
+        let at = Hash([0x55; 32]);
+        assert!(meets_difficulty(&at, 3));
+        let mut over = [0x55; 32];
+        over[31] = 0x56;
+        assert!(!meets_difficulty(&Hash(over), 3));
+    }
+
     #[test]
     fn search_finds_a_nonce_that_verifies() {
         let mut h = Header {

@@ -1340,3 +1340,281 @@ impl Chain {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that holds blocks but has lost its chain id is damaged, not a new store: even
+    /// one block (the genesis alone) makes the open fail as `Corrupt`.
+    #[test]
+    fn a_store_holding_one_block_but_no_chain_id_is_refused_as_damaged() {
+        let mut chain = Chain::in_memory(ChainSpec::test("test-meta")).unwrap();
+        assert_eq!(chain.block_count(), 1);
+        let w = chain.db().unwrap().begin_write().unwrap();
+        w.open_table(META).unwrap().remove("chain_id").unwrap();
+        w.commit().unwrap();
+        let e = chain.reopen().unwrap_err();
+        assert!(
+            matches!(&e, OpenError::Corrupt(m) if m == "1 blocks are stored but the chain id is missing"),
+            "{e:?}"
+        );
+    }
+
+    const NOW: Millis = 4_000_000_000_000;
+
+    fn spec() -> ChainSpec {
+        ChainSpec::test("test-chain-unit")
+    }
+
+    /// A block on `parent` with just a coinbase to `miner` (difficulty 1: any nonce works).
+    fn block_on(chain: &Chain, parent: &Header, miner: u8) -> Block {
+        let txs = vec![Transaction::Coinbase(Coinbase {
+            height: parent.height + 1,
+            to: Address([miner; 32]),
+            amount: chain.spec().block_reward,
+        })];
+        let header = Header {
+            version: BLOCK_VERSION,
+            height: parent.height + 1,
+            prev: parent.hash(),
+            merkle_root: merkle_root(&[txs[0].id()]),
+            timestamp: parent.timestamp + 1000,
+            target: 1,
+            nonce: 0,
+        };
+        Block { header, txs }
+    }
+
+    /// A chain holding genesis, `a` and `b` (siblings at height 1) and `c` on `a`: the main
+    /// chain is genesis, `a`, `c`.
+    fn forked() -> (Chain, [Block; 3]) {
+        let mut chain = Chain::in_memory(spec()).unwrap();
+        let g = chain.header(&chain.chain_id()).unwrap();
+        let a = block_on(&chain, &g, 1);
+        let b = block_on(&chain, &g, 2);
+        let c = block_on(&chain, &a.header, 1);
+        for x in [&a, &b, &c] {
+            chain.add_block(x, NOW).unwrap();
+        }
+        assert_eq!(chain.tip().hash, c.hash());
+        (chain, [a, b, c])
+    }
+
+    /// Runs `damage` on the store in one write transaction, then reopens the chain.
+    fn reopen_after(chain: &mut Chain, damage: impl FnOnce(&redb::WriteTransaction)) -> OpenError {
+        let w = chain.db().unwrap().begin_write().unwrap();
+        damage(&w);
+        w.commit().unwrap();
+        chain.reopen().unwrap_err()
+    }
+
+    fn assert_corrupt(e: &OpenError, want: &str) {
+        assert!(
+            matches!(e, OpenError::Corrupt(m) if m == want),
+            "{e:?}, not {want:?}"
+        );
+    }
+
+    /// The block count covers every branch: genesis alone is 1, and genesis with two
+    /// siblings and a child of one of them is 4.
+    #[test]
+    fn the_block_count_counts_blocks_on_every_branch() {
+        assert_eq!(Chain::in_memory(spec()).unwrap().block_count(), 1);
+        assert_eq!(forked().0.block_count(), 4);
+    }
+
+    /// Every main-chain block must be valid in the index: a store whose main chain holds a
+    /// block marked invalid (at its right height) is refused at open as `Corrupt`.
+    #[test]
+    fn a_main_chain_block_marked_invalid_in_the_index_is_refused_at_open() {
+        let (mut chain, [a, _, _]) = forked();
+        let e = reopen_after(&mut chain, |w| {
+            let rec = postcard::to_allocvec(&IndexRecord {
+                header: a.header,
+                invalid: true,
+            })
+            .unwrap();
+            let mut index = w.open_table(INDEX).unwrap();
+            index.insert(&a.hash().0, rec.as_slice()).unwrap();
+        });
+        let want = format!(
+            "main-chain block {} at height 1 is indexed at height 1, marked invalid",
+            a.hash()
+        );
+        assert_corrupt(&e, &want);
+    }
+
+    /// Each main-chain block must extend the one below it: a main chain of genesis, `b`, `c`
+    /// (heights right, but `c` is built on `a`) is refused at open.
+    #[test]
+    fn a_main_chain_block_that_does_not_extend_the_one_below_is_refused_at_open() {
+        let (mut chain, [_, b, c]) = forked();
+        let e = reopen_after(&mut chain, |w| {
+            let mut main = w.open_table(MAIN).unwrap();
+            main.insert(1, &b.hash().0).unwrap();
+        });
+        let want = format!(
+            "main-chain block {} at height 2 does not extend the block below it",
+            c.hash()
+        );
+        assert_corrupt(&e, &want);
+    }
+
+    /// The stored tip block must decode and hash to the tip: bytes that do not decode, or
+    /// another well-formed block, under the tip's key are refused at open.
+    #[test]
+    fn a_stored_tip_block_that_is_not_the_tip_is_refused_at_open() {
+        let other = forked().1[1].encode();
+        for bytes in [vec![0xff; 8], other] {
+            let (mut chain, [_, _, c]) = forked();
+            let e = reopen_after(&mut chain, |w| {
+                let mut blocks = w.open_table(BLOCKS).unwrap();
+                blocks.insert(&c.hash().0, bytes.as_slice()).unwrap();
+            });
+            assert_corrupt(&e, &format!("the stored tip block {} is damaged", c.hash()));
+        }
+    }
+
+    /// A chain of `n` blocks after genesis on one branch.
+    fn linear(n: u64) -> Chain {
+        let mut chain = Chain::in_memory(spec()).unwrap();
+        for _ in 0..n {
+            let tip = chain.header(&chain.tip().hash).unwrap();
+            let b = block_on(&chain, &tip, 1);
+            chain.add_block(&b, NOW).unwrap();
+        }
+        chain
+    }
+
+    /// The stored bytes of a block are exactly its encoding; an unknown hash has none.
+    #[test]
+    fn block_bytes_are_the_stored_encoding_and_none_for_an_unknown_block() {
+        let (chain, [a, _, _]) = forked();
+        assert_eq!(chain.block_bytes(&a.hash()).unwrap(), Some(a.encode()));
+        assert_eq!(chain.block_bytes(&Hash::of(b"unknown")).unwrap(), None);
+    }
+
+    /// The locator lists the 10 highest main-chain blocks one by one, then doubles its step
+    /// after each further entry, and ends with genesis exactly once.
+    #[test]
+    fn the_locator_is_ten_dense_hashes_then_doubling_steps_then_genesis() {
+        let chain = linear(30);
+        let heights: Vec<u64> = (21..=30).rev().chain([19, 15, 7, 0]).collect();
+        let want: Vec<Hash> = heights.iter().map(|h| chain.hash_at(*h).unwrap()).collect();
+        assert_eq!(chain.locator(), want);
+        let genesis_only = linear(0);
+        assert_eq!(genesis_only.locator(), vec![genesis_only.chain_id()]);
+    }
+
+    /// Headers are served from just after the first locator hash on our main chain (from
+    /// height 1 when none is), at most `max` of them.
+    #[test]
+    fn headers_after_start_just_above_the_first_known_locator_hash() {
+        let chain = linear(10);
+        let heights = |hs: Vec<Header>| hs.iter().map(|h| h.height).collect::<Vec<_>>();
+        let at5 = chain.hash_at(5).unwrap();
+        let unknown = Hash::of(b"unknown");
+        assert_eq!(heights(chain.headers_after(&[unknown, at5], 3)), [6, 7, 8]);
+        assert_eq!(heights(chain.headers_after(&[unknown], 2)), [1, 2]);
+    }
+
+    /// A mined block on `parent`, `dt` ms after it, at the difficulty the chain expects.
+    fn mined_on(chain: &mut Chain, parent: &Header, miner: u8, dt: u64) -> Header {
+        let mut b = block_on(chain, parent, miner);
+        b.header.timestamp = parent.timestamp + dt;
+        b.header.target = chain.expected_difficulty(&parent.hash());
+        b.header.nonce = crate::block::search_nonce(&b.header, 0, 1_000_000).unwrap();
+        let r = chain.add_block(&b, NOW);
+        assert!(matches!(r, Ok(AddOutcome::Stored { .. })), "{r:?}");
+        b.header
+    }
+
+    /// A retarget scales the difficulty by (interval − 1)·block_interval over the time the last
+    /// interval took, measured from the parent's own ancestor, also on a side branch that
+    /// forks below it: interval 4, blocks 500 ms apart on the main chain give 1000·3000/1500.
+    #[test]
+    fn a_retarget_uses_the_time_since_the_parents_own_ancestor_one_interval_back() {
+        let spec = ChainSpec {
+            initial_difficulty: 1000,
+            min_difficulty: 1,
+            retarget_interval: 4,
+            block_interval_ms: 1000,
+            ..spec()
+        };
+        let mut chain = Chain::in_memory(spec).unwrap();
+        let mut main = vec![chain.header(&chain.chain_id()).unwrap()];
+        for _ in 1..=7 {
+            let parent = *main.last().unwrap();
+            main.push(mined_on(&mut chain, &parent, 1, 500));
+        }
+        let mut side = main[2];
+        for _ in 3..=7 {
+            side = mined_on(&mut chain, &side, 2, 700);
+        }
+        assert_eq!(chain.tip().hash, main[7].hash());
+        // Heights 1 to 7 keep the genesis difficulty (no retarget before height 8).
+        assert!(main[1..].iter().all(|h| h.target == 1000));
+        assert_eq!(
+            chain.expected_difficulty(&main[7].hash()),
+            1000 * 3000 / 1500
+        );
+        // The side branch's own block at height 4 is 3 × 700 ms before its height-7 block.
+        assert_eq!(chain.expected_difficulty(&side.hash()), 1000 * 3000 / 2100);
+    }
+
+    /// The consistency check replays the main chain: a sound store passes, and one whose
+    /// account table no longer equals the replayed state (one balance off by one) fails.
+    #[test]
+    fn verify_consistency_passes_a_sound_store_and_fails_one_balance_off_by_one() {
+        let (chain, _) = forked();
+        chain.verify_consistency().unwrap();
+        let miner = Address([1; 32]);
+        let acct = chain.account(&miner).unwrap();
+        let w = chain.db().unwrap().begin_write().unwrap();
+        {
+            let mut accounts = w.open_table(ACCOUNTS).unwrap();
+            accounts
+                .insert(&miner.0, (acct.balance + 1, acct.nonce))
+                .unwrap();
+        }
+        w.commit().unwrap();
+        assert!(chain.verify_consistency().is_err());
+    }
+
+    /// A caught panic is reported with its own message, whether it was raised with a literal
+    /// or a formatted `String`; only a payload of another type gets the generic text.
+    #[test]
+    fn a_caught_panic_is_reported_with_its_own_message() {
+        let literal = catch_quietly(|| panic!("page checksum mismatch")).unwrap_err();
+        assert_eq!(panic_message(&literal), "page checksum mismatch");
+        let formatted = catch_quietly(|| panic!("bad page {}", 7)).unwrap_err();
+        assert_eq!(panic_message(&formatted), "bad page 7");
+        let other = catch_quietly(|| std::panic::panic_any(42u32)).unwrap_err();
+        assert_eq!(panic_message(&other), "a panic without a message");
+    }
+
+    /// At open, an I/O error of kind `UnexpectedEof` or `InvalidData` means a damaged file
+    /// (`Corrupt`); any other I/O error, such as a full disk, is a storage error (`Store`).
+    #[test]
+    fn only_eof_and_invalid_data_io_errors_at_open_count_as_damage() {
+        let io = |e: std::io::Error| redb::DatabaseError::Storage(redb::StorageError::Io(e));
+        for kind in [
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::InvalidData,
+        ] {
+            let e = open_error(io(std::io::Error::new(kind, "short read")));
+            assert!(
+                matches!(&e, OpenError::Corrupt(m) if m == "short read"),
+                "{kind:?}: {e:?}"
+            );
+        }
+        for e in [
+            std::io::Error::from_raw_os_error(28), // ENOSPC
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
+        ] {
+            let e = open_error(io(e));
+            assert!(matches!(e, OpenError::Store(_)), "{e:?}");
+        }
+    }
+}

@@ -6,7 +6,7 @@ use meshwork_ledger::block::{merkle_root, search_nonce};
 use meshwork_ledger::chain::AddOutcome;
 use meshwork_ledger::ledger::{MAX_ORPHANS, MAX_ORPHAN_BYTES};
 use meshwork_ledger::spec::DEV_FAUCET_SECRET;
-use meshwork_ledger::tx::Coinbase;
+use meshwork_ledger::tx::{Coinbase, DecodeError};
 use meshwork_ledger::*;
 
 const NOW: Millis = 4_000_000_000_000;
@@ -335,4 +335,192 @@ fn the_orphan_pool_holds_at_most_64_mib() {
             i + 1
         );
     }
+}
+
+/// A block's coinbase must carry the block's own height: one below or one above it is refused
+/// with `CoinbaseHeight`, the height itself accepted.
+#[test]
+fn a_coinbase_height_one_off_the_block_height_is_refused_and_the_block_height_accepted() {
+    let mut chain = Chain::in_memory(spec()).unwrap();
+    let g = genesis(&chain);
+    let reward = chain.spec().block_reward;
+    for got in [0, 2] {
+        let b = block(&g, vec![coinbase(got, reward)]);
+        assert_eq!(b.header.height, 1);
+        assert_eq!(
+            chain.add_block(&b, NOW),
+            Err(BlockError::CoinbaseHeight { expected: 1, got }),
+            "coinbase height {got}"
+        );
+    }
+    stored(chain.add_block(&block(&g, vec![coinbase(1, reward)]), NOW));
+}
+
+/// A chain whose faucet holds exactly `balance` at genesis.
+fn funded(balance: Amount) -> Chain {
+    Chain::in_memory(ChainSpec {
+        allocations: vec![(faucet().address(), balance)],
+        ..spec()
+    })
+    .unwrap()
+}
+
+/// A sender may spend its whole balance (amount plus fee equal to it) and not one unit more:
+/// a cost of balance + 1 is refused with `InsufficientBalance`.
+#[test]
+fn a_transfer_costing_exactly_the_balance_is_accepted_and_one_unit_more_refused() {
+    let mut chain = funded(100);
+    let g = genesis(&chain);
+    let to = Wallet::from_secret(&[7; 32]).address();
+    let over = faucet().transfer(chain.chain_id(), to, 100, 1, 0);
+    assert_eq!(
+        chain.add_block(&valid(&chain, &g, vec![Transaction::Transfer(over)]), NOW),
+        Err(BlockError::Tx {
+            id: over.id(),
+            error: TxError::InsufficientBalance {
+                has: 100,
+                needs: 101
+            }
+        })
+    );
+    let exact = faucet().transfer(chain.chain_id(), to, 99, 1, 0);
+    stored(chain.add_block(&valid(&chain, &g, vec![Transaction::Transfer(exact)]), NOW));
+    assert_eq!(chain.account(&to).unwrap().balance, 99);
+}
+
+/// Applying a transfer debits amount plus fee from the sender (and bumps its nonce) and
+/// credits the amount to the recipient; the fee goes to the miner with the coinbase.
+#[test]
+fn a_transfer_debits_amount_plus_fee_from_the_sender_and_credits_the_amount() {
+    let mut chain = funded(1000);
+    let g = genesis(&chain);
+    let to = Wallet::from_secret(&[7; 32]).address();
+    let miner = Wallet::from_secret(&[8; 32]).address();
+    let t = faucet().transfer(chain.chain_id(), to, 300, 2, 0);
+    let cb = Transaction::Coinbase(Coinbase {
+        height: 1,
+        to: miner,
+        amount: chain.spec().block_reward + 2,
+    });
+    stored(chain.add_block(&block(&g, vec![cb, Transaction::Transfer(t)]), NOW));
+    assert_eq!(
+        chain.account(&faucet().address()).unwrap(),
+        Account {
+            balance: 698,
+            nonce: 1
+        }
+    );
+    assert_eq!(
+        chain.account(&to).unwrap(),
+        Account {
+            balance: 300,
+            nonce: 0
+        }
+    );
+    assert_eq!(
+        chain.account(&miner).unwrap().balance,
+        chain.spec().block_reward + 2
+    );
+}
+
+/// `Block::decode` takes a block of exactly `max_bytes` and refuses it, as `TooLarge`, when the
+/// limit is one byte less.
+#[test]
+fn a_block_of_exactly_max_bytes_decodes_and_one_byte_more_does_not() {
+    let chain = Chain::in_memory(spec()).unwrap();
+    let b = valid(&chain, &genesis(&chain), transfers(chain.chain_id(), 2));
+    let bytes = b.encode();
+    let len = bytes.len();
+    assert_eq!(Block::decode(&bytes, len), Ok(b));
+    assert_eq!(
+        Block::decode(&bytes, len - 1),
+        Err(DecodeError::TooLarge {
+            what: "block",
+            len,
+            max: len - 1
+        })
+    );
+}
+
+/// A block with a bad signature is refused with `BadSignature` naming the transfer that
+/// carries it (here the third of three), not a neighbour or the coinbase.
+#[test]
+fn a_bad_signature_is_refused_naming_the_transfer_that_carries_it() {
+    let mut chain = Chain::in_memory(spec()).unwrap();
+    let g = genesis(&chain);
+    let mut txs = transfers(chain.chain_id(), 3);
+    let Transaction::Transfer(t) = &mut txs[2] else {
+        unreachable!("transfers() makes transfers")
+    };
+    t.signature[0] ^= 0x01;
+    let bad = t.id();
+    assert_eq!(
+        chain.add_block(&valid(&chain, &g, txs), NOW),
+        Err(BlockError::Tx {
+            id: bad,
+            error: TxError::BadSignature
+        })
+    );
+}
+
+/// A block that passes its stateless checks but fails against the state is stored marked
+/// invalid: `is_invalid` says so and adding it again gives `KnownInvalid`; a valid block is not.
+#[test]
+fn a_block_that_fails_against_the_state_is_marked_invalid_and_known_invalid_after() {
+    let mut chain = funded(100);
+    let g = genesis(&chain);
+    let to = Wallet::from_secret(&[7; 32]).address();
+    let over = faucet().transfer(chain.chain_id(), to, 100, 1, 0);
+    let bad = valid(&chain, &g, vec![Transaction::Transfer(over)]);
+    assert!(chain.add_block(&bad, NOW).is_err());
+    assert!(chain.is_invalid(&bad.hash()));
+    assert_eq!(chain.add_block(&bad, NOW), Err(BlockError::KnownInvalid));
+    let good = valid(&chain, &g, vec![]);
+    stored(chain.add_block(&good, NOW));
+    assert!(!chain.is_invalid(&good.hash()));
+}
+
+/// A block may be at most `max_future_drift_ms` ahead of the local clock: at exactly
+/// `now + drift` it is accepted, one millisecond later refused with `TimeTooNew`.
+#[test]
+fn a_timestamp_at_the_future_drift_limit_is_accepted_and_one_more_refused() {
+    let mut chain = Chain::in_memory(spec()).unwrap();
+    let g = genesis(&chain);
+    let drift_ms = chain.spec().max_future_drift_ms;
+    let mut b = valid(&chain, &g, vec![]);
+    let now = b.header.timestamp - drift_ms;
+    b.header.timestamp += 1;
+    assert_eq!(
+        chain.add_block(&b, now),
+        Err(BlockError::TimeTooNew {
+            now,
+            drift_ms,
+            got: now + drift_ms + 1
+        })
+    );
+    b.header.timestamp -= 1;
+    stored(chain.add_block(&b, now));
+}
+
+/// A block refused because an ancestor failed during the reorganization it triggered is
+/// refused with `InvalidParent(ancestor)`, not with the ancestor's own error.
+#[test]
+fn a_block_whose_side_branch_ancestor_fails_on_reorg_is_refused_as_invalid_parent() {
+    let mut chain = funded(100);
+    let g = genesis(&chain);
+    stored(chain.add_block(&valid(&chain, &g, vec![]), NOW));
+    let to = Wallet::from_secret(&[7; 32]).address();
+    let over = faucet().transfer(chain.chain_id(), to, 100, 1, 0);
+    let mut p = valid(&chain, &g, vec![Transaction::Transfer(over)]);
+    p.header.timestamp += 1;
+    assert_eq!(
+        chain.add_block(&p, NOW),
+        Ok(AddOutcome::Stored { tip: false })
+    );
+    let c = valid(&chain, &p.header, vec![]);
+    assert_eq!(
+        chain.add_block(&c, NOW),
+        Err(BlockError::InvalidParent(p.hash()))
+    );
+    assert!(chain.is_invalid(&p.hash()) && chain.is_invalid(&c.hash()));
 }

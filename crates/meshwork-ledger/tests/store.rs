@@ -226,3 +226,26 @@ fn a_full_disk_stops_the_store_until_a_reopen_works() {
         .verify_consistency()
         .unwrap();
 }
+
+/// Reopening an in-memory chain reloads the same database: the blocks and the tip survive,
+/// and the chain is open before and after.
+#[test]
+fn reopening_an_in_memory_chain_keeps_its_blocks_and_leaves_it_open() {
+    let mut ledger = Ledger::in_memory(spec()).unwrap();
+    assert!(ledger.chain().is_open());
+    let miner = Wallet::from_secret(&[9; 32]).address();
+    for i in 0..2 {
+        let b = ledger.template(miner, NOW + i * 1000).unwrap();
+        ledger.import(b, NOW + i * 1000).unwrap();
+    }
+    let before = ledger.tip();
+    assert_eq!(before.height, 2);
+    ledger.reopen().unwrap();
+    assert!(ledger.chain().is_open());
+    assert_eq!(ledger.tip(), before);
+    assert_eq!(
+        ledger.account(&miner).unwrap().0.balance,
+        2 * spec().block_reward
+    );
+    ledger.chain().verify_consistency().unwrap();
+}
