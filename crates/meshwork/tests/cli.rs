@@ -203,9 +203,6 @@ fn node_start_status_and_peers_from_the_binary() -> Result<()> {
     Ok(())
 }
 
-/// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate; `cookie` is the cookie
-/// file's text (`__cookie__:SECRET`), sent as a bearer token.
-
 /// Issue 14, case 1: the CLI finds the node's cookie in the data directory, `--api-cookie`
 /// or `MESHWORK_API_COOKIE`; without it, a refusal says what to do. As root, a process of
 /// another user (nobody) cannot read the cookie and is refused, and shares nothing.
