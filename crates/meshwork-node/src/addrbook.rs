@@ -950,6 +950,32 @@ mod tests {
         assert!(close(failed(20).chance(NOW), 0.66f64.powi(8)));
     }
 
+    /// The new table's bucket depends on who told us (the source group), not only on the
+    /// address's group: the same group heard from two sources goes to two buckets (each
+    /// source at most one), so one source cannot fill every bucket a group may take.
+    #[test]
+    fn one_group_heard_from_two_sources_reaches_two_buckets() {
+        let mut b = book(false);
+        for (k, src) in [AddrGroup::V4([6, 6]), AddrGroup::V4([9, 9])]
+            .into_iter()
+            .enumerate()
+        {
+            for i in 0..200u32 {
+                let a = addr(7, 7, k as u8 * 100 + (i >> 8) as u8, i as u8);
+                b.add(
+                    PeerId::random(),
+                    &[a],
+                    NOW,
+                    Origin::Peer(src),
+                    Via::Pex,
+                    NOW,
+                );
+            }
+        }
+        assert_eq!(b.new.buckets.len(), 2);
+        b.check_invariants().unwrap();
+    }
+
     #[test]
     fn flood_from_one_group_fills_one_bucket() {
         let mut b = book(false);
