@@ -90,6 +90,17 @@ pub fn transient_budget(fd_limit: u64, n: usize) -> usize {
     per_node.saturating_sub(13).clamp(4, 32)
 }
 
+/// The sum of the samples of a Prometheus text exposition (`NodeHandle::encode_metrics`) whose
+/// line starts with `series` (a metric name, or a name and the opening `{`) and contains every
+/// string of `labels` (e.g. `offence="pex_flood"`): one counter's value, or a family's total.
+/// 0 when no sample matches.
+pub fn metric_sum(text: &str, series: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(series) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `check` every `every` until it returns true; fails after `timeout`. Returns the time
 /// it took.
 pub async fn wait_for<F, Fut>(

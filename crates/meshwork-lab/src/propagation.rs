@@ -341,12 +341,11 @@ fn figures(msgs: &[(u64, Vec<u64>)], everyone: usize, copies: f64, per: usize) -
 
 /// Sums gossipsub's "received, duplicates included" counter for the topic ending in `suffix`.
 fn received_copies(metrics: &str, suffix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("gossipsub_topic_msg_recv_counts_unfiltered_total"))
-        .filter(|l| l.contains(suffix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    crate::harness::metric_sum(
+        metrics,
+        "gossipsub_topic_msg_recv_counts_unfiltered_total",
+        &[suffix],
+    )
 }
 
 fn outputs(r: &PropagationReport) -> Result<Outputs> {

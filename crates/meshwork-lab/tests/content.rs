@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use meshwork_lab::harness::{wait_for, Harness, HarnessBuilder, Topology};
+use meshwork_lab::harness::{metric_sum, wait_for, Harness, HarnessBuilder, Topology};
 use meshwork_node::content::{ContentInfo, FetchRequest, ShareRequest, State};
 use meshwork_node::NodeHandle;
 use meshwork_swarm::ContentId;
@@ -477,13 +477,7 @@ async fn a_leecher_with_only_the_content_id_finds_providers_in_the_dht() -> Resu
             let mut holders = 0;
             for (i, n) in h.running_nodes() {
                 let text = n.handle.encode_metrics();
-                let stored = text
-                    .lines()
-                    .filter(|l| {
-                        l.starts_with("libp2p_kad_inbound_requests") && l.contains("AddProvider")
-                    })
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum::<f64>();
+                let stored = metric_sum(&text, "libp2p_kad_inbound_requests", &["AddProvider"]);
                 if i != 0 && stored >= 1.0 {
                     holders += 1;
                 }

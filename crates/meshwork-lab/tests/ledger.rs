@@ -6,12 +6,12 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use libp2p::identity::Keypair;
-use meshwork_lab::harness::{lab_config, wait_for, Harness, HarnessBuilder, Topology};
+use meshwork_lab::harness::{lab_config, metric_sum, wait_for, Harness, HarnessBuilder, Topology};
 use meshwork_ledger::spec::DEV_FAUCET_SECRET;
 use meshwork_ledger::{Address, ChainSpec, Hash, Ledger, SignedTransfer, TxStatus, Wallet};
 use meshwork_node::ledger_service::{MinerConfig, Topic};
@@ -63,25 +63,11 @@ async fn meshed(h: &Harness, min: usize) -> Result<()> {
                 // Gauges per topic and per kind of peer (with partial-message support or
                 // not): a topic's mesh is their sum. Both topics (tx and block) need `min`.
                 let text = n.handle.encode_metrics();
-                let mut mesh: HashMap<String, f64> = HashMap::new();
-                for l in text.lines() {
-                    let Some(labels) = l.strip_prefix("gossipsub_mesh_peer_counts{") else {
-                        continue;
-                    };
-                    let topic = labels
-                        .split("topic_hash=\"")
-                        .nth(1)
-                        .and_then(|t| t.split('"').next())
-                        .unwrap_or_default();
-                    let count: f64 = l
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|c| c.parse().ok())
-                        .unwrap_or(0.0);
-                    *mesh.entry(topic.to_string()).or_default() += count;
-                }
-                if mesh.len() < 2 || mesh.values().any(|c| *c < min as f64) {
-                    return Ok(false);
+                for topic in ["tx", "block"] {
+                    let label = format!("topic_hash=\"{}\"", n.handle.network.protocol(topic, 1));
+                    if metric_sum(&text, "gossipsub_mesh_peer_counts{", &[&label]) < min as f64 {
+                        return Ok(false);
+                    }
                 }
             }
             Ok(true)
@@ -89,13 +75,6 @@ async fn meshed(h: &Harness, min: usize) -> Result<()> {
     )
     .await?;
     Ok(())
-}
-
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn all_confirmed(h: &Harness, ids: &[Hash]) -> Result<bool> {
@@ -142,7 +121,7 @@ async fn invalid_transactions_stop_at_the_first_hop() -> Result<()> {
         || async { Ok(status(c, good.id()).await? == TxStatus::Pending) },
     )
     .await?;
-    let c_seen_before = metric_sum(&c.encode_metrics(), "meshwork_gossip_messages_total");
+    let c_seen_before = metric_sum(&c.encode_metrics(), "meshwork_gossip_messages_total", &[]);
     ensure!(c_seen_before == 1.0, "C validated {c_seen_before} messages");
 
     // Now a forged one: a real transfer with one bit of its signature flipped.
@@ -186,7 +165,7 @@ async fn invalid_transactions_stop_at_the_first_hop() -> Result<()> {
         || async { Ok(status(c, canary.id()).await? == TxStatus::Pending) },
     )
     .await?;
-    let c_seen = metric_sum(&c.encode_metrics(), "meshwork_gossip_messages_total");
+    let c_seen = metric_sum(&c.encode_metrics(), "meshwork_gossip_messages_total", &[]);
     ensure!(
         c_seen == c_seen_before + 1.0,
         "C validated {c_seen} messages: the first transfer and the canary are {}",

@@ -10,19 +10,16 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use libp2p::identity::Keypair;
-use meshwork_lab::harness::{loopback_ip, wait_for, HarnessBuilder};
+use meshwork_lab::harness::{loopback_ip, metric_sum, wait_for, HarnessBuilder};
 use meshwork_lab::rogue::{constant, encode_records, RawAnswer, Rogue};
 use meshwork_node::ledger_service::{MinerConfig, Topic};
 use meshwork_node::NodeHandle;
 use meshwork_proto::NetworkName;
 
-/// The value of the counter `name{labels}` in a node's metrics (0 when it was never touched).
-fn counter(h: &NodeHandle, series: &str) -> f64 {
-    h.encode_metrics()
-        .lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// A node's misbehaviour penalties for `offence` so far.
+fn penalties(h: &NodeHandle, offence: &str) -> f64 {
+    let label = format!("offence=\"{offence}\"");
+    metric_sum(&h.encode_metrics(), "meshwork_penalties_total", &[&label])
 }
 
 fn empty_answer() -> meshwork_lab::rogue::Answerer {
@@ -112,7 +109,6 @@ async fn a_pex_request_flood_is_penalized_then_banned() -> Result<()> {
     rogue
         .wait_until(Duration::from_secs(20), |s| s.connections == 1)
         .await?;
-    let flood = "meshwork_penalties_total{offence=\"pex_flood\"}";
     let bans_before = v.status().await?.address_book.banned;
 
     // The answered request and five refused: no penalty.
@@ -125,7 +121,7 @@ async fn a_pex_request_flood_is_penalized_then_banned() -> Result<()> {
         .wait_until(Duration::from_secs(20), |s| s.pex_answers == sent)
         .await?;
     ensure!(
-        counter(&v, flood) == 0.0,
+        penalties(&v, "pex_flood") == 0.0,
         "penalized within the tolerance of five refused requests"
     );
     // Then six at a time, each batch answered before the next, until the ban.
@@ -141,9 +137,9 @@ async fn a_pex_request_flood_is_penalized_then_banned() -> Result<()> {
                 s.pex_answers + s.pex_failures == sent || s.connections == 0
             })
             .await?;
-        penalties_seen.push(counter(&v, flood));
+        penalties_seen.push(penalties(&v, "pex_flood"));
     }
-    let at_ban = counter(&v, flood);
+    let at_ban = penalties(&v, "pex_flood");
     ensure!(
         (10.0..=11.0).contains(&at_ban),
         "banned after {at_ban} flood penalties (seen after each batch: {penalties_seen:?})"
@@ -185,7 +181,6 @@ async fn a_peer_relaying_invalid_blocks_is_banned_after_two() -> Result<()> {
         || async { Ok(victim.peers().await?.iter().any(|p| p.peer_id == liar_id)) },
     )
     .await?;
-    let invalid = "meshwork_penalties_total{offence=\"invalid_gossip\"}";
     let mut k: u32 = 0;
     let banned = wait_for(
         "the liar banned",
@@ -202,17 +197,16 @@ async fn a_peer_relaying_invalid_blocks_is_banned_after_two() -> Result<()> {
         },
     )
     .await?;
-    let penalties = counter(victim, invalid);
+    let strikes = penalties(victim, "invalid_gossip");
     ensure!(
-        penalties == 2.0,
-        "banned after {penalties} invalid-gossip penalties"
+        strikes == 2.0,
+        "banned after {strikes} invalid-gossip penalties"
     );
-    let rejected: f64 = victim
-        .encode_metrics()
-        .lines()
-        .filter(|l| l.starts_with("meshwork_gossip_messages_total") && l.contains("reject"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let rejected = metric_sum(
+        &victim.encode_metrics(),
+        "meshwork_gossip_messages_total",
+        &["reject"],
+    );
     ensure!(rejected >= 2.0, "{rejected} messages rejected");
     wait_for(
         "the liar disconnected",

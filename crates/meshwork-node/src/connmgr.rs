@@ -28,7 +28,7 @@ use rand::Rng;
 use crate::addrbook::{AddrBook, Entry};
 
 pub const DISCONNECT_POINTS: f64 = 100.0;
-/// The points of an offence that the second of bans ("two strikes"): more than half of
+/// The points of an offence whose second occurrence bans ("two strikes"): more than half of
 /// [`DISCONNECT_POINTS`], so that the first has not decayed below the rest when the second
 /// comes. Two strikes within 350 s ban (`60 + 60 · 2^(-t/600) >= 100` for `t <= 350`); at
 /// exactly half, two strikes a second apart would fall short (99.9), and gossipsub, which

@@ -464,22 +464,25 @@ mod tests {
         }
     }
 
+    /// Why the gate refused: its error's text.
+    fn why(e: ConnectionDenied) -> String {
+        e.downcast_ref::<GateError>()
+            .map_or_else(|| "not the gate's".into(), ToString::to_string)
+    }
+
     /// What the gate refused with, if it refused.
     fn denied<T>(r: Result<T, ConnectionDenied>) -> Option<String> {
-        r.err().map(|e| {
-            e.downcast_ref::<GateError>()
-                .map_or_else(|| "not the gate's".into(), ToString::to_string)
-        })
+        r.err().map(why)
     }
 
     /// An inbound connection through both stages, as the swarm drives them.
     fn accept(g: &mut Gate, id: ConnectionId, ip: &str) -> Result<(), String> {
         let remote = from(ip);
         g.handle_pending_inbound_connection(id, &local(), &remote)
-            .map_err(|e| denied::<()>(Err(e)).unwrap_or_default())?;
+            .map_err(why)?;
         g.handle_established_inbound_connection(id, PeerId::random(), &local(), &remote)
             .map(|_| ())
-            .map_err(|e| denied::<()>(Err(e)).unwrap_or_default())
+            .map_err(why)
     }
 
     fn close(g: &mut Gate, id: ConnectionId, ip: &str) {
@@ -672,12 +675,8 @@ mod tests {
     #[test]
     fn inbound_handshakes_in_progress_are_capped_per_ip_and_in_all() {
         let mut g = gate();
-        let local: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
-        let mut next = 0;
-        let mut id = || {
-            next += 1;
-            ConnectionId::new_unchecked(next)
-        };
+        let local = local();
+        let mut id = ids();
         let mut first = vec![];
         for _ in 0..MAX_PENDING_INBOUND_PER_IP {
             let c = id();

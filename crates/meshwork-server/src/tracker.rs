@@ -884,7 +884,7 @@ mod tests {
         src: &str,
         now: Instant,
     ) -> Result<AnnounceResponse, AnnounceError> {
-        t.announce(q, ip(src), now, T0, &mut rand::thread_rng())
+        send_at(t, q, src, now, T0)
     }
 
     fn keys(n: usize) -> Vec<Keypair> {

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{http_get, meshwork, run, spawn, stderr, stdout, Proc, NODE_START as START};
+use common::{http_get, meshwork, ok, run, spawn, stderr, stdout, Proc, NODE_START as START};
 
 #[test]
 fn init_refuses_twice_keeps_the_key_private_and_names_corrupt_files() -> Result<()> {
@@ -85,9 +85,7 @@ fn node(dir: &Path, extra: &[&str]) -> Result<Proc> {
 }
 
 fn json(dir: &Path, args: &[&str]) -> Result<Value> {
-    let o = run(dir, args)?;
-    ensure!(o.status.success(), "{args:?} failed: {}", stderr(&o));
-    Ok(serde_json::from_slice(&o.stdout)?)
+    Ok(serde_json::from_str(&ok(dir, args)?)?)
 }
 
 #[test]

@@ -11,14 +11,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{http_get, meshwork, run, spawn, stderr, stdout, Proc};
-
-/// Runs `args` and returns its stdout, failing with its stderr unless it succeeded.
-fn ok(dir: &Path, args: &[&str]) -> Result<String> {
-    let o = run(dir, args)?;
-    ensure!(o.status.success(), "{args:?} failed: {}", stderr(&o));
-    Ok(stdout(&o))
-}
+use common::{http_get, meshwork, ok, spawn, stderr, stdout, Proc};
 
 fn path(p: &Path) -> Result<&str> {
     p.to_str().context("a UTF-8 path")

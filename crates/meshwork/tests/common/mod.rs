@@ -58,6 +58,14 @@ pub fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
+/// Runs the binary in `dir` with `args` and returns its stdout (trimmed), failing with its
+/// stderr unless it succeeded.
+pub fn ok(dir: &Path, args: &[&str]) -> Result<String> {
+    let o = run(dir, args)?;
+    ensure!(o.status.success(), "{args:?} failed: {}", stderr(&o));
+    Ok(stdout(&o))
+}
+
 /// Any long-running command run in `dir` with `args`, once it printed `ready` (its stderr, at
 /// `RUST_LOG=info`, in `<dir>/proc.log`).
 pub fn spawn(dir: &Path, args: &[&str], ready: &str) -> Result<Proc> {
