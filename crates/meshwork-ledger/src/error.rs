@@ -186,3 +186,101 @@ impl OpenError {
         matches!(self, OpenError::Corrupt(_))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // `punishable()` decides whether a peer loses points (and, twice over, its connection):
+    // each side of the line is a rule, so every variant's side is pinned here.
+    #[test]
+    fn only_what_an_honest_relay_never_sends_is_punishable_in_a_transfer() {
+        let misbehaviour = [
+            TxError::Decode(DecodeError::Malformed {
+                what: "transfer",
+                reason: "short".into(),
+            }),
+            TxError::WrongChain {
+                expected: crate::types::Hash([1; 32]),
+                got: crate::types::Hash([2; 32]),
+            },
+            TxError::BadSignature,
+            TxError::ZeroAmount,
+            TxError::Overflow,
+        ];
+        for e in &misbehaviour {
+            assert!(e.punishable(), "{e} must cost the sender points");
+        }
+        // A view that differs from ours (a nonce confirmed in a block the peer has not seen, a
+        // full mempool, our operator's policy) is not misbehaviour.
+        let honest = [
+            TxError::FeeTooLow { min: 2, got: 1 },
+            TxError::NonceTooLow {
+                expected: 3,
+                got: 1,
+            },
+            TxError::NonceGap {
+                expected: 1,
+                got: 90,
+                max_ahead: 64,
+            },
+            TxError::BadNonce {
+                expected: 1,
+                got: 2,
+            },
+            TxError::AlreadyConfirmed { height: 4 },
+            TxError::InsufficientBalance { has: 5, needs: 7 },
+            TxError::BalanceOverflow,
+            TxError::Duplicate,
+            TxError::Conflict {
+                nonce: 1,
+                fee_needed: 11,
+            },
+            TxError::MempoolFull { min_fee: 3 },
+            TxError::Refused(crate::Address([7; 32])),
+            TxError::Storage(StoreError("disk".into())),
+        ];
+        for e in &honest {
+            assert!(!e.punishable(), "{e} can come from an honest peer");
+        }
+    }
+
+    #[test]
+    fn a_block_from_the_future_or_our_own_disk_failure_is_not_punishable() {
+        assert!(!BlockError::TimeTooNew {
+            now: 1,
+            drift_ms: 2,
+            got: 9
+        }
+        .punishable());
+        assert!(!BlockError::Storage(StoreError("disk".into())).punishable());
+        for e in [
+            BlockError::BadProofOfWork(3),
+            BlockError::MerkleMismatch,
+            BlockError::TimeTooOld { median: 5, got: 4 },
+            BlockError::KnownInvalid,
+        ] {
+            assert!(e.punishable(), "{e} must cost the sender points");
+        }
+    }
+
+    #[test]
+    fn damage_is_told_from_a_failing_disk_at_open() {
+        let ours = StoreError(format!("{CORRUPT_PREFIX}block 3 is missing"));
+        let redb = StoreError("DB corrupted: bad page".into());
+        let disk = StoreError("No space left on device".into());
+        assert!(ours.is_corrupt() && redb.is_corrupt());
+        assert!(!disk.is_corrupt());
+
+        let open = OpenError::from(ours);
+        assert!(open.is_damage());
+        assert_eq!(open.to_string(), "the store is damaged: block 3 is missing");
+        assert!(OpenError::from(redb).is_damage());
+        let open = OpenError::from(disk);
+        assert!(
+            !open.is_damage(),
+            "a full disk is not a damaged file: {open}"
+        );
+        assert!(!OpenError::Locked.is_damage());
+    }
+}
